@@ -1,0 +1,53 @@
+//! Per-CPU packet counters: one slot per verdict and per drop reason, so an
+//! operator can always tell where a packet went and why it died.
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident = $idx:literal => $label:literal,)*) => {
+        #[repr(u32)]
+        #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+        pub enum Counter { $($(#[$doc])* $name = $idx,)* }
+
+        impl Counter {
+            pub const ALL: &'static [Counter] = &[$(Counter::$name,)*];
+            /// Stable name used by `netd status`.
+            pub const fn label(self) -> &'static str {
+                match self { $(Counter::$name => $label,)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// From a container to a container on this host.
+    LocalDelivered = 0 => "local_delivered",
+    /// From a container, encapsulated to a remote host.
+    Encapsulated = 1 => "encapsulated",
+    /// From a container, not for the overlay: handed to the host stack.
+    ContainerToStack = 2 => "container_to_stack",
+    /// VXLAN from a peer, decapsulated and delivered to a container.
+    Decapsulated = 3 => "decapsulated",
+    /// VXLAN from a peer for a non-container address: inner frame to the stack.
+    DecapToStack = 4 => "decap_to_stack",
+    /// Underlay traffic that is not VXLAN on our port: untouched.
+    UnderlayPassed = 5 => "underlay_passed",
+    /// Dropped: VXLAN from a source that is not a known peer.
+    DropUnknownPeer = 6 => "drop_unknown_peer",
+    /// Dropped: VXLAN with another VNI or without the I flag.
+    DropBadVni = 7 => "drop_bad_vni",
+    /// Dropped: headers shorter than they claim.
+    DropMalformed = 8 => "drop_malformed",
+    /// Dropped: fragmented outer packet on the VXLAN port.
+    DropFragment = 9 => "drop_fragment",
+    /// Dropped: the kernel refused to grow or shrink the packet.
+    DropAdjustFailed = 10 => "drop_adjust_failed",
+    /// Dropped: redirect to the underlay or a container failed.
+    DropRedirectFailed = 11 => "drop_redirect_failed",
+    /// Passed: no node configuration yet (daemon not ready).
+    NotConfigured = 12 => "not_configured",
+    /// Dropped: inner packet for this host's subnet but no such container.
+    DropNoEndpoint = 13 => "drop_no_endpoint",
+}
+
+impl Counter {
+    pub const COUNT: u32 = 14;
+}

@@ -1,0 +1,49 @@
+//! The host-subnet map's value and this node's tunnel configuration.
+
+/// How packets reach a remote host's subnet.
+#[repr(u8)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum PeerMode {
+    /// Encapsulate in VXLAN to the peer's public IP.
+    Vxlan = 0,
+    /// Route the inner packet directly (peer on the same L2 segment).
+    Direct = 1,
+}
+
+/// Value of the `SUBNETS` LPM trie: the remote host that owns a subnet.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// The host's underlay address, network byte order.
+    pub public_ip: [u8; 4],
+    /// MAC of the host's VTEP: the inner destination MAC.
+    pub vtep_mac: [u8; 6],
+    /// A [`PeerMode`] as `u8`.
+    pub mode: u8,
+    pub _pad: u8,
+}
+
+/// The single entry of the `CONFIG` array: what this node encapsulates with.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub vni: u32,
+    /// The underlay NIC that encapsulated packets leave through.
+    pub underlay_ifindex: u32,
+    /// This host's underlay address, network byte order.
+    pub public_ip: [u8; 4],
+    /// VXLAN UDP port, host byte order.
+    pub port: u16,
+    /// 1 once the daemon has written a complete configuration.
+    pub enabled: u8,
+    pub _pad: u8,
+    pub underlay_mac: [u8; 6],
+    /// This host's VTEP MAC: the inner source MAC of what it sends.
+    pub vtep_mac: [u8; 6],
+    pub _pad2: [u8; 4],
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Peer {}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for NodeConfig {}

@@ -1,0 +1,128 @@
+//! Packets leaving a container: deliver locally, encapsulate to the host
+//! that owns the destination subnet, or hand to the host stack.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+    },
+    helpers::{bpf_get_hash_recalc, bpf_redirect_neigh, bpf_redirect_peer},
+    maps::lpm_trie::Key,
+    programs::TcContext,
+};
+use netd_common::{Counter, Endpoint, NodeConfig, Peer};
+
+use crate::{
+    headers::*,
+    maps::{self, SUBNETS, count},
+};
+
+/// Inner Ethernet header length, in the top byte of the adjust_room flags.
+const ENCAP_L2_ETH_LEN: u64 = (ETH_HLEN as u64) << 56;
+
+/// The verdict for one packet from a container.
+#[inline(always)]
+pub fn from_container(ctx: &TcContext) -> i32 {
+    let Some(cfg) = maps::config() else {
+        count(Counter::NotConfigured);
+        return TC_ACT_OK as i32;
+    };
+    let Some(eth) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0) else {
+        count(Counter::DropMalformed);
+        return TC_ACT_SHOT as i32;
+    };
+    if unsafe { (*eth).proto } != ETH_P_IP.to_be() {
+        count(Counter::ContainerToStack);
+        return TC_ACT_OK as i32;
+    }
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx.data(), ctx.data_end(), ETH_HLEN) else {
+        count(Counter::DropMalformed);
+        return TC_ACT_SHOT as i32;
+    };
+    let dst = unsafe { (*ip).daddr };
+
+    if let Some(ep) = maps::endpoint(dst) {
+        return deliver_local(eth, ep);
+    }
+    if let Some(peer) = SUBNETS.get(&Key::new(32, dst)) {
+        let peer = *peer;
+        return encapsulate(ctx, cfg, &peer);
+    }
+    count(Counter::ContainerToStack);
+    TC_ACT_OK as i32
+}
+
+/// Container to container on this host: straight into the peer namespace.
+#[inline(always)]
+fn deliver_local(eth: *mut EthHdr, ep: &Endpoint) -> i32 {
+    unsafe {
+        (*eth).dst = ep.mac;
+        (*eth).src = ep.host_mac;
+    }
+    count(Counter::LocalDelivered);
+    unsafe { bpf_redirect_peer(ep.ifindex, 0) as i32 }
+}
+
+/// Pushes outer Ethernet/IPv4/UDP/VXLAN and an inner Ethernet header, then
+/// lets the kernel's FIB and neighbour tables pick the underlay next hop.
+#[inline(always)]
+fn encapsulate(ctx: &TcContext, cfg: &NodeConfig, peer: &Peer) -> i32 {
+    let inner_len = ctx.len() as usize - ETH_HLEN;
+    let src_port = flow_src_port(unsafe { bpf_get_hash_recalc(ctx.skb.skb) });
+
+    let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+        | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+        | BPF_F_ADJ_ROOM_ENCAP_L2_ETH
+        | BPF_F_ADJ_ROOM_FIXED_GSO) as u64
+        | ENCAP_L2_ETH_LEN;
+    if ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags).is_err() {
+        count(Counter::DropAdjustFailed);
+        return TC_ACT_SHOT as i32;
+    }
+
+    let hdr = encap_header(cfg, peer, inner_len, src_port);
+    if ctx.store(0, &hdr, 0).is_err() {
+        count(Counter::DropAdjustFailed);
+        return TC_ACT_SHOT as i32;
+    }
+    count(Counter::Encapsulated);
+    let rc = unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, core::ptr::null_mut(), 0, 0) };
+    if rc < 0 {
+        count(Counter::DropRedirectFailed);
+        return TC_ACT_SHOT as i32;
+    }
+    rc as i32
+}
+
+/// The 64 bytes in front of the inner IPv4 header. Lengths saturate: for a
+/// GSO packet the kernel rewrites them per segment anyway.
+#[inline(always)]
+pub fn encap_header(cfg: &NodeConfig, peer: &Peer, inner_len: usize, src_port: u16) -> EncapHdr {
+    let ip_len = (inner_len + ENCAP_LEN).min(0xffff) as u16;
+    let udp_len = (inner_len + UDP_HLEN + VXLAN_HLEN + ETH_HLEN).min(0xffff) as u16;
+    let mut ip = Ipv4Hdr {
+        ver_ihl: 0x45,
+        tos: 0,
+        tot_len: ip_len.to_be(),
+        id: 0,
+        frag_off: 0,
+        ttl: 64,
+        proto: IPPROTO_UDP,
+        check: 0,
+        saddr: cfg.public_ip,
+        daddr: peer.public_ip,
+    };
+    ip.check = ip.checksum();
+    EncapHdr {
+        eth: EthHdr { dst: [0; 6], src: cfg.underlay_mac, proto: ETH_P_IP.to_be() },
+        ip,
+        udp: UdpHdr {
+            source: src_port.to_be(),
+            dest: cfg.port.to_be(),
+            len: udp_len.to_be(),
+            check: 0,
+        },
+        vxlan: VxlanHdr::new(cfg.vni),
+        inner_eth: EthHdr { dst: peer.vtep_mac, src: cfg.vtep_mac, proto: ETH_P_IP.to_be() },
+    }
+}

@@ -1,0 +1,53 @@
+//! Every map of the data plane, declared in one place. All are BTF maps so
+//! `bpftool map dump` shows their field names.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    macros::btf_map,
+};
+use netd_common::{Counter, Endpoint, MAX_ENDPOINTS, MAX_PEERS, MAX_SUBNETS, NodeConfig, Peer};
+
+/// Remote hosts' subnets (prefix → owner).
+#[btf_map]
+pub static SUBNETS: LpmTrie<[u8; 4], Peer, { MAX_SUBNETS as usize }> = LpmTrie::new();
+
+/// Underlay addresses of known peers: VXLAN from anywhere else is dropped.
+#[btf_map]
+pub static PEERS: HashMap<[u8; 4], u32, { MAX_PEERS as usize }> = HashMap::new();
+
+/// Containers attached on this host, by IPv4 address.
+#[btf_map]
+pub static ENDPOINTS: HashMap<[u8; 4], Endpoint, { MAX_ENDPOINTS as usize }> = HashMap::new();
+
+/// This node's tunnel parameters (one entry).
+#[btf_map]
+pub static CONFIG: Array<NodeConfig, 1> = Array::new();
+
+/// Packet counters, indexed by [`Counter`].
+#[btf_map]
+pub static STATS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = STATS.get_ptr_mut(counter as u32) {
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn config() -> Option<&'static NodeConfig> {
+    match CONFIG.get(0) {
+        Some(cfg) if cfg.enabled != 0 => Some(cfg),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+pub fn endpoint(ip: [u8; 4]) -> Option<&'static Endpoint> {
+    unsafe { ENDPOINTS.get(ip) }
+}
+
+#[inline(always)]
+pub fn is_peer(ip: [u8; 4]) -> bool {
+    unsafe { PEERS.get(ip) }.is_some()
+}
