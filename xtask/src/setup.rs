@@ -1,0 +1,317 @@
+//! `cargo xtask setup`: install what building and testing netd needs.
+//!
+//! Idempotent: each step checks first and only acts when something is missing.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+
+use crate::util::{self, cargo_home, is_root, which};
+
+#[derive(Args, Default)]
+pub struct Options {
+    /// Rebuild bpf-linker even if a working one is installed (e.g. after the
+    /// nightly toolchain changed its LLVM).
+    #[arg(long)]
+    pub reinstall_bpf_linker: bool,
+}
+
+/// Debian packages, each with a command that tells whether it is installed.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("protoc", "protobuf-compiler"),
+    ("etcd", "etcd-server"),
+    ("etcdctl", "etcd-client"),
+    ("bpftool", "bpftool"),
+    ("iperf3", "iperf3"),
+    ("tshark", "tshark"),
+    ("ip", "iproute2"),
+    ("ping", "iputils-ping"),
+    ("ethtool", "ethtool"),
+];
+
+/// Answer tshark's debconf question ahead of time.
+const TSHARK_PRESEED: &str = "wireshark-common wireshark-common/install-setuid boolean false\n";
+
+const NIGHTLY: &str = "nightly";
+
+pub fn run(opts: &Options) -> Result<()> {
+    println!("==> setup");
+    apt_packages()?;
+    nightly_toolchain()?;
+    bpf_linker(opts.reinstall_bpf_linker)?;
+    bpffs()?;
+    println!("==> setup done");
+    Ok(())
+}
+
+fn ok(what: &str, detail: impl std::fmt::Display) {
+    println!("  ok    {what}: {detail}");
+}
+
+fn doing(what: &str, detail: impl std::fmt::Display) {
+    println!("  setup {what}: {detail}");
+}
+
+fn apt_packages() -> Result<()> {
+    let mut missing = Vec::new();
+    for &(command, package) in APT_PACKAGES {
+        match which(command) {
+            Some(path) => ok(package, path.display()),
+            None => missing.push(package),
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    if !is_root() {
+        bail!(
+            "missing Debian packages: {list}\n\
+             installing them needs root: run `cargo xtask setup` as root, \
+             or `apt-get install {list}` yourself"
+        );
+    }
+    if which("apt-get").is_none() {
+        bail!(
+            "missing packages: {list}\napt-get not found: install them with your package manager"
+        );
+    }
+    doing("apt", format!("installing {list}"));
+
+    if missing.contains(&"tshark") && which("debconf-set-selections").is_some() {
+        println!("$ debconf-set-selections <<< '{}'", TSHARK_PRESEED.trim());
+        let mut child = Command::new("debconf-set-selections")
+            .stdin(Stdio::piped())
+            .spawn()
+            .context("failed to start debconf-set-selections")?;
+        child
+            .stdin
+            .take()
+            .expect("stdin is piped")
+            .write_all(TSHARK_PRESEED.as_bytes())?;
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("debconf-set-selections failed ({status})");
+        }
+    }
+
+    util::run(
+        Command::new("apt-get")
+            .arg("update")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null()),
+    )?;
+    util::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null()),
+    )?;
+
+    let still: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(command, _)| which(command).is_none())
+        .map(|&(command, package)| {
+            println!("  FAIL  {package}: `{command}` still not on PATH");
+            package
+        })
+        .collect();
+    if !still.is_empty() {
+        bail!(
+            "installed but commands still missing from: {}",
+            still.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn nightly_toolchain() -> Result<()> {
+    if which("rustup").is_none() {
+        bail!(
+            "rustup not found on PATH: it is needed for the nightly toolchain (rust-src) that builds the eBPF crate"
+        );
+    }
+    let toolchains = util::output(Command::new("rustup").args(["toolchain", "list"]))?;
+    let have_nightly = toolchains.lines().any(|l| {
+        l.split_whitespace()
+            .next()
+            .is_some_and(|t| t == NIGHTLY || t.starts_with("nightly-"))
+    });
+    if have_nightly {
+        ok("nightly toolchain", "installed");
+    } else {
+        doing("nightly toolchain", "installing");
+        util::run(
+            Command::new("rustup")
+                .args(["toolchain", "install", NIGHTLY, "--profile", "minimal"])
+                .args(["--component", "rust-src"])
+                .stdin(Stdio::null()),
+        )?;
+    }
+
+    let components = util::output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        NIGHTLY,
+    ]))?;
+    if components.lines().any(|l| l.trim() == "rust-src") {
+        ok("nightly rust-src", "installed");
+    } else {
+        doing("nightly rust-src", "installing");
+        util::run(
+            Command::new("rustup")
+                .args(["component", "add", "rust-src", "--toolchain", NIGHTLY])
+                .stdin(Stdio::null()),
+        )?;
+    }
+    Ok(())
+}
+
+/// bpf-linker must be built against the same LLVM as the nightly rustc that
+/// compiles the eBPF crate: we link it to nightly's own libLLVM.
+fn bpf_linker(force: bool) -> Result<()> {
+    if let Some(path) = which("bpf-linker").filter(|_| !force) {
+        // A bpf-linker whose libLLVM is gone (nightly updated) fails here.
+        match Command::new(&path)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+        {
+            Ok(out) if out.status.success() => {
+                let version = String::from_utf8_lossy(&out.stdout);
+                ok(
+                    "bpf-linker",
+                    format!("{} ({})", version.trim(), path.display()),
+                );
+                return Ok(());
+            }
+            Ok(out) => doing(
+                "bpf-linker",
+                format!(
+                    "{} does not run ({}), rebuilding: {}",
+                    path.display(),
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            ),
+            Err(e) => doing(
+                "bpf-linker",
+                format!("{} does not run ({e}), rebuilding", path.display()),
+            ),
+        }
+    }
+
+    let sysroot = util::output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let libdir = Path::new(sysroot.trim()).join("lib");
+    let libllvm = find_libllvm(&libdir)?;
+    let version = util::output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let major = llvm_major(&version)?;
+    doing(
+        "bpf-linker",
+        format!("building against {} (LLVM {major})", libllvm.display()),
+    );
+
+    // bpf-linker records this folder as its RUNPATH, so it must outlive the
+    // build: keep it in CARGO_HOME, not in target/.
+    let prefix = cargo_home().join("netd-llvm");
+    let prefix_lib = prefix.join("lib");
+    if prefix_lib.exists() {
+        fs::remove_dir_all(&prefix_lib)
+            .with_context(|| format!("removing {}", prefix_lib.display()))?;
+    }
+    fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
+    let file_name = libllvm.file_name().expect("a file");
+    for link in [Path::new("libLLVM.so"), Path::new(file_name)] {
+        let link = prefix_lib.join(link);
+        std::os::unix::fs::symlink(&libllvm, &link)
+            .with_context(|| format!("symlinking {}", link.display()))?;
+        println!("  link  {} -> {}", link.display(), libllvm.display());
+    }
+
+    util::run(
+        util::cargo()
+            .args(["install", "bpf-linker", "--force", "--no-default-features"])
+            .args(["--features", &format!("llvm-{major}")])
+            .env("LLVM_PREFIX", &prefix)
+            .stdin(Stdio::null()),
+    )?;
+    let path = which("bpf-linker").context("bpf-linker installed but not found on PATH")?;
+    util::run(Command::new(path).arg("--version"))?;
+    Ok(())
+}
+
+/// The real shared library in the nightly sysroot, e.g.
+/// `libLLVM.so.22.1-rust-1.97.0-nightly`.
+fn find_libllvm(libdir: &Path) -> Result<PathBuf> {
+    let entries = fs::read_dir(libdir).with_context(|| format!("reading {}", libdir.display()))?;
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("libLLVM.so.") && name.contains("-rust-") {
+            found.push(entry.path());
+        }
+    }
+    found.sort();
+    match found.pop() {
+        Some(path) => Ok(path),
+        None => bail!(
+            "no libLLVM.so.*-rust-* in {}: the nightly toolchain should ship it",
+            libdir.display()
+        ),
+    }
+}
+
+/// The LLVM major version from `rustc -vV` (`LLVM version: 22.1.4`).
+fn llvm_major(version: &str) -> Result<u32> {
+    let line = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version:"))
+        .context("`rustc +nightly -vV` printed no `LLVM version:` line")?;
+    let major = line.trim().split('.').next().unwrap_or_default();
+    major
+        .parse()
+        .with_context(|| format!("cannot read an LLVM major version from `{}`", line.trim()))
+}
+
+fn bpffs() -> Result<()> {
+    const MOUNTPOINT: &str = "/sys/fs/bpf";
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    let mounted = mounts.lines().any(|l| {
+        let mut fields = l.split_whitespace();
+        let _source = fields.next();
+        fields.next() == Some(MOUNTPOINT) && fields.next() == Some("bpf")
+    });
+    if mounted {
+        ok("bpffs", format!("mounted at {MOUNTPOINT}"));
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "bpffs is not mounted at {MOUNTPOINT}, and mounting it needs root: `mount -t bpf bpf {MOUNTPOINT}`"
+        );
+    }
+    doing("bpffs", format!("mounting at {MOUNTPOINT}"));
+    fs::create_dir_all(MOUNTPOINT).with_context(|| format!("creating {MOUNTPOINT}"))?;
+    util::run(Command::new("mount").args(["-t", "bpf", "bpf", MOUNTPOINT]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::llvm_major;
+
+    #[test]
+    fn reads_llvm_major() {
+        let v = "rustc 1.97.0-nightly\nhost: x86_64-unknown-linux-gnu\nLLVM version: 22.1.4\n";
+        assert_eq!(llvm_major(v).unwrap(), 22);
+        assert!(llvm_major("rustc 1.0\n").is_err());
+    }
+}
