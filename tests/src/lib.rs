@@ -1,1 +1,22 @@
+//! Test infrastructure for netd: network namespaces, a simulated multi-host
+//! underlay with etcd, daemons under guard, traffic checks and captures.
+//!
+//! Everything is created inside uniquely named network namespaces and torn
+//! down by `Drop` guards, also when a test panics. Most of it needs root and
+//! panics (never skips) without it.
 
+pub mod capture;
+pub mod daemon;
+pub mod etcd;
+pub mod netns;
+pub mod topology;
+pub mod traffic;
+pub mod util;
+
+pub use capture::{Capture, VXLAN_PORT, decode};
+pub use daemon::{Daemon, netd_bin};
+pub use etcd::{Etcd, Kv};
+pub use netns::{NetNs, NsRef, unique_name};
+pub use topology::{Host, SWITCH_IP, Topology, TopologyBuilder, host_ip};
+pub use traffic::{PingStats, Transfer, ping, ping_stats, tcp_transfer};
+pub use util::{poll_until, require_root, wait_for};

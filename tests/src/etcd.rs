@@ -1,0 +1,338 @@
+//! A single-member etcd inside a network namespace, plus `etcdctl` helpers.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::daemon::Daemon;
+use crate::netns::{NsRef, unique_name};
+use crate::util::{output_text, poll_until};
+
+pub const CLIENT_PORT: u16 = 2379;
+pub const PEER_PORT: u16 = 2380;
+
+/// How long `start` waits for etcd to report healthy.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One key-value pair as stored in etcd.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kv {
+    pub key: String,
+    pub value: String,
+    /// Lease id, 0 when the key has none.
+    pub lease: i64,
+    pub mod_revision: i64,
+}
+
+/// An etcd server; killed and its data removed on drop.
+#[derive(Debug)]
+pub struct Etcd {
+    // Declared before `dir` so the process is gone before its data dir.
+    daemon: Option<Daemon>,
+    ns: NsRef,
+    ip: Ipv4Addr,
+    name: String,
+    dir: TempDir,
+}
+
+impl Etcd {
+    /// Starts etcd in `ns` listening on `ip` (which must be configured
+    /// there) and waits until it is healthy.
+    pub fn start(ns: &NsRef, ip: Ipv4Addr) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("netd-etcd-")
+            .tempdir()
+            .expect("create etcd temp dir");
+        let mut etcd = Self {
+            daemon: None,
+            ns: ns.clone(),
+            ip,
+            name: format!("etcd-{}", unique_name()),
+            dir,
+        };
+        etcd.launch();
+        etcd
+    }
+
+    /// `http://IP:2379`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}:{CLIENT_PORT}", self.ip)
+    }
+
+    pub fn ip(&self) -> Ipv4Addr {
+        self.ip
+    }
+
+    /// The namespace etcd runs in.
+    pub fn ns(&self) -> &NsRef {
+        &self.ns
+    }
+
+    /// etcd's own log output.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Stops etcd (SIGTERM) keeping its data; see [`Etcd::restart`].
+    pub fn stop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.stop();
+        }
+    }
+
+    /// Starts etcd again on the same data dir (after [`Etcd::stop`]) and
+    /// waits until it is healthy.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+
+    /// Whether `endpoint health` succeeds right now.
+    pub fn is_healthy(&self) -> bool {
+        self.etcdctl(&[
+            "--dial-timeout=1s",
+            "--command-timeout=2s",
+            "endpoint",
+            "health",
+        ])
+        .status
+        .success()
+    }
+
+    /// Runs `etcdctl --endpoints E ARGS…` in etcd's namespace.
+    pub fn etcdctl(&self, args: &[&str]) -> Output {
+        self.etcdctl_in(&self.ns, args)
+    }
+
+    /// Runs `etcdctl --endpoints E ARGS…` in another namespace (e.g. a host),
+    /// which exercises that namespace's path to etcd.
+    pub fn etcdctl_in(&self, ns: &NsRef, args: &[&str]) -> Output {
+        let endpoint = self.endpoint();
+        let mut argv = vec!["etcdctl", "--endpoints", &endpoint];
+        argv.extend_from_slice(args);
+        let mut cmd = ns.command(argv[0]);
+        cmd.args(&argv[1..]).env("ETCDCTL_API", "3");
+        cmd.output()
+            .unwrap_or_else(|e| panic!("cannot run etcdctl (install etcd-client): {e}"))
+    }
+
+    /// Like [`Etcd::etcdctl`] but panics with output on failure; returns stdout.
+    pub fn etcdctl_ok(&self, args: &[&str]) -> String {
+        let out = self.etcdctl(args);
+        if !out.status.success() {
+            panic!(
+                "etcdctl {args:?} failed ({}):\n{}",
+                out.status,
+                output_text(&out)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        // Before the args: they may end with `-- KEY`.
+        let mut argv = vec!["-w", "json"];
+        argv.extend_from_slice(args);
+        let out = self.etcdctl_ok(&argv);
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("etcdctl {args:?}: bad json {e}: {out}"))
+    }
+
+    pub fn put(&self, key: &str, value: &str) {
+        self.etcdctl_ok(&["put", "--", key, value]);
+    }
+
+    /// Puts `key` attached to `lease` (as netd's registrations are).
+    pub fn put_with_lease(&self, key: &str, value: &str, lease: i64) {
+        let lease = format!("--lease={lease:x}");
+        self.etcdctl_ok(&["put", &lease, "--", key, value]);
+    }
+
+    pub fn get(&self, key: &str) -> Option<String> {
+        self.get_kv(key).map(|kv| kv.value)
+    }
+
+    pub fn get_kv(&self, key: &str) -> Option<Kv> {
+        parse_kvs(&self.json(&["get", "--", key]))
+            .into_iter()
+            .next()
+    }
+
+    /// All pairs whose key starts with `prefix`, sorted by key.
+    pub fn get_prefix(&self, prefix: &str) -> Vec<Kv> {
+        parse_kvs(&self.json(&["get", "--prefix", "--", prefix]))
+    }
+
+    /// Deletes `key`; returns how many keys were deleted.
+    pub fn del(&self, key: &str) -> u64 {
+        deleted_count(&self.json(&["del", "--", key]))
+    }
+
+    /// Deletes every key starting with `prefix`; returns the count.
+    pub fn del_prefix(&self, prefix: &str) -> u64 {
+        deleted_count(&self.json(&["del", "--prefix", "--", prefix]))
+    }
+
+    /// Grants a lease of `ttl_secs`; returns its id.
+    pub fn lease_grant(&self, ttl_secs: u64) -> i64 {
+        let v = self.json(&["lease", "grant", &ttl_secs.to_string()]);
+        v["ID"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("lease grant: no ID in {v}"))
+    }
+
+    /// Revokes a lease, deleting every key attached to it.
+    pub fn lease_revoke(&self, lease: i64) {
+        self.etcdctl_ok(&["lease", "revoke", &format!("{lease:x}")]);
+    }
+
+    /// Ids of all live leases.
+    pub fn leases(&self) -> Vec<i64> {
+        let v = self.json(&["lease", "list"]);
+        let ids = v["leases"].as_array().cloned().unwrap_or_default();
+        ids.iter().filter_map(|l| l["id"].as_i64()).collect()
+    }
+
+    /// Remaining TTL of a lease in seconds, `None` once expired or revoked.
+    pub fn lease_ttl(&self, lease: i64) -> Option<i64> {
+        let v = self.json(&["lease", "timetolive", &format!("{lease:x}")]);
+        v["ttl"].as_i64().filter(|&ttl| ttl >= 0)
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("etcd.log")
+    }
+
+    fn launch(&mut self) {
+        let mut daemon = Daemon::start(&self.ns, "etcd", self.args(), &self.log_path());
+        // Its log is noise in unrelated failures; start-up failures show it.
+        daemon.dump_log_on_panic(false);
+        self.daemon = Some(daemon);
+        self.wait_healthy();
+    }
+
+    fn args(&self) -> Vec<String> {
+        let client = self.endpoint();
+        let peer = format!("http://{}:{PEER_PORT}", self.ip);
+        let data_dir = self.data_dir().to_string_lossy().into_owned();
+        let cluster = format!("{}={peer}", self.name);
+        [
+            ("--name", self.name.as_str()),
+            ("--data-dir", &data_dir),
+            ("--listen-client-urls", &client),
+            ("--advertise-client-urls", &client),
+            ("--listen-peer-urls", &peer),
+            ("--initial-advertise-peer-urls", &peer),
+            ("--initial-cluster", &cluster),
+            ("--initial-cluster-token", &self.name),
+            ("--initial-cluster-state", "new"),
+        ]
+        .iter()
+        .map(|(flag, value)| format!("{flag}={value}"))
+        .collect()
+    }
+
+    fn wait_healthy(&mut self) {
+        let (ns, endpoint) = (self.ns.clone(), self.endpoint());
+        let daemon = self.daemon.as_mut().expect("etcd started");
+        let mut exited = false;
+        let healthy = poll_until(STARTUP_TIMEOUT, || {
+            exited = !daemon.is_running();
+            exited || is_healthy_at(&ns, &endpoint)
+        });
+        if !healthy || exited {
+            let why = if exited { "exited" } else { "not healthy" };
+            panic!(
+                "etcd at {} in {}: {why} after start (timeout {STARTUP_TIMEOUT:?}); log:\n{}",
+                self.endpoint(),
+                self.ns.name(),
+                self.log()
+            );
+        }
+    }
+}
+
+fn is_healthy_at(ns: &NsRef, endpoint: &str) -> bool {
+    let mut cmd = ns.command("etcdctl");
+    cmd.args([
+        "--endpoints",
+        endpoint,
+        "--dial-timeout=1s",
+        "--command-timeout=2s",
+    ])
+    .args(["endpoint", "health"])
+    .env("ETCDCTL_API", "3");
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run etcdctl (install etcd-client): {e}"))
+        .status
+        .success()
+}
+
+fn decode_b64(field: &Value) -> String {
+    let bytes = B64
+        .decode(field.as_str().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("bad base64 {field}: {e}"));
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Parses `etcdctl get -w json` output.
+pub(crate) fn parse_kvs(v: &Value) -> Vec<Kv> {
+    let kvs = v["kvs"].as_array().cloned().unwrap_or_default();
+    kvs.iter()
+        .map(|kv| Kv {
+            key: decode_b64(&kv["key"]),
+            value: decode_b64(&kv["value"]),
+            lease: kv["lease"].as_i64().unwrap_or(0),
+            mod_revision: kv["mod_revision"].as_i64().unwrap_or(0),
+        })
+        .collect()
+}
+
+fn deleted_count(v: &Value) -> u64 {
+    v["deleted"].as_u64().unwrap_or(0)
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        // Stop before `dir` is removed (field order alone would also do).
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_get_json() {
+        let raw = r#"{"header":{"revision":2},"kvs":[{"key":"L2EvYg==","create_revision":2,
+            "mod_revision":2,"version":1,"value":"diAx","lease":2324035606169160968}],"count":1}"#;
+        let kvs = parse_kvs(&serde_json::from_str(raw).unwrap());
+        assert_eq!(
+            kvs,
+            vec![Kv {
+                key: "/a/b".into(),
+                value: "v 1".into(),
+                lease: 2324035606169160968,
+                mod_revision: 2,
+            }]
+        );
+    }
+
+    #[test]
+    fn empty_get_and_del_json() {
+        let raw: Value = serde_json::from_str(r#"{"header":{"revision":3}}"#).unwrap();
+        assert!(parse_kvs(&raw).is_empty());
+        assert_eq!(deleted_count(&raw), 0);
+    }
+}

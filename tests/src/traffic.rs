@@ -1,0 +1,289 @@
+//! Traffic checks between namespaces: ping and a verified TCP transfer.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+
+use crate::netns::NsRef;
+
+/// Connect, accept and per-read/write timeout of [`tcp_transfer`].
+pub const TCP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Seed of the byte pattern sent by [`tcp_transfer`].
+const PATTERN_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// Outcome of one `ping` run.
+#[derive(Clone, Debug)]
+pub struct PingStats {
+    pub transmitted: u32,
+    pub received: u32,
+    /// ping's stdout and stderr, for messages.
+    pub output: String,
+}
+
+impl PingStats {
+    pub fn all_received(&self) -> bool {
+        self.transmitted > 0 && self.received == self.transmitted
+    }
+}
+
+/// Runs `ping -c COUNT -W 1 -i 0.2 IP` inside `from`.
+pub fn ping_stats(from: &NsRef, ip: impl Into<IpAddr>, count: u32) -> PingStats {
+    let ip = ip.into().to_string();
+    let count = count.to_string();
+    let out = from.exec(&["ping", "-n", "-c", &count, "-W", "1", "-i", "0.2", &ip]);
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (transmitted, received) = parse_ping_summary(&output).unwrap_or((0, 0));
+    PingStats {
+        transmitted,
+        received,
+        output,
+    }
+}
+
+/// Whether every one of `count` pings from `from` to `ip` is answered.
+pub fn ping(from: &NsRef, ip: impl Into<IpAddr>, count: u32) -> bool {
+    ping_stats(from, ip, count).all_received()
+}
+
+/// Extracts "N packets transmitted, M received" from ping's output.
+pub(crate) fn parse_ping_summary(output: &str) -> Option<(u32, u32)> {
+    let line = output.lines().find(|l| l.contains("packets transmitted"))?;
+    let mut fields = line.split(',').map(|f| f.split_whitespace().next());
+    let transmitted = fields.next()??.parse().ok()?;
+    let received = fields.next()??.parse().ok()?;
+    Some((transmitted, received))
+}
+
+/// A deterministic pseudo-random byte stream (xorshift64*).
+#[derive(Clone, Debug)]
+pub struct Pattern {
+    state: u64,
+    word: [u8; 8],
+    used: usize,
+}
+
+impl Pattern {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            state: seed.max(1),
+            word: [0; 8],
+            used: 8,
+        }
+    }
+
+    /// Fills `buf` with the next bytes of the stream.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            if self.used == 8 {
+                self.advance();
+            }
+            *b = self.word[self.used];
+            self.used += 1;
+        }
+    }
+
+    fn advance(&mut self) {
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        self.word = self.state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+        self.used = 0;
+    }
+}
+
+/// Result of a successful [`tcp_transfer`].
+#[derive(Clone, Debug)]
+pub struct Transfer {
+    pub bytes: usize,
+    /// From connect until the receiver saw EOF.
+    pub elapsed: Duration,
+}
+
+/// Sends `len` pattern bytes over TCP from a socket in `from` to a listener
+/// on `dst`'s port in `to`, and checks that exactly those bytes arrive.
+///
+/// Both ends run on threads of this process that `setns` into their
+/// namespace. The listener binds the unspecified address, so `dst`'s IP
+/// only selects the path.
+pub fn tcp_transfer(from: &NsRef, to: &NsRef, dst: SocketAddr, len: usize) -> Result<Transfer> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let receiver = {
+        let cancel = cancel.clone();
+        to.spawn_thread(move || receive(dst, len, ready_tx, &cancel))
+    };
+    match ready_rx.recv_timeout(TCP_TIMEOUT) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e.context(format!("listen in {}", to.name()))),
+        Err(_) => bail!("listener in {} never became ready", to.name()),
+    }
+    let start = Instant::now();
+    let sent = from.spawn_thread(move || send(dst, len)).join();
+    if !matches!(sent, Ok(Ok(()))) {
+        // Don't let the receiver wait for a connection that will not come.
+        cancel.store(true, Ordering::Relaxed);
+    }
+    let received = receiver.join();
+    let sent = sent.map_err(|_| anyhow!("sender thread panicked"))?;
+    let received = received.map_err(|_| anyhow!("receiver thread panicked"))?;
+    // The receiver's error is usually the informative one.
+    let bytes = received.with_context(|| format!("receive on {dst} in {}", to.name()))?;
+    sent.with_context(|| format!("send from {} to {dst}", from.name()))?;
+    Ok(Transfer {
+        bytes,
+        elapsed: start.elapsed(),
+    })
+}
+
+fn send(dst: SocketAddr, len: usize) -> Result<()> {
+    let mut stream = TcpStream::connect_timeout(&dst, TCP_TIMEOUT).context("connect")?;
+    stream.set_write_timeout(Some(TCP_TIMEOUT))?;
+    stream.set_read_timeout(Some(TCP_TIMEOUT))?;
+    let mut pattern = Pattern::new(PATTERN_SEED);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let chunk = &mut buf[..left.min(64 * 1024)];
+        pattern.fill(chunk);
+        stream
+            .write_all(chunk)
+            .with_context(|| format!("write after {} bytes", len - left))?;
+        left -= chunk.len();
+    }
+    stream.shutdown(Shutdown::Write)?;
+    // Wait for the receiver to close, so "sent" means "delivered".
+    let mut rest = Vec::new();
+    stream
+        .read_to_end(&mut rest)
+        .context("wait for receiver close")?;
+    Ok(())
+}
+
+fn receive(
+    dst: SocketAddr,
+    len: usize,
+    ready: mpsc::Sender<Result<()>>,
+    cancel: &AtomicBool,
+) -> Result<usize> {
+    let listener = match listen(dst.port(), dst.is_ipv6()) {
+        Ok(l) => l,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            let _ = ready.send(Err(e));
+            bail!(msg);
+        }
+    };
+    let _ = ready.send(Ok(()));
+    let mut stream = accept(&listener, cancel)?;
+    let count = verify_stream(&mut stream, len)?;
+    ensure!(count == len, "received {count} of {len} bytes before EOF");
+    Ok(count)
+}
+
+fn listen(port: u16, ipv6: bool) -> Result<TcpListener> {
+    let any: IpAddr = if ipv6 {
+        Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    };
+    let listener = TcpListener::bind((any, port)).with_context(|| format!("bind port {port}"))?;
+    // Non-blocking accept lets us give up after TCP_TIMEOUT.
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+fn accept(listener: &TcpListener, cancel: &AtomicBool) -> Result<TcpStream> {
+    let deadline = Instant::now() + TCP_TIMEOUT;
+    loop {
+        ensure!(!cancel.load(Ordering::Relaxed), "sender gave up");
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false)?;
+                stream.set_read_timeout(Some(TCP_TIMEOUT))?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                bail!("no connection within {TCP_TIMEOUT:?}")
+            }
+            Err(e) => return Err(e).context("accept"),
+        }
+    }
+}
+
+/// Reads to EOF comparing against the pattern; returns the byte count.
+fn verify_stream(stream: &mut impl Read, len: usize) -> Result<usize> {
+    let mut pattern = Pattern::new(PATTERN_SEED);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut want = vec![0u8; 64 * 1024];
+    let mut count = 0;
+    loop {
+        let n = stream
+            .read(&mut buf)
+            .with_context(|| format!("read after {count} of {len} bytes"))?;
+        if n == 0 {
+            return Ok(count);
+        }
+        ensure!(count + n <= len, "received more than the {len} bytes sent");
+        pattern.fill(&mut want[..n]);
+        if let Some(i) = (0..n).find(|&i| buf[i] != want[i]) {
+            bail!("corrupted data at offset {}", count + i);
+        }
+        count += n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_is_chunking_independent() {
+        let mut whole = vec![0u8; 1000];
+        Pattern::new(7).fill(&mut whole);
+        let mut p = Pattern::new(7);
+        let mut pieces = Vec::new();
+        for size in [1, 3, 8, 13, 975] {
+            let mut chunk = vec![0u8; size];
+            p.fill(&mut chunk);
+            pieces.extend(chunk);
+        }
+        assert_eq!(whole, pieces);
+        assert!(
+            whole.iter().any(|&b| b != whole[0]),
+            "pattern is not constant"
+        );
+    }
+
+    #[test]
+    fn verify_detects_corruption_and_accepts_exact_data() {
+        let mut data = vec![0u8; 5000];
+        Pattern::new(PATTERN_SEED).fill(&mut data);
+        assert_eq!(verify_stream(&mut &data[..], 5000).unwrap(), 5000);
+        data[4321] ^= 1;
+        let err = verify_stream(&mut &data[..], 5000).unwrap_err();
+        assert!(err.to_string().contains("offset 4321"), "{err}");
+    }
+
+    #[test]
+    fn parses_ping_summary() {
+        let out = "--- 10.0.0.1 ping statistics ---\n\
+                   3 packets transmitted, 2 received, 33.3333% packet loss, time 404ms\n";
+        assert_eq!(parse_ping_summary(out), Some((3, 2)));
+        let errs = "3 packets transmitted, 0 received, +3 errors, 100% packet loss";
+        assert_eq!(parse_ping_summary(errs), Some((3, 0)));
+        assert_eq!(parse_ping_summary("connect: Network is unreachable"), None);
+    }
+}
