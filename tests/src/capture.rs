@@ -20,6 +20,7 @@ pub const VXLAN_PORT: u16 = 8472;
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+const FLUSH_GRACE: Duration = Duration::from_millis(600);
 
 /// A running `tshark -i IFACE -w FILE -f FILTER`; stopped on drop.
 #[derive(Debug)]
@@ -65,6 +66,9 @@ impl Capture {
         let Some(mut child) = self.child.take() else {
             return;
         };
+        // libpcap hands packets over in blocks retired after a 250 ms
+        // timeout; packets in an unretired block are lost on SIGINT.
+        thread::sleep(FLUSH_GRACE);
         // Signal the group: tshark's dumpcap child must flush too.
         let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGINT);
         let exited = poll_until(STOP_TIMEOUT, || child.try_wait().ok().flatten().is_some());

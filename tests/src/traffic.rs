@@ -101,6 +101,18 @@ impl Pattern {
     }
 }
 
+/// The receiver stopped waiting because the sender failed.
+#[derive(Debug)]
+struct Cancelled;
+
+impl std::fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("sender gave up before connecting")
+    }
+}
+
+impl std::error::Error for Cancelled {}
+
 /// Result of a successful [`tcp_transfer`].
 #[derive(Clone, Debug)]
 pub struct Transfer {
@@ -136,9 +148,16 @@ pub fn tcp_transfer(from: &NsRef, to: &NsRef, dst: SocketAddr, len: usize) -> Re
     let received = receiver.join();
     let sent = sent.map_err(|_| anyhow!("sender thread panicked"))?;
     let received = received.map_err(|_| anyhow!("receiver thread panicked"))?;
-    // The receiver's error is usually the informative one.
-    let bytes = received.with_context(|| format!("receive on {dst} in {}", to.name()))?;
-    sent.with_context(|| format!("send from {} to {dst}", from.name()))?;
+    let receive_ctx = || format!("receive on {dst} in {}", to.name());
+    let send_ctx = || format!("send from {} to {dst}", from.name());
+    // The receiver's view (corruption, short read) is the informative one,
+    // unless it only gave up because the sender never connected.
+    let bytes = match (sent, received) {
+        (Err(e), Err(r)) if r.is::<Cancelled>() => return Err(e.context(send_ctx())),
+        (_, Err(e)) => return Err(e.context(receive_ctx())),
+        (Err(e), Ok(_)) => return Err(e.context(send_ctx())),
+        (Ok(()), Ok(bytes)) => bytes,
+    };
     Ok(Transfer {
         bytes,
         elapsed: start.elapsed(),
@@ -205,7 +224,9 @@ fn listen(port: u16, ipv6: bool) -> Result<TcpListener> {
 fn accept(listener: &TcpListener, cancel: &AtomicBool) -> Result<TcpStream> {
     let deadline = Instant::now() + TCP_TIMEOUT;
     loop {
-        ensure!(!cancel.load(Ordering::Relaxed), "sender gave up");
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Cancelled.into());
+        }
         match listener.accept() {
             Ok((stream, _)) => {
                 stream.set_nonblocking(false)?;
