@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, Once};
+use std::time::Duration;
 
 use nix::mount::{MsFlags, mount};
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
@@ -23,9 +24,9 @@ use tempfile::TempDir;
 use crate::daemon::{Daemon, netd_bin};
 use crate::etcd::Etcd;
 use crate::netns::{NetNs, NsRef, is_stale};
-use crate::util::output_text;
+use crate::util::{output_text, output_within};
 
-/// The underlay subnet's gateway-like address, on the switch bridge; etcd listens here.
+/// Address of the switch bridge on the underlay; etcd listens here.
 pub const SWITCH_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 pub const UNDERLAY_PREFIX_LEN: u8 = 24;
 pub const DEFAULT_MTU: u32 = 1500;
@@ -33,6 +34,8 @@ pub const BRIDGE: &str = "br0";
 /// Underlay interface name inside every host namespace.
 pub const HOST_IFACE: &str = "eth0";
 pub const BPFFS: &str = "/sys/fs/bpf";
+/// Longest a one-shot `netd` command may run (it must never hang a test).
+pub const NETD_CLI_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Underlay address of host `index`: 198.18.0.(index+1).
 pub fn host_ip(index: usize) -> Ipv4Addr {
@@ -357,12 +360,12 @@ impl Host {
         self.start(netd_bin(), args)
     }
 
-    /// Runs a one-shot `netd ARGS…` (e.g. `attach`) in this host.
+    /// Runs a one-shot `netd ARGS…` (e.g. `attach`) in this host; panics if
+    /// it runs longer than [`NETD_CLI_TIMEOUT`].
     pub fn netd(&self, args: &[&str]) -> Output {
         let mut cmd = self.ns.command(netd_bin());
         cmd.args(args);
-        cmd.output()
-            .unwrap_or_else(|e| panic!("cannot run netd: {e}"))
+        output_within(&mut cmd, NETD_CLI_TIMEOUT)
     }
 
     /// Like [`Host::netd`] but panics with output on failure; returns stdout.
