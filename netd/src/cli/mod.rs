@@ -1,0 +1,175 @@
+//! Command-line interface: every flag in one place.
+
+pub mod attach;
+pub mod network;
+pub mod run;
+pub mod status;
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::datapath::Hook;
+
+#[derive(Debug, Parser)]
+#[command(name = "netd", version, about = "eBPF VXLAN overlay for containers across hosts")]
+pub struct Cli {
+    /// bpffs directory holding this node's pinned maps, programs and links.
+    #[arg(long, env = "NETD_PIN_PATH", default_value = "/sys/fs/bpf/netd", global = true)]
+    pub pin_path: PathBuf,
+    /// Directory for this node's lease record, subnet.env and endpoints.
+    #[arg(long, env = "NETD_RUN_DIR", default_value = "/run/netd", global = true)]
+    pub run_dir: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: lease a subnet, program the data plane, follow etcd.
+    Run(RunArgs),
+    /// Manage the cluster network configuration in etcd.
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// Connect a container (network namespace) to the overlay.
+    Attach(AttachArgs),
+    /// Disconnect a container attached with `netd attach`.
+    Detach(DetachArgs),
+    /// Show this node's lease, peers, attachments and counters.
+    Status(StatusArgs),
+    /// Detach every program and remove every pin of this node.
+    Teardown,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct EtcdArgs {
+    /// Comma-separated etcd client URLs.
+    #[arg(long, env = "NETD_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// Key prefix of the network in etcd.
+    #[arg(long, env = "NETD_ETCD_PREFIX")]
+    pub etcd_prefix: Option<String>,
+}
+
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
+pub const DEFAULT_PREFIX: &str = "/netd/network";
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Optional TOML file with the same options (flags win).
+    #[arg(long, env = "NETD_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Underlay interface [default: the interface of the default route].
+    #[arg(long, env = "NETD_IFACE")]
+    pub iface: Option<String>,
+    /// Underlay address announced to peers [default: first IPv4 of --iface].
+    #[arg(long, env = "NETD_PUBLIC_IP")]
+    pub public_ip: Option<Ipv4Addr>,
+    /// Hook for decapsulation on the underlay NIC [default: auto].
+    #[arg(long, env = "NETD_DECAP", value_enum)]
+    pub decap: Option<Hook>,
+    /// Lifetime of the subnet lease in seconds; renewed every third of it.
+    #[arg(long, env = "NETD_LEASE_TTL")]
+    pub lease_ttl: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NetworkCommand {
+    /// Write the network config, refusing to replace a different one.
+    Init(NetworkInitArgs),
+    /// Print the network config.
+    Show(EtcdArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NetworkInitArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Cluster network, e.g. 10.244.0.0/16.
+    #[arg(long)]
+    pub network: ipnet::Ipv4Net,
+    #[arg(long, default_value_t = crate::config::DEFAULT_SUBNET_LEN)]
+    pub subnet_len: u8,
+    #[arg(long)]
+    pub subnet_min: Option<Ipv4Addr>,
+    #[arg(long)]
+    pub subnet_max: Option<Ipv4Addr>,
+    #[arg(long, default_value_t = crate::config::DEFAULT_VNI)]
+    pub vni: u32,
+    #[arg(long, default_value_t = crate::config::DEFAULT_PORT)]
+    pub port: u16,
+}
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// Network namespace: a name under /run/netns or a path.
+    pub netns: String,
+    /// Address to give the container [default: the next free one].
+    #[arg(long)]
+    pub ip: Option<Ipv4Addr>,
+    /// Interface name inside the container.
+    #[arg(long, default_value = "eth0")]
+    pub ifname: String,
+}
+
+#[derive(Debug, Args)]
+pub struct DetachArgs {
+    pub netns: String,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl EtcdArgs {
+    pub fn endpoints(&self) -> Vec<String> {
+        self.etcd_endpoints.clone().unwrap_or_else(|| vec![DEFAULT_ENDPOINT.to_string()])
+    }
+    pub fn prefix(&self) -> String {
+        self.etcd_prefix.clone().unwrap_or_else(|| DEFAULT_PREFIX.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_run_flags() {
+        let cli = Cli::try_parse_from([
+            "netd", "--pin-path", "/sys/fs/bpf/x", "run", "--etcd-endpoints", "http://a:2379,http://b:2379",
+            "--iface", "eth1", "--public-ip", "198.18.0.1", "--decap", "xdp", "--lease-ttl", "10",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else { panic!("not run") };
+        assert_eq!(run.etcd.endpoints(), ["http://a:2379", "http://b:2379"]);
+        assert_eq!(run.decap, Some(Hook::Xdp));
+        assert_eq!(cli.pin_path, PathBuf::from("/sys/fs/bpf/x"));
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for args in [
+            &["netd", "run", "--public-ip", "1.2.3"][..],
+            &["netd", "run", "--decap", "ebpf"],
+            &["netd", "run", "--lease-ttl", "-1"],
+            &["netd", "attach", "ns", "--ip", "10.244.1"],
+            &["netd", "network", "init", "--network", "10.244.0.0/33"],
+            &["netd", "network", "init", "--network", "10.244.0.0/16", "--port", "70000"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! `netd run`: the daemon.
+
+use std::{fs, net::Ipv4Addr, path::Path, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use netd_common::NodeConfig;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+use tracing::{error, info, warn};
+
+use super::RunArgs;
+use crate::{
+    config::{FileConfig, NetworkConfig, VXLAN_OVERHEAD},
+    datapath::{self, Hook, Maps, PinDir},
+    lease::{Mac, gateway},
+    netlink::{Link, Netlink},
+    registry::Registry,
+    state::{EtcdHealth, NodeState, SubnetEnv},
+    subnet::{self, Identity},
+    sync::{self, Own},
+};
+
+/// Holds each host's gateway address (as /32, so no route comes with it):
+/// containers ARP for it and the host answers from their veth.
+const GATEWAY_LINK: &str = "lo";
+const DEFAULT_LEASE_TTL: u64 = 60;
+
+/// Flags over `NETD_*` variables over the config file over defaults.
+struct Options {
+    endpoints: Vec<String>,
+    prefix: String,
+    iface: Option<String>,
+    public_ip: Option<Ipv4Addr>,
+    decap: Hook,
+    lease_ttl: u64,
+}
+
+impl Options {
+    fn resolve(args: RunArgs) -> Result<Self> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                FileConfig::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let decap = match (args.decap, file.decap.as_deref()) {
+            (Some(hook), _) => hook,
+            (None, Some("xdp")) => Hook::Xdp,
+            (None, Some("tc")) => Hook::Tc,
+            (None, Some("auto") | None) => Hook::Auto,
+            (None, Some(other)) => bail!("decap {other:?} in config file: expected xdp, tc or auto"),
+        };
+        let lease_ttl = args.lease_ttl.or(file.lease_ttl).unwrap_or(DEFAULT_LEASE_TTL);
+        if lease_ttl < 3 {
+            bail!("--lease-ttl must be at least 3 seconds");
+        }
+        Ok(Options {
+            endpoints: args.etcd.etcd_endpoints.or(file.etcd_endpoints).unwrap_or_else(|| vec![super::DEFAULT_ENDPOINT.into()]),
+            prefix: args.etcd.etcd_prefix.or(file.etcd_prefix).unwrap_or_else(|| super::DEFAULT_PREFIX.into()),
+            iface: args.iface.or(file.iface),
+            public_ip: args.public_ip.or(file.public_ip),
+            decap,
+            lease_ttl,
+        })
+    }
+}
+
+pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
+    let opts = Options::resolve(args)?;
+    if !nix::unistd::geteuid().is_root() {
+        bail!("netd run needs root (CAP_NET_ADMIN and CAP_BPF)");
+    }
+    fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let pin = PinDir::new(pin_path);
+    pin.create()?;
+
+    let nl = Netlink::connect()?;
+    let underlay = underlay_link(&nl, opts.iface.as_deref()).await?;
+    let public_ip = match opts.public_ip {
+        Some(ip) => ip,
+        None => nl
+            .first_ipv4(underlay.index)
+            .await?
+            .with_context(|| format!("{} has no IPv4 address: pass --public-ip", underlay.name))?,
+    };
+    let vtep_mac = Mac::vtep_for(public_ip);
+    datapath::prepare(&pin, run_dir).await?;
+    let mut maps = Maps::open(&pin)?;
+
+    let mut registry = connect(&opts).await;
+    let cfg = network_config(&mut registry).await?;
+    maps.set_config(&NodeConfig {
+        vni: cfg.backend.vni,
+        underlay_ifindex: underlay.index,
+        public_ip: public_ip.octets(),
+        port: cfg.backend.port,
+        enabled: 1,
+        _pad: 0,
+        underlay_mac: underlay.mac.context("underlay interface has no MAC")?,
+        vtep_mac: vtep_mac.0,
+        _pad2: [0; 4],
+    })?;
+    let hook = datapath::attach_underlay(&pin, run_dir, &underlay.name, opts.decap, underlay.kind.as_deref()).await?;
+
+    let me = Identity { public_ip, vtep_mac, ttl_secs: opts.lease_ttl as i64 };
+    let recorded = SubnetEnv::read(run_dir).ok().filter(|e| e.network == cfg.network).map(|e| e.subnet);
+    let held = subnet::acquire(&mut registry, &cfg, &me, recorded).await?;
+
+    let gw = nl.require_link(GATEWAY_LINK).await?;
+    nl.add_address(gw.index, gateway(held.subnet), 32).await?;
+    let mtu = underlay.mtu.unwrap_or(1500) - VXLAN_OVERHEAD;
+    SubnetEnv { network: cfg.network, subnet: held.subnet, mtu, ipmasq: false }.write(run_dir)?;
+
+    let mut initial = NodeState {
+        pid: std::process::id(),
+        network: Some(cfg.network),
+        subnet: Some(held.subnet),
+        public_ip: Some(public_ip),
+        vtep_mac: vtep_mac.to_string(),
+        lease_id: held.lease_id,
+        etcd: EtcdHealth::reachable(),
+        underlay: Some(datapath::Underlay { iface: underlay.name.clone(), hook }),
+        ..Default::default()
+    };
+    initial.renewed(me.ttl_secs);
+    let (state_tx, state_rx) = watch::channel(initial);
+    tokio::spawn(publish_state(run_dir.to_path_buf(), state_rx));
+
+    let (_own_tx, own_rx) = watch::channel(Own { subnet: held.subnet, public_ip });
+    tokio::spawn(sync::run(registry.clone(), cfg.clone(), own_rx, maps));
+    let mut holder = tokio::spawn(subnet::hold(registry, cfg, me, held, state_tx));
+
+    info!(subnet = %held.subnet, %public_ip, iface = %underlay.name, ?hook, "netd running");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping; the pinned data path keeps forwarding"),
+        _ = int.recv() => info!("SIGINT: stopping; the pinned data path keeps forwarding"),
+        result = &mut holder => {
+            let err = match result {
+                Ok(Ok(())) => anyhow::anyhow!("lease holder stopped"),
+                Ok(Err(e)) => e,
+                Err(e) => e.into(),
+            };
+            error!("{err:#}");
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+async fn underlay_link(nl: &Netlink, iface: Option<&str>) -> Result<Link> {
+    match iface {
+        Some(name) => nl.require_link(name).await,
+        None => nl
+            .default_route_link()
+            .await?
+            .context("no IPv4 default route to take the underlay interface from: pass --iface"),
+    }
+}
+
+/// Connects to etcd, retrying until it answers: hosts may start first.
+async fn connect(opts: &Options) -> Registry {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match Registry::connect(&opts.endpoints, &opts.prefix).await {
+            Ok(registry) => return registry,
+            Err(e) => warn!("{e}; retrying in {delay:?}"),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Waits for the network config to exist; an invalid one is fatal.
+async fn network_config(registry: &mut Registry) -> Result<NetworkConfig> {
+    let mut logged = false;
+    loop {
+        match registry.get_config().await {
+            Ok(Some(json)) => {
+                return NetworkConfig::parse(&json)
+                    .with_context(|| format!("invalid network config at {}", registry.config_key()));
+            }
+            Ok(None) if !logged => {
+                warn!("no network config at {} yet (netd network init); waiting", registry.config_key());
+                logged = true;
+            }
+            Ok(None) => {}
+            Err(e) => warn!("{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn publish_state(run_dir: std::path::PathBuf, mut rx: watch::Receiver<NodeState>) {
+    loop {
+        let state = rx.borrow_and_update().clone();
+        if let Err(e) = state.write(&run_dir) {
+            warn!("{e:#}");
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}

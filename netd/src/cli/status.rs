@@ -1,0 +1,78 @@
+//! `netd status`: what this node holds, knows and has counted.
+
+use std::{collections::BTreeMap, path::Path};
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::StatusArgs;
+use crate::{
+    datapath::{self, Maps, PinDir},
+    endpoint,
+    lease::Mac,
+    state::{NodeState, now},
+};
+
+pub fn status(pin: &PinDir, run_dir: &Path, args: StatusArgs) -> Result<()> {
+    let state = NodeState::read(run_dir);
+    let maps = Maps::open(pin)?;
+    let peers: Vec<_> = maps
+        .subnets()?
+        .into_iter()
+        .map(|(subnet, p)| {
+            json!({
+                "subnet": subnet.to_string(),
+                "public_ip": std::net::Ipv4Addr::from(p.public_ip).to_string(),
+                "vtep_mac": Mac(p.vtep_mac).to_string(),
+                "mode": if p.mode == 0 { "vxlan" } else { "direct" },
+            })
+        })
+        .collect();
+    let counters: BTreeMap<_, _> = maps.counters()?;
+    let endpoints = endpoint::records(run_dir)?;
+    let daemon_alive = state.as_ref().is_some_and(|s| Path::new(&format!("/proc/{}", s.pid)).exists());
+    let report = json!({
+        "daemon_running": daemon_alive,
+        "state": state,
+        "lease_expires_in_secs": state.as_ref().map(|s| s.lease_expires_at as i64 - now() as i64),
+        "underlay": datapath::underlay(run_dir),
+        "peers": peers,
+        "endpoints": endpoints,
+        "counters": counters,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_human(&report);
+    }
+    Ok(())
+}
+
+fn print_human(r: &serde_json::Value) {
+    let s = &r["state"];
+    println!("daemon:   {}", if r["daemon_running"].as_bool() == Some(true) { "running" } else { "not running" });
+    println!("network:  {}   subnet: {}   public ip: {}   vtep mac: {}",
+        s["network"], s["subnet"], s["public_ip"], s["vtep_mac"]);
+    println!("lease:    id {}   expires in {}s", s["lease_id"], r["lease_expires_in_secs"]);
+    let etcd = &s["etcd"];
+    if etcd["reachable"].as_bool() == Some(true) {
+        println!("etcd:     reachable");
+    } else {
+        println!("etcd:     UNREACHABLE since unix {} ({})", etcd["since"], etcd["last_error"]);
+    }
+    println!("underlay: {} (decap on {})", r["underlay"]["iface"], r["underlay"]["hook"]);
+    println!("peers:");
+    for p in r["peers"].as_array().into_iter().flatten() {
+        println!("  {:<18} via {:<15} vtep {} [{}]", p["subnet"].as_str().unwrap_or(""), p["public_ip"].as_str().unwrap_or(""),
+            p["vtep_mac"].as_str().unwrap_or(""), p["mode"].as_str().unwrap_or(""));
+    }
+    println!("containers:");
+    for e in r["endpoints"].as_array().into_iter().flatten() {
+        println!("  {:<15} {} ({} on host, TC ingress from_container)", e["ip"].as_str().unwrap_or(""),
+            e["netns"].as_str().unwrap_or(""), e["host_ifname"].as_str().unwrap_or(""));
+    }
+    println!("counters:");
+    for (name, value) in r["counters"].as_object().into_iter().flatten() {
+        println!("  {name:<22} {value}");
+    }
+}

@@ -1,0 +1,101 @@
+//! Typed access to the pinned maps.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{
+    Array, HashMap, Map, MapData, PerCpuArray,
+    lpm_trie::{Key, LpmTrie},
+};
+use ipnet::Ipv4Net;
+use netd_common::{Counter, Endpoint, NodeConfig, Peer, names};
+
+use super::PinDir;
+
+pub struct Maps {
+    subnets: LpmTrie<MapData, [u8; 4], Peer>,
+    peers: HashMap<MapData, [u8; 4], u32>,
+    endpoints: HashMap<MapData, [u8; 4], Endpoint>,
+    config: Array<MapData, NodeConfig>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+fn open(pin: &PinDir, name: &str) -> Result<Map> {
+    let path = pin.map(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening pinned map {}: is `netd run` up?", path.display()))?;
+    Ok(Map::from_map_data(data)?)
+}
+
+impl Maps {
+    pub fn open(pin: &PinDir) -> Result<Self> {
+        Ok(Maps {
+            subnets: open(pin, names::SUBNETS)?.try_into()?,
+            peers: open(pin, names::PEERS)?.try_into()?,
+            endpoints: open(pin, names::ENDPOINTS)?.try_into()?,
+            config: open(pin, names::CONFIG)?.try_into()?,
+            stats: open(pin, names::STATS)?.try_into()?,
+        })
+    }
+
+    pub fn set_config(&mut self, config: &NodeConfig) -> Result<()> {
+        Ok(self.config.set(0, config, 0)?)
+    }
+
+    /// Remote subnets currently programmed.
+    pub fn subnets(&self) -> Result<BTreeMap<Ipv4Net, Peer>> {
+        let mut out = BTreeMap::new();
+        for entry in self.subnets.iter() {
+            let (key, peer) = entry?;
+            let subnet = Ipv4Net::new(Ipv4Addr::from(key.data()), key.prefix_len() as u8)?;
+            out.insert(subnet, peer);
+        }
+        Ok(out)
+    }
+
+    /// Underlay addresses accepted as VXLAN sources.
+    pub fn peer_ips(&self) -> Result<Vec<Ipv4Addr>> {
+        let mut out = Vec::new();
+        for key in self.peers.keys() {
+            out.push(Ipv4Addr::from(key?));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    pub fn insert_subnet(&mut self, subnet: Ipv4Net, peer: &Peer) -> Result<()> {
+        let key = Key::new(subnet.prefix_len() as u32, subnet.network().octets());
+        Ok(self.subnets.insert(&key, peer, 0)?)
+    }
+
+    pub fn remove_subnet(&mut self, subnet: Ipv4Net) -> Result<()> {
+        let key = Key::new(subnet.prefix_len() as u32, subnet.network().octets());
+        Ok(self.subnets.remove(&key)?)
+    }
+
+    pub fn insert_peer_ip(&mut self, ip: Ipv4Addr) -> Result<()> {
+        Ok(self.peers.insert(ip.octets(), 1, 0)?)
+    }
+
+    pub fn remove_peer_ip(&mut self, ip: Ipv4Addr) -> Result<()> {
+        Ok(self.peers.remove(&ip.octets())?)
+    }
+
+    pub fn insert_endpoint(&mut self, ip: Ipv4Addr, endpoint: &Endpoint) -> Result<()> {
+        Ok(self.endpoints.insert(ip.octets(), endpoint, 0)?)
+    }
+
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<()> {
+        Ok(self.endpoints.remove(&ip.octets())?)
+    }
+
+    /// Counters summed over CPUs, by label.
+    pub fn counters(&self) -> Result<BTreeMap<&'static str, u64>> {
+        let mut out = BTreeMap::new();
+        for counter in Counter::ALL {
+            let values = self.stats.get(&(*counter as u32), 0)?;
+            out.insert(counter.label(), values.iter().sum());
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,249 @@
+//! The kernel side as the daemon and CLI see it: the embedded object, the
+//! pinned programs, maps and links, and attaching to interfaces.
+//!
+//! Maps and programs are pinned by name under `<pin-path>/v<layout>/`.
+//! Attachments are netlink ones (a TC filter at a fixed priority and handle,
+//! XDP set on the link), which the kernel keeps with no netd process alive,
+//! so forwarding goes on while the daemon restarts. A new object replaces
+//! the program behind each attachment in place.
+
+mod maps;
+mod pins;
+mod xdp;
+
+use std::{fs, path::Path};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    EbpfLoader,
+    programs::{
+        SchedClassifier, TcAttachType, TcHandle, Xdp,
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions},
+    },
+};
+use aya_obj::programs::XdpAttachType;
+use netd_common::names;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+pub use maps::Maps;
+pub use pins::PinDir;
+
+const MAP_NAMES: [&str; 5] =
+    [names::SUBNETS, names::PEERS, names::ENDPOINTS, names::CONFIG, names::STATS];
+const PROGRAM_NAMES: [&str; 3] =
+    [names::FROM_CONTAINER, names::XDP_FROM_UNDERLAY, names::TC_FROM_UNDERLAY];
+
+/// The kernel programs, built by `build.rs`.
+fn object() -> &'static [u8] {
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netd"))
+}
+
+/// FNV-1a of the object: tells whether pinned programs are this build's.
+fn object_hash() -> String {
+    let hash = object()
+        .iter()
+        .fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3));
+    format!("{hash:016x}")
+}
+
+/// Where decapsulation runs on the underlay NIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Hook {
+    Xdp,
+    Tc,
+    /// XDP on NICs with a native XDP driver, TC on virtual devices.
+    Auto,
+}
+
+/// What this node's run directory remembers about the pinned data path.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    object: String,
+    underlay: Option<Underlay>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Underlay {
+    pub iface: String,
+    pub hook: Hook,
+}
+
+impl State {
+    fn path(run_dir: &Path) -> std::path::PathBuf {
+        run_dir.join("datapath.json")
+    }
+    fn read(run_dir: &Path) -> State {
+        fs::read(Self::path(run_dir))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+    fn write(&self, run_dir: &Path) -> Result<()> {
+        let json = serde_json::to_vec_pretty(self)?;
+        fs::write(Self::path(run_dir), json).context("writing datapath state")
+    }
+}
+
+/// Makes sure this build's programs and the maps are pinned, reusing what a
+/// previous run left when it is the same build.
+pub async fn prepare(pin: &PinDir, run_dir: &Path) -> Result<()> {
+    if object().is_empty() {
+        bail!("this netd was built without its eBPF object (bpf-linker missing): run `cargo xtask setup` and rebuild");
+    }
+    let mut state = State::read(run_dir);
+    let hash = object_hash();
+    if state.object == hash && PROGRAM_NAMES.iter().all(|p| pin.program(p).exists()) {
+        info!(dir = %pin.dir().display(), "reusing pinned data path");
+        return Ok(());
+    }
+    load_and_pin(pin)?;
+    reattach(pin, run_dir, &state).await?;
+    state.object = hash;
+    state.write(run_dir)
+}
+
+fn load_and_pin(pin: &PinDir) -> Result<()> {
+    let mut loader = EbpfLoader::new();
+    for name in MAP_NAMES {
+        loader.map_pin_path(name, pin.map(name));
+    }
+    let mut ebpf = loader.load(object()).context("loading eBPF object")?;
+    for name in PROGRAM_NAMES {
+        let program = ebpf.program_mut(name).with_context(|| format!("program {name} missing"))?;
+        match program {
+            aya::programs::Program::SchedClassifier(p) => p.load(),
+            aya::programs::Program::Xdp(p) => p.load(),
+            _ => bail!("unexpected program type for {name}"),
+        }
+        .with_context(|| format!("loading program {name}"))?;
+        let path = pin.program(name);
+        let _ = fs::remove_file(&path);
+        program.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+    }
+    info!(dir = %pin.dir().display(), "loaded and pinned data path");
+    Ok(())
+}
+
+/// Points every existing attachment at the freshly pinned programs.
+async fn reattach(pin: &PinDir, run_dir: &Path, state: &State) -> Result<()> {
+    for record in crate::endpoint::records(run_dir)? {
+        if let Err(e) = attach_tc(pin, names::FROM_CONTAINER, &record.host_ifname) {
+            warn!(netns = %record.netns, "could not update container program: {e:#}");
+        }
+    }
+    if let Some(underlay) = &state.underlay {
+        match underlay.hook {
+            Hook::Xdp => xdp::attach(pin, &underlay.iface, XdpFlags::Any).await?,
+            _ => attach_tc(pin, names::TC_FROM_UNDERLAY, &underlay.iface)?,
+        }
+    }
+    Ok(())
+}
+
+/// Our TC filter's slot on every interface: one filter, replaced in place.
+const TC_PRIORITY: u16 = 1;
+const TC_HANDLE: TcHandle = TcHandle::new(0, 1);
+
+/// Attaches `program` to `iface`'s TC ingress, replacing our previous
+/// filter there if any. The filter outlives this process.
+pub fn attach_tc(pin: &PinDir, program: &str, iface: &str) -> Result<()> {
+    let mut prog = SchedClassifier::from_pin(pin.program(program))
+        .with_context(|| format!("opening pinned program {program}: is `netd run` up?"))?;
+    // clsact may already be there.
+    let _ = tc::qdisc_add_clsact(iface);
+    let options = NlOptions { priority: TC_PRIORITY, handle: TC_HANDLE, classid: None };
+    let id = match prog.attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::Netlink(options)) {
+        Ok(id) => id,
+        Err(_) => {
+            let existing = SchedClassifierLink::attached(iface, TcAttachType::Ingress, TC_PRIORITY, TC_HANDLE, None)
+                .with_context(|| format!("no interface {iface}"))?;
+            prog.attach_to_link(existing).with_context(|| format!("attaching {program} to {iface}"))?
+        }
+    };
+    // Dropping the link would detach it: the kernel keeps it instead.
+    std::mem::forget(prog.take_link(id)?);
+    Ok(())
+}
+
+/// Removes our TC filter from `iface`, if present.
+pub fn detach_tc(iface: &str) -> Result<()> {
+    let link = SchedClassifierLink::attached(iface, TcAttachType::Ingress, TC_PRIORITY, TC_HANDLE, None)?;
+    aya::programs::Link::detach(link).with_context(|| format!("detaching TC program from {iface}"))?;
+    Ok(())
+}
+
+use xdp::XdpFlags;
+
+/// Attaches decapsulation to the underlay NIC with the chosen hook, unless
+/// the same attachment is already in place. Returns the hook in use.
+pub async fn attach_underlay(pin: &PinDir, run_dir: &Path, iface: &str, hook: Hook, kind: Option<&str>) -> Result<Hook> {
+    let mut state = State::read(run_dir);
+    if let Some(current) = &state.underlay {
+        if current.iface == iface && (hook == Hook::Auto || hook == current.hook) {
+            info!(iface, hook = ?current.hook, "underlay program already attached");
+            return Ok(current.hook);
+        }
+        detach_underlay(current).await;
+    }
+    let used = match hook {
+        Hook::Tc => attach_underlay_tc(pin, iface)?,
+        Hook::Xdp => {
+            xdp::attach(pin, iface, XdpFlags::Any).await?;
+            Hook::Xdp
+        }
+        // Virtual devices (veth above all) pay for XDP by converting every
+        // skb; only a native driver makes XDP the fast path.
+        Hook::Auto if kind.is_some() => attach_underlay_tc(pin, iface)?,
+        Hook::Auto => match xdp::attach(pin, iface, XdpFlags::Driver).await {
+            Ok(()) => Hook::Xdp,
+            Err(e) => {
+                info!(iface, "no native XDP ({e:#}); using TC");
+                attach_underlay_tc(pin, iface)?
+            }
+        },
+    };
+    state.underlay = Some(Underlay { iface: iface.to_string(), hook: used });
+    state.write(run_dir)?;
+    info!(iface, hook = ?used, "underlay program attached");
+    Ok(used)
+}
+
+fn attach_underlay_tc(pin: &PinDir, iface: &str) -> Result<Hook> {
+    attach_tc(pin, names::TC_FROM_UNDERLAY, iface)?;
+    Ok(Hook::Tc)
+}
+
+async fn detach_underlay(underlay: &Underlay) {
+    let result = match underlay.hook {
+        Hook::Xdp => xdp::detach(&underlay.iface).await,
+        _ => detach_tc(&underlay.iface),
+    };
+    if let Err(e) = result {
+        warn!(iface = %underlay.iface, "detaching previous underlay program: {e:#}");
+    }
+}
+
+/// The underlay attachment recorded for this node, if any.
+pub fn underlay(run_dir: &Path) -> Option<Underlay> {
+    State::read(run_dir).underlay
+}
+
+/// Detaches the underlay program and removes every pin of this node.
+pub async fn teardown(pin: &PinDir, run_dir: &Path) -> Result<()> {
+    if let Some(underlay) = underlay(run_dir) {
+        detach_underlay(&underlay).await;
+    }
+    if pin.dir().exists() {
+        fs::remove_dir_all(pin.dir()).with_context(|| format!("removing {}", pin.dir().display()))?;
+    }
+    let _ = fs::remove_file(State::path(run_dir));
+    Ok(())
+}
+
+/// Loads a pinned XDP program (for the netlink attachment).
+pub(crate) fn pinned_xdp(pin: &PinDir) -> Result<Xdp> {
+    Xdp::from_pin(pin.program(names::XDP_FROM_UNDERLAY), XdpAttachType::Interface)
+        .context("opening pinned XDP program: is `netd run` up?")
+}

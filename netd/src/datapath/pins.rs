@@ -1,0 +1,55 @@
+//! Paths of pinned objects, and the check that they are on a bpf filesystem.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use netd_common::MAP_LAYOUT_VERSION;
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// `<pin-path>/v<layout>`: a new map layout gets a new directory, so a daemon
+/// never reads maps written with another layout.
+#[derive(Debug, Clone)]
+pub struct PinDir {
+    dir: PathBuf,
+}
+
+impl PinDir {
+    pub fn new(base: &Path) -> Self {
+        PinDir { dir: base.join(format!("v{MAP_LAYOUT_VERSION}")) }
+    }
+
+    /// Creates the directory, refusing anything that is not on bpffs.
+    pub fn create(&self) -> Result<()> {
+        let base = self.dir.parent().expect("versioned dir has a parent");
+        let mount = base.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+        if !on_bpffs(mount)? {
+            bail!(
+                "{} is not on a bpf filesystem: mount one (mount -t bpf bpf /sys/fs/bpf) or pass --pin-path",
+                mount.display()
+            );
+        }
+        fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("prog_{name}"))
+    }
+}
+
+fn on_bpffs(path: &Path) -> Result<bool> {
+    let stat = nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
+    Ok(stat.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}

@@ -1,0 +1,187 @@
+//! Raw etcd I/O for the network registry: the config key, subnet leases and
+//! the watch on them. Policy (which subnet, when to renew) lives elsewhere.
+//!
+//! Layout under the prefix (flannel's):
+//!   `<prefix>/config`            network config JSON
+//!   `<prefix>/subnets/<a.b.c.d>-<len>`  lease JSON, bound to an etcd lease
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaseKeepAliveStream,
+    LeaseKeeper, PutOptions, Txn, TxnOp, WatchOptions, WatchStream,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("etcd at {endpoints}: {source}")]
+    Etcd { endpoints: String, source: etcd_client::Error },
+    #[error("a different network config already exists at {key}: {existing}")]
+    ConfigConflict { key: String, existing: String },
+}
+
+pub type Result<T> = std::result::Result<T, RegistryError>;
+
+/// One lease as stored: key suffix after `<prefix>/subnets/`, raw value, and
+/// the revision it was last written at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawLease {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub mod_revision: i64,
+}
+
+/// A change seen by the watch.
+#[derive(Debug)]
+pub enum SubnetEvent {
+    Put(RawLease),
+    Delete(String),
+}
+
+#[derive(Clone)]
+pub struct Registry {
+    client: Client,
+    prefix: String,
+    endpoints: String,
+}
+
+impl Registry {
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self> {
+        let joined = endpoints.join(",");
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(|source| RegistryError::Etcd { endpoints: joined.clone(), source })?;
+        Ok(Registry { client, prefix: prefix.trim_end_matches('/').to_string(), endpoints: joined })
+    }
+
+    fn err(&self, source: etcd_client::Error) -> RegistryError {
+        RegistryError::Etcd { endpoints: self.endpoints.clone(), source }
+    }
+
+    pub fn config_key(&self) -> String {
+        format!("{}/config", self.prefix)
+    }
+
+    pub fn subnets_prefix(&self) -> String {
+        format!("{}/subnets/", self.prefix)
+    }
+
+    pub async fn get_config(&mut self) -> Result<Option<Vec<u8>>> {
+        let key = self.config_key();
+        let resp = self.client.get(key, None).await.map_err(|e| self.err(e))?;
+        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+    }
+
+    /// Writes the config unless one exists; an identical one is fine.
+    pub async fn init_config(&mut self, json: &str, same: impl Fn(&[u8]) -> bool) -> Result<bool> {
+        let key = self.config_key();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), json, None)]);
+        let resp = self.client.txn(txn).await.map_err(|e| self.err(e))?;
+        if resp.succeeded() {
+            return Ok(true);
+        }
+        let existing = self.get_config().await?.unwrap_or_default();
+        if same(&existing) {
+            return Ok(false);
+        }
+        Err(RegistryError::ConfigConflict {
+            key,
+            existing: String::from_utf8_lossy(&existing).into_owned(),
+        })
+    }
+
+    /// All leases and the revision they were read at.
+    pub async fn list_subnets(&mut self) -> Result<(Vec<RawLease>, i64)> {
+        let prefix = self.subnets_prefix();
+        let resp = self
+            .client
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.err(e))?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let leases = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let key = std::str::from_utf8(kv.key()).ok()?.strip_prefix(&prefix)?.to_string();
+                Some(RawLease { key, value: kv.value().to_vec(), mod_revision: kv.mod_revision() })
+            })
+            .collect();
+        Ok((leases, revision))
+    }
+
+    pub async fn grant(&mut self, ttl_secs: i64) -> Result<i64> {
+        let resp = self.client.lease_grant(ttl_secs, None).await.map_err(|e| self.err(e))?;
+        Ok(resp.id())
+    }
+
+    pub async fn revoke(&mut self, lease: i64) -> Result<()> {
+        self.client.lease_revoke(lease).await.map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Creates `key` bound to `lease` only if nobody holds it.
+    pub async fn create_subnet(&mut self, key: &str, value: &str, lease: i64) -> Result<bool> {
+        let full = format!("{}{key}", self.subnets_prefix());
+        self.put_if(Compare::create_revision(full.clone(), CompareOp::Equal, 0), full, value, lease)
+            .await
+    }
+
+    /// Rebinds our own lease to a new etcd lease, only if unchanged since
+    /// we read it at `mod_revision`.
+    pub async fn reclaim_subnet(
+        &mut self,
+        key: &str,
+        value: &str,
+        lease: i64,
+        mod_revision: i64,
+    ) -> Result<bool> {
+        let full = format!("{}{key}", self.subnets_prefix());
+        let guard = Compare::mod_revision(full.clone(), CompareOp::Equal, mod_revision);
+        self.put_if(guard, full, value, lease).await
+    }
+
+    async fn put_if(&mut self, guard: Compare, key: String, value: &str, lease: i64) -> Result<bool> {
+        let put = TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)));
+        let txn = Txn::new().when([guard]).and_then([put]);
+        let resp = self.client.txn(txn).await.map_err(|e| self.err(e))?;
+        Ok(resp.succeeded())
+    }
+
+    pub async fn keep_alive(&mut self, lease: i64) -> Result<(LeaseKeeper, LeaseKeepAliveStream)> {
+        self.client.lease_keep_alive(lease).await.map_err(|e| self.err(e))
+    }
+
+    /// Watches the subnets prefix from `revision` on.
+    pub async fn watch_subnets(&mut self, revision: i64) -> Result<WatchStream> {
+        let options = WatchOptions::new().with_prefix().with_start_revision(revision);
+        let prefix = self.subnets_prefix();
+        self.client.watch(prefix, Some(options)).await.map_err(|e| self.err(e))
+    }
+
+    /// Turns a watch response's events into subnet events.
+    pub fn events(&self, resp: &etcd_client::WatchResponse) -> Vec<SubnetEvent> {
+        let prefix = self.subnets_prefix();
+        resp.events()
+            .iter()
+            .filter_map(|event| {
+                let kv = event.kv()?;
+                let key = std::str::from_utf8(kv.key()).ok()?.strip_prefix(&prefix)?.to_string();
+                Some(match event.event_type() {
+                    EventType::Put => SubnetEvent::Put(RawLease {
+                        key,
+                        value: kv.value().to_vec(),
+                        mod_revision: kv.mod_revision(),
+                    }),
+                    EventType::Delete => SubnetEvent::Delete(key),
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,244 @@
+//! Keeps the kernel's remote-subnet map equal to the other hosts' valid
+//! leases in etcd. Level-triggered: every change recomputes the desired
+//! state from the full lease table and applies the difference, and the same
+//! code runs at start, after each watch event and after every resync.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::Ipv4Addr,
+    time::Duration,
+};
+
+use anyhow::Result;
+use ipnet::Ipv4Net;
+use netd_common::{Peer, PeerMode};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::{
+    config::NetworkConfig,
+    datapath::Maps,
+    lease::{LeaseValue, parse_subnet_key},
+    registry::{RawLease, Registry, SubnetEvent},
+};
+
+/// This host's own lease, which is never programmed as a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Own {
+    pub subnet: Ipv4Net,
+    pub public_ip: Ipv4Addr,
+}
+
+/// Logs each rejected lease once per revision, not on every recompute.
+#[derive(Default)]
+pub struct Rejections {
+    seen: HashSet<(String, i64)>,
+}
+
+impl Rejections {
+    fn reject(&mut self, lease: &RawLease, why: &str) {
+        if self.seen.insert((lease.key.clone(), lease.mod_revision)) {
+            warn!(key = %lease.key, revision = lease.mod_revision, "ignoring lease: {why}");
+        }
+    }
+}
+
+/// The remote subnets the kernel should know, from every lease in etcd.
+pub fn desired<'a>(
+    cfg: &NetworkConfig,
+    own: Own,
+    leases: impl IntoIterator<Item = &'a RawLease>,
+    rejections: &mut Rejections,
+) -> BTreeMap<Ipv4Net, Peer> {
+    let mut out = BTreeMap::new();
+    for lease in leases {
+        match peer_of(cfg, own, lease) {
+            Ok(Some((subnet, peer))) => {
+                if let Some((taken, _)) = out.iter().find(|(s, _): &(&Ipv4Net, _)| overlaps(s, &subnet)) {
+                    rejections.reject(lease, &format!("overlaps {taken}"));
+                    continue;
+                }
+                out.insert(subnet, peer);
+            }
+            Ok(None) => {}
+            Err(why) => rejections.reject(lease, &why),
+        }
+    }
+    out
+}
+
+fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// One lease as a kernel entry; `None` for our own.
+fn peer_of(cfg: &NetworkConfig, own: Own, lease: &RawLease) -> Result<Option<(Ipv4Net, Peer)>, String> {
+    let subnet = parse_subnet_key(&lease.key).map_err(|e| e.to_string())?;
+    if subnet == own.subnet {
+        return Ok(None);
+    }
+    if !cfg.is_leasable(&subnet) {
+        return Err(format!(
+            "{subnet} is not a /{} subnet within {} (SubnetMin..SubnetMax)",
+            cfg.subnet_len, cfg.network
+        ));
+    }
+    if overlaps(&subnet, &own.subnet) {
+        return Err(format!("overlaps this host's {}", own.subnet));
+    }
+    let (value, mac) = LeaseValue::parse(&lease.value).map_err(|e| e.to_string())?;
+    if value.public_ip == own.public_ip {
+        return Err(format!("claims this host's public IP {}", own.public_ip));
+    }
+    let peer = Peer {
+        public_ip: value.public_ip.octets(),
+        vtep_mac: mac.0,
+        mode: PeerMode::Vxlan as u8,
+        _pad: 0,
+    };
+    Ok(Some((subnet, peer)))
+}
+
+/// What one reconciliation changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub upserted: usize,
+    pub removed: usize,
+}
+
+/// Applies the difference between `desired` and the kernel maps.
+pub fn reconcile(maps: &mut Maps, desired: &BTreeMap<Ipv4Net, Peer>) -> Result<Changes> {
+    let current = maps.subnets()?;
+    let want_ips: BTreeSet<Ipv4Addr> = desired.values().map(|p| Ipv4Addr::from(p.public_ip)).collect();
+    let have_ips: BTreeSet<Ipv4Addr> = maps.peer_ips()?.into_iter().collect();
+    let mut changes = Changes::default();
+
+    // Accept a peer's VXLAN before sending it traffic; forget it last.
+    for ip in want_ips.difference(&have_ips) {
+        maps.insert_peer_ip(*ip)?;
+    }
+    for (subnet, peer) in desired {
+        if current.get(subnet) != Some(peer) {
+            maps.insert_subnet(*subnet, peer)?;
+            changes.upserted += 1;
+        }
+    }
+    for subnet in current.keys().filter(|s| !desired.contains_key(s)) {
+        maps.remove_subnet(*subnet)?;
+        changes.removed += 1;
+    }
+    for ip in have_ips.difference(&want_ips) {
+        maps.remove_peer_ip(*ip)?;
+    }
+    Ok(changes)
+}
+
+/// Watches etcd forever, resyncing in full after compaction, cancellation
+/// or a lost connection.
+pub async fn run(mut registry: Registry, cfg: NetworkConfig, mut own: watch::Receiver<Own>, mut maps: Maps) {
+    let mut rejections = Rejections::default();
+    loop {
+        if let Err(e) = sync_once(&mut registry, &cfg, &mut own, &mut maps, &mut rejections).await {
+            warn!("subnet sync interrupted: {e:#}; resyncing");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+async fn sync_once(
+    registry: &mut Registry,
+    cfg: &NetworkConfig,
+    own: &mut watch::Receiver<Own>,
+    maps: &mut Maps,
+    rejections: &mut Rejections,
+) -> Result<()> {
+    let (list, revision) = registry.list_subnets().await?;
+    let mut leases: BTreeMap<String, RawLease> = list.into_iter().map(|l| (l.key.clone(), l)).collect();
+    apply(cfg, *own.borrow(), &leases, maps, rejections, "resync")?;
+
+    let mut stream = registry.watch_subnets(revision + 1).await?;
+    loop {
+        tokio::select! {
+            message = stream.message() => {
+                let Some(resp) = message? else {
+                    anyhow::bail!("watch stream closed");
+                };
+                if resp.compact_revision() > 0 {
+                    anyhow::bail!("watch compacted at revision {}", resp.compact_revision());
+                }
+                if resp.canceled() {
+                    anyhow::bail!("watch canceled: {}", resp.cancel_reason());
+                }
+                for event in registry.events(&resp) {
+                    match event {
+                        SubnetEvent::Put(lease) => { leases.insert(lease.key.clone(), lease); }
+                        SubnetEvent::Delete(key) => { leases.remove(&key); }
+                    }
+                }
+                apply(cfg, *own.borrow(), &leases, maps, rejections, "watch")?;
+            }
+            changed = own.changed() => {
+                changed?;
+                apply(cfg, *own.borrow(), &leases, maps, rejections, "own lease")?;
+            }
+        }
+    }
+}
+
+fn apply(
+    cfg: &NetworkConfig,
+    own: Own,
+    leases: &BTreeMap<String, RawLease>,
+    maps: &mut Maps,
+    rejections: &mut Rejections,
+    why: &str,
+) -> Result<()> {
+    let want = desired(cfg, own, leases.values(), rejections);
+    let changes = reconcile(maps, &want)?;
+    if changes != Changes::default() {
+        info!(
+            trigger = why,
+            peers = want.len(),
+            upserted = changes.upserted,
+            removed = changes.removed,
+            "kernel subnet map updated"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(key: &str, value: &str) -> RawLease {
+        RawLease { key: key.into(), value: value.as_bytes().to_vec(), mod_revision: 1 }
+    }
+
+    fn value(ip: &str) -> String {
+        format!(r#"{{"PublicIP":"{ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"0e:6e:00:00:00:01"}}}}"#)
+    }
+
+    #[test]
+    fn desired_keeps_valid_peers_only() {
+        let cfg = NetworkConfig::parse(br#"{"Network":"10.244.0.0/16"}"#).unwrap();
+        let own = Own { subnet: "10.244.1.0/24".parse().unwrap(), public_ip: "198.18.0.1".parse().unwrap() };
+        let leases = [
+            lease("10.244.1.0-24", &value("198.18.0.1")),  // ours
+            lease("10.244.2.0-24", &value("198.18.0.2")),  // good
+            lease("10.244.3.0-24", "{not json"),           // malformed
+            lease("10.245.0.0-24", &value("198.18.0.4")),  // outside
+            lease("10.244.4.0-25", &value("198.18.0.5")),  // wrong length
+            lease("10.244.5.0-24", &value("198.18.0.1")),  // our IP
+            lease("bogus", &value("198.18.0.7")),          // bad key
+            lease("10.244.0.0-24", &value("198.18.0.8")),  // below SubnetMin
+            lease("10.244.6.0-24", &value("198.18.0.6")),  // good
+        ];
+        let mut rejections = Rejections::default();
+        let want = desired(&cfg, own, &leases, &mut rejections);
+        let subnets: Vec<String> = want.keys().map(|s| s.to_string()).collect();
+        assert_eq!(subnets, ["10.244.2.0/24", "10.244.6.0/24"]);
+        assert_eq!(want[&"10.244.2.0/24".parse().unwrap()].public_ip, [198, 18, 0, 2]);
+        assert_eq!(rejections.seen.len(), 6);
+    }
+}
