@@ -11,7 +11,9 @@ use aya_build::{Package, Toolchain};
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=PATH");
     if which("bpf-linker").is_none() {
-        println!("cargo:warning=bpf-linker not found: embedding no eBPF object (run `cargo xtask setup`)");
+        println!(
+            "cargo:warning=bpf-linker not found: embedding no eBPF object (run `cargo xtask setup`)"
+        );
         let out = PathBuf::from(env::var_os("OUT_DIR").ok_or(anyhow!("OUT_DIR not set"))?);
         fs::write(out.join("netd"), []).context("writing empty object")?;
         return Ok(());
@@ -20,7 +22,11 @@ fn main() -> anyhow::Result<()> {
     let ebpf_dir = PathBuf::from(root).join("../netd-ebpf");
     let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 path")?;
     aya_build::build_ebpf(
-        [Package { name: "netd-ebpf", root_dir: ebpf_dir, ..Default::default() }],
+        [Package {
+            name: "netd-ebpf",
+            root_dir: ebpf_dir,
+            ..Default::default()
+        }],
         Toolchain::Nightly,
     )
 }

@@ -70,7 +70,7 @@ mod layout {
         assert_eq!(offset_of!(NodeConfig, public_ip), 8);
         assert_eq!(offset_of!(NodeConfig, port), 12);
         assert_eq!(offset_of!(NodeConfig, enabled), 14);
-        assert_eq!(offset_of!(NodeConfig, _pad), 15);
+        assert_eq!(offset_of!(NodeConfig, xdp_redirect), 15);
         assert_eq!(offset_of!(NodeConfig, underlay_mac), 16);
         assert_eq!(offset_of!(NodeConfig, vtep_mac), 22);
         assert_eq!(offset_of!(NodeConfig, _pad2), 28);

@@ -44,8 +44,9 @@ counters! {
     DropRedirectFailed = 11 => "drop_redirect_failed",
     /// Passed: no node configuration yet (daemon not ready).
     NotConfigured = 12 => "not_configured",
-    /// Dropped: inner packet for this host's subnet but no such container.
-    DropNoEndpoint = 13 => "drop_no_endpoint",
+    /// Plain IPv4 from the underlay for a local container (direct routing,
+    /// or a frame XDP already decapsulated): delivered by TC.
+    UnderlayDelivered = 13 => "underlay_delivered",
 }
 
 impl Counter {

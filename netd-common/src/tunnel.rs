@@ -36,7 +36,10 @@ pub struct NodeConfig {
     pub port: u16,
     /// 1 once the daemon has written a complete configuration.
     pub enabled: u8,
-    pub _pad: u8,
+    /// 1 when XDP may redirect decapsulated frames straight to containers.
+    /// 0 on virtual underlays, whose skbs may carry partial checksums that
+    /// an XDP redirect would lose: XDP then strips and TC delivers.
+    pub xdp_redirect: u8,
     pub underlay_mac: [u8; 6],
     /// This host's VTEP MAC: the inner source MAC of what it sends.
     pub vtep_mac: [u8; 6],

@@ -28,6 +28,8 @@ pub enum Verdict {
     /// Not ours: leave it to the stack untouched.
     Pass,
     Drop(Counter),
+    /// Plain IPv4 for a local container: rewrite Ethernet and deliver.
+    DeliverPlain(Endpoint),
     /// Strip and hand to this container.
     Deliver(Endpoint),
     /// Strip and hand the inner frame to the host stack, addressed to the
@@ -48,6 +50,9 @@ pub fn classify(start: usize, end: usize) -> Verdict {
         return Verdict::Pass;
     };
     let ip = unsafe { &*ip };
+    if let Some(ep) = maps::endpoint(ip.daddr) {
+        return Verdict::DeliverPlain(*ep);
+    }
     // Options on the outer header: not something we ever send.
     if ip.proto != IPPROTO_UDP || ip.header_len() != IPV4_HLEN {
         return Verdict::Pass;
@@ -90,7 +95,8 @@ pub fn classify(start: usize, end: usize) -> Verdict {
 }
 
 /// XDP: rewrite the inner Ethernet header, move the start of the frame past
-/// the outer headers and redirect to the container's veth.
+/// the outer headers and redirect to the container's veth, or (on virtual
+/// underlays) pass the inner frame on for TC to deliver.
 #[inline(always)]
 pub fn xdp_from_underlay(ctx: &XdpContext) -> u32 {
     let (dst, src, deliver) = match classify(ctx.data(), ctx.data_end()) {
@@ -98,6 +104,8 @@ pub fn xdp_from_underlay(ctx: &XdpContext) -> u32 {
             count(Counter::UnderlayPassed);
             return xdp_action::XDP_PASS;
         }
+        // TC delivers plain frames; XDP has nothing to strip.
+        Verdict::DeliverPlain(_) => return xdp_action::XDP_PASS,
         Verdict::Drop(reason) => {
             count(reason);
             return xdp_action::XDP_DROP;
@@ -105,6 +113,7 @@ pub fn xdp_from_underlay(ctx: &XdpContext) -> u32 {
         Verdict::Deliver(ep) => (ep.mac, ep.host_mac, Some(ep.ifindex)),
         Verdict::ToStack(mac) => (mac, [0; 6], None),
     };
+    let redirect = maps::config().is_some_and(|c| c.xdp_redirect != 0);
     let Some(inner) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), INNER_ETH) else {
         count(Counter::DropMalformed);
         return xdp_action::XDP_DROP;
@@ -118,9 +127,13 @@ pub fn xdp_from_underlay(ctx: &XdpContext) -> u32 {
         return xdp_action::XDP_DROP;
     }
     match deliver {
-        Some(ifindex) => {
+        Some(ifindex) if redirect => {
             count(Counter::Decapsulated);
             unsafe { bpf_redirect(ifindex, 0) as u32 }
+        }
+        Some(_) => {
+            count(Counter::Decapsulated);
+            xdp_action::XDP_PASS
         }
         None => {
             count(Counter::DecapToStack);
@@ -146,17 +159,25 @@ pub fn tc_from_underlay(ctx: &TcContext) -> i32 {
             count(reason);
             return TC_ACT_SHOT as i32;
         }
+        Verdict::DeliverPlain(ep) => return deliver_plain(ctx, &ep),
         Verdict::Deliver(ep) => (ep.mac, ep.host_mac, Some(ep.ifindex)),
         Verdict::ToStack(mac) => (mac, [0; 6], None),
     };
     // Removes outer IPv4/UDP/VXLAN and the inner Ethernet header; the outer
     // Ethernet header stays in front and is rewritten below.
     let shrink = -((INNER_ETH - ETH_HLEN + ETH_HLEN) as i32);
-    if ctx.adjust_room(shrink, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO as u64).is_err() {
+    if ctx
+        .adjust_room(shrink, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO as u64)
+        .is_err()
+    {
         count(Counter::DropAdjustFailed);
         return TC_ACT_SHOT as i32;
     }
-    let eth = EthHdr { dst, src, proto: ETH_P_IP.to_be() };
+    let eth = EthHdr {
+        dst,
+        src,
+        proto: ETH_P_IP.to_be(),
+    };
     if ctx.store(0, &eth, 0).is_err() {
         count(Counter::DropAdjustFailed);
         return TC_ACT_SHOT as i32;
@@ -171,4 +192,20 @@ pub fn tc_from_underlay(ctx: &TcContext) -> i32 {
             TC_ACT_OK as i32
         }
     }
+}
+
+/// A plain IPv4 frame for a local container: new MACs, into its namespace.
+#[inline(always)]
+fn deliver_plain(ctx: &TcContext, ep: &Endpoint) -> i32 {
+    let eth = EthHdr {
+        dst: ep.mac,
+        src: ep.host_mac,
+        proto: ETH_P_IP.to_be(),
+    };
+    if ctx.store(0, &eth, 0).is_err() {
+        count(Counter::DropAdjustFailed);
+        return TC_ACT_SHOT as i32;
+    }
+    count(Counter::UnderlayDelivered);
+    unsafe { bpf_redirect_peer(ep.ifindex, 0) as i32 }
 }

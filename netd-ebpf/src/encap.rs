@@ -75,7 +75,10 @@ fn encapsulate(ctx: &TcContext, cfg: &NodeConfig, peer: &Peer) -> i32 {
         | BPF_F_ADJ_ROOM_ENCAP_L2_ETH
         | BPF_F_ADJ_ROOM_FIXED_GSO) as u64
         | ENCAP_L2_ETH_LEN;
-    if ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags).is_err() {
+    if ctx
+        .adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
+        .is_err()
+    {
         count(Counter::DropAdjustFailed);
         return TC_ACT_SHOT as i32;
     }
@@ -114,7 +117,11 @@ pub fn encap_header(cfg: &NodeConfig, peer: &Peer, inner_len: usize, src_port: u
     };
     ip.check = ip.checksum();
     EncapHdr {
-        eth: EthHdr { dst: [0; 6], src: cfg.underlay_mac, proto: ETH_P_IP.to_be() },
+        eth: EthHdr {
+            dst: [0; 6],
+            src: cfg.underlay_mac,
+            proto: ETH_P_IP.to_be(),
+        },
         ip,
         udp: UdpHdr {
             source: src_port.to_be(),
@@ -123,6 +130,10 @@ pub fn encap_header(cfg: &NodeConfig, peer: &Peer, inner_len: usize, src_port: u
             check: 0,
         },
         vxlan: VxlanHdr::new(cfg.vni),
-        inner_eth: EthHdr { dst: peer.vtep_mac, src: cfg.vtep_mac, proto: ETH_P_IP.to_be() },
+        inner_eth: EthHdr {
+            dst: peer.vtep_mac,
+            src: cfg.vtep_mac,
+            proto: ETH_P_IP.to_be(),
+        },
     }
 }

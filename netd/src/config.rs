@@ -16,10 +16,17 @@ pub const VXLAN_OVERHEAD: u32 = 50;
 pub enum ConfigError {
     #[error("network config is not valid JSON: {0}")]
     Json(String),
-    #[error("SubnetLen {subnet_len} must be longer than the network's /{network_len} and at most 30")]
+    #[error(
+        "SubnetLen {subnet_len} must be longer than the network's /{network_len} and at most 30"
+    )]
     SubnetLen { subnet_len: u8, network_len: u8 },
     #[error("{name} {addr} is not a /{len} subnet inside {network}")]
-    Bound { name: &'static str, addr: Ipv4Addr, len: u8, network: Ipv4Net },
+    Bound {
+        name: &'static str,
+        addr: Ipv4Addr,
+        len: u8,
+        network: Ipv4Net,
+    },
     #[error("SubnetMin {min} is above SubnetMax {max}")]
     EmptyRange { min: Ipv4Addr, max: Ipv4Addr },
     #[error("backend type {0:?} is not supported (supported: \"vxlan\")")]
@@ -56,7 +63,11 @@ pub struct Backend {
 
 impl Default for Backend {
     fn default() -> Self {
-        Backend { kind: default_backend(), vni: DEFAULT_VNI, port: DEFAULT_PORT }
+        Backend {
+            kind: default_backend(),
+            vni: DEFAULT_VNI,
+            port: DEFAULT_PORT,
+        }
     }
 }
 
@@ -99,7 +110,10 @@ impl NetworkConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let network_len = self.network.prefix_len();
         if self.subnet_len <= network_len || self.subnet_len > 30 {
-            return Err(ConfigError::SubnetLen { subnet_len: self.subnet_len, network_len });
+            return Err(ConfigError::SubnetLen {
+                subnet_len: self.subnet_len,
+                network_len,
+            });
         }
         if self.backend.kind != "vxlan" {
             return Err(ConfigError::Backend(self.backend.kind.clone()));
@@ -112,7 +126,10 @@ impl NetworkConfig {
         }
         let (min, max) = (self.first_subnet()?, self.last_subnet()?);
         if min > max {
-            return Err(ConfigError::EmptyRange { min: min.network(), max: max.network() });
+            return Err(ConfigError::EmptyRange {
+                min: min.network(),
+                max: max.network(),
+            });
         }
         Ok(())
     }
@@ -137,7 +154,12 @@ impl NetworkConfig {
     fn bound(&self, name: &'static str, addr: Ipv4Addr) -> Result<Ipv4Net, ConfigError> {
         let subnet = Ipv4Net::new(addr, self.subnet_len).expect("length checked");
         if subnet.network() != addr || !self.network.contains(&subnet) {
-            return Err(ConfigError::Bound { name, addr, len: self.subnet_len, network: self.network });
+            return Err(ConfigError::Bound {
+                name,
+                addr,
+                len: self.subnet_len,
+                network: self.network,
+            });
         }
         Ok(subnet)
     }
@@ -155,8 +177,16 @@ impl NetworkConfig {
     /// Every subnet a host may lease, in order.
     pub fn leasable_subnets(&self) -> impl Iterator<Item = Ipv4Net> + '_ {
         let step = 1u32 << (32 - self.subnet_len);
-        let first = u32::from(self.first_subnet().map(|s| s.network()).unwrap_or(Ipv4Addr::UNSPECIFIED));
-        let last = u32::from(self.last_subnet().map(|s| s.network()).unwrap_or(Ipv4Addr::UNSPECIFIED));
+        let first = u32::from(
+            self.first_subnet()
+                .map(|s| s.network())
+                .unwrap_or(Ipv4Addr::UNSPECIFIED),
+        );
+        let last = u32::from(
+            self.last_subnet()
+                .map(|s| s.network())
+                .unwrap_or(Ipv4Addr::UNSPECIFIED),
+        );
         (first..=last)
             .step_by(step as usize)
             .map(|a| Ipv4Net::new(Ipv4Addr::from(a), self.subnet_len).expect("length checked"))
@@ -199,8 +229,9 @@ mod tests {
 
     #[test]
     fn flannel_json_with_defaults() {
-        let cfg = NetworkConfig::parse(br#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#)
-            .unwrap();
+        let cfg =
+            NetworkConfig::parse(br#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#)
+                .unwrap();
         assert_eq!(cfg.subnet_len, 24);
         assert_eq!(cfg.backend.vni, 1);
         assert_eq!(cfg.backend.port, 8472);
@@ -234,14 +265,38 @@ mod tests {
     fn rejects_bad_values() {
         let bad: &[(&[u8], &str)] = &[
             (b"not json", "JSON"),
-            (br#"{"Network":"10.244.0.0/16","SubnetLen":16}"#, "SubnetLen"),
-            (br#"{"Network":"10.244.0.0/16","SubnetLen":31}"#, "SubnetLen"),
-            (br#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#, "backend"),
-            (br#"{"Network":"10.244.0.0/16","Backend":{"VNI":16777216}}"#, "VNI"),
-            (br#"{"Network":"10.244.0.0/16","Backend":{"Port":0}}"#, "Port"),
-            (br#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.5"}"#, "SubnetMin"),
-            (br#"{"Network":"10.244.0.0/16","SubnetMax":"10.9.0.0"}"#, "SubnetMax"),
-            (br#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.9.0","SubnetMax":"10.244.2.0"}"#, "above"),
+            (
+                br#"{"Network":"10.244.0.0/16","SubnetLen":16}"#,
+                "SubnetLen",
+            ),
+            (
+                br#"{"Network":"10.244.0.0/16","SubnetLen":31}"#,
+                "SubnetLen",
+            ),
+            (
+                br#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#,
+                "backend",
+            ),
+            (
+                br#"{"Network":"10.244.0.0/16","Backend":{"VNI":16777216}}"#,
+                "VNI",
+            ),
+            (
+                br#"{"Network":"10.244.0.0/16","Backend":{"Port":0}}"#,
+                "Port",
+            ),
+            (
+                br#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.5"}"#,
+                "SubnetMin",
+            ),
+            (
+                br#"{"Network":"10.244.0.0/16","SubnetMax":"10.9.0.0"}"#,
+                "SubnetMax",
+            ),
+            (
+                br#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.9.0","SubnetMax":"10.244.2.0"}"#,
+                "above",
+            ),
         ];
         for (json, needle) in bad {
             let err = NetworkConfig::parse(json).unwrap_err().to_string();
@@ -251,8 +306,10 @@ mod tests {
 
     #[test]
     fn file_config() {
-        let cfg = FileConfig::parse("etcd-endpoints = [\"http://198.18.0.254:2379\"]\niface = \"eth0\"\nlease-ttl = 30\n")
-            .unwrap();
+        let cfg = FileConfig::parse(
+            "etcd-endpoints = [\"http://198.18.0.254:2379\"]\niface = \"eth0\"\nlease-ttl = 30\n",
+        )
+        .unwrap();
         assert_eq!(cfg.iface.as_deref(), Some("eth0"));
         assert_eq!(cfg.lease_ttl, Some(30));
         assert!(FileConfig::parse("bogus = 1").is_err());

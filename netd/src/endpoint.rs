@@ -72,7 +72,11 @@ pub fn records(run_dir: &Path) -> Result<Vec<Record>> {
 }
 
 fn netns_path(netns: &str) -> PathBuf {
-    if netns.contains('/') { PathBuf::from(netns) } else { Path::new("/run/netns").join(netns) }
+    if netns.contains('/') {
+        PathBuf::from(netns)
+    } else {
+        Path::new("/run/netns").join(netns)
+    }
 }
 
 /// Host-side interface names derived from the namespace, at most 15 bytes.
@@ -84,14 +88,20 @@ fn host_ifnames(netns: &str) -> (String, String) {
 }
 
 /// The requested address, or the lowest free one after the gateway.
-pub fn pick_ip(subnet: Ipv4Net, requested: Option<Ipv4Addr>, used: &BTreeSet<Ipv4Addr>) -> Result<Ipv4Addr> {
+pub fn pick_ip(
+    subnet: Ipv4Net,
+    requested: Option<Ipv4Addr>,
+    used: &BTreeSet<Ipv4Addr>,
+) -> Result<Ipv4Addr> {
     let gw = gateway(subnet);
     let usable = |ip: &Ipv4Addr| {
         subnet.contains(ip) && *ip != subnet.network() && *ip != subnet.broadcast() && *ip != gw
     };
     match requested {
         Some(ip) if !usable(&ip) => {
-            bail!("{ip} is not a usable container address in this host's subnet {subnet} (gateway {gw})")
+            bail!(
+                "{ip} is not a usable container address in this host's subnet {subnet} (gateway {gw})"
+            )
         }
         Some(ip) if used.contains(&ip) => bail!("{ip} is already used by another container"),
         Some(ip) => Ok(ip),
@@ -122,14 +132,23 @@ pub async fn attach(pin: &PinDir, run_dir: &Path, req: AttachRequest) -> Result<
     let nl = Netlink::connect()?;
     let (host_if, tmp_if) = host_ifnames(&req.netns);
     if nl.link(&host_if).await?.is_some() {
-        bail!("interface {host_if} already exists: a stale attachment of {}?", req.netns);
+        bail!(
+            "interface {host_if} already exists: a stale attachment of {}?",
+            req.netns
+        );
     }
     nl.create_veth(&host_if, &tmp_if).await?;
-    let record = wire(&nl, pin, &env, &req, &path, &host_if, &tmp_if, ip, &mut maps).await;
+    let record = wire(
+        &nl, pin, &env, &req, &path, &host_if, &tmp_if, ip, &mut maps,
+    )
+    .await;
     match record {
         Ok(record) => {
             fs::create_dir_all(records_dir(run_dir))?;
-            write_atomic(&record_path(run_dir, &req.netns), &serde_json::to_vec_pretty(&record)?)?;
+            write_atomic(
+                &record_path(run_dir, &req.netns),
+                &serde_json::to_vec_pretty(&record)?,
+            )?;
             info!(netns = %req.netns, %ip, host_if, "attached");
             Ok(record)
         }
@@ -171,16 +190,25 @@ async fn wire(
         nl.rename(link.index, &ifname).await?;
         nl.set_up(link.index, Some(mtu)).await?;
         nl.add_address(link.index, ip, 32).await?;
-        nl.replace_route("0.0.0.0/0".parse()?, link.index, Some(gw)).await?;
+        nl.replace_route("0.0.0.0/0".parse()?, link.index, Some(gw))
+            .await?;
         link.mac.context("container interface has no MAC")
     })?;
 
     // The host stack reaches the container (and answers its ARP for the
     // gateway) through this route.
-    nl.replace_route(Ipv4Net::new(ip, 32)?, host.index, None).await?;
+    nl.replace_route(Ipv4Net::new(ip, 32)?, host.index, None)
+        .await?;
     let host_mac = host.mac.context("host interface has no MAC")?;
     datapath::attach_tc(pin, netd_common::names::FROM_CONTAINER, host_if)?;
-    maps.insert_endpoint(ip, &Endpoint { ifindex: host.index, mac, host_mac })?;
+    maps.insert_endpoint(
+        ip,
+        &Endpoint {
+            ifindex: host.index,
+            mac,
+            host_mac,
+        },
+    )?;
     Ok(Record {
         netns: req.netns.clone(),
         netns_path: path.to_path_buf(),
@@ -233,9 +261,15 @@ mod tests {
     fn picks_lowest_free_after_gateway() {
         let subnet: Ipv4Net = "10.244.3.0/24".parse().unwrap();
         let mut used = BTreeSet::new();
-        assert_eq!(pick_ip(subnet, None, &used).unwrap(), "10.244.3.2".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            pick_ip(subnet, None, &used).unwrap(),
+            "10.244.3.2".parse::<Ipv4Addr>().unwrap()
+        );
         used.insert("10.244.3.2".parse().unwrap());
-        assert_eq!(pick_ip(subnet, None, &used).unwrap(), "10.244.3.3".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            pick_ip(subnet, None, &used).unwrap(),
+            "10.244.3.3".parse::<Ipv4Addr>().unwrap()
+        );
     }
 
     #[test]
@@ -243,8 +277,17 @@ mod tests {
         let subnet: Ipv4Net = "10.244.3.0/24".parse().unwrap();
         let used: BTreeSet<Ipv4Addr> = ["10.244.3.9".parse().unwrap()].into();
         assert!(pick_ip(subnet, Some("10.244.3.7".parse().unwrap()), &used).is_ok());
-        for bad in ["10.244.3.9", "10.244.3.1", "10.244.3.0", "10.244.3.255", "10.244.4.7"] {
-            assert!(pick_ip(subnet, Some(bad.parse().unwrap()), &used).is_err(), "{bad}");
+        for bad in [
+            "10.244.3.9",
+            "10.244.3.1",
+            "10.244.3.0",
+            "10.244.3.255",
+            "10.244.4.7",
+        ] {
+            assert!(
+                pick_ip(subnet, Some(bad.parse().unwrap()), &used).is_err(),
+                "{bad}"
+            );
         }
         let tiny: Ipv4Net = "10.244.3.0/30".parse().unwrap();
         let full: BTreeSet<Ipv4Addr> = ["10.244.3.2".parse().unwrap()].into();

@@ -56,7 +56,11 @@ impl Mac {
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 }
 
@@ -104,7 +108,10 @@ impl LeaseValue {
         LeaseValue {
             public_ip,
             backend_type: "vxlan".into(),
-            backend_data: VxlanData { vni, vtep_mac: vtep.to_string() },
+            backend_data: VxlanData {
+                vni,
+                vtep_mac: vtep.to_string(),
+            },
         }
     }
 
@@ -159,7 +166,10 @@ pub fn choose(cfg: &NetworkConfig, claim: &Claim<'_>, rng: &mut impl rand::Rng) 
             return Choice::Create(recorded);
         }
     }
-    let free: Vec<Ipv4Net> = cfg.leasable_subnets().filter(|s| !taken.contains(s)).collect();
+    let free: Vec<Ipv4Net> = cfg
+        .leasable_subnets()
+        .filter(|s| !taken.contains(s))
+        .collect();
     match free.choose(rng) {
         Some(subnet) => Choice::Create(*subnet),
         None => Choice::Exhausted,
@@ -178,8 +188,10 @@ mod tests {
     use super::*;
 
     fn cfg() -> NetworkConfig {
-        NetworkConfig::parse(br#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.3.0"}"#)
-            .unwrap()
+        NetworkConfig::parse(
+            br#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.1.0","SubnetMax":"10.244.3.0"}"#,
+        )
+        .unwrap()
     }
 
     fn net(s: &str) -> Ipv4Net {
@@ -189,11 +201,27 @@ mod tests {
     #[test]
     fn keys() {
         assert_eq!(subnet_key(net("10.244.1.0/24")), "10.244.1.0-24");
-        assert_eq!(parse_subnet_key("10.244.1.0-24").unwrap(), net("10.244.1.0/24"));
-        for bad in ["10.244.1.0", "10.244.1.0-33", "x-24", "10.244.1.0-", "-24", "10.244.1.0-24-1"] {
-            assert!(matches!(parse_subnet_key(bad), Err(LeaseError::Key(_))), "{bad}");
+        assert_eq!(
+            parse_subnet_key("10.244.1.0-24").unwrap(),
+            net("10.244.1.0/24")
+        );
+        for bad in [
+            "10.244.1.0",
+            "10.244.1.0-33",
+            "x-24",
+            "10.244.1.0-",
+            "-24",
+            "10.244.1.0-24-1",
+        ] {
+            assert!(
+                matches!(parse_subnet_key(bad), Err(LeaseError::Key(_))),
+                "{bad}"
+            );
         }
-        assert!(matches!(parse_subnet_key("10.244.1.7-24"), Err(LeaseError::HostBits(_))));
+        assert!(matches!(
+            parse_subnet_key("10.244.1.7-24"),
+            Err(LeaseError::HostBits(_))
+        ));
     }
 
     #[test]
@@ -201,14 +229,25 @@ mod tests {
         let mac: Mac = "0e:6e:c6:12:00:01".parse().unwrap();
         assert_eq!(mac.to_string(), "0e:6e:c6:12:00:01");
         assert_eq!(Mac::vtep_for("198.18.0.1".parse().unwrap()), mac);
-        for bad in ["", "0e:6e:c6:12:00", "0e:6e:c6:12:00:01:02", "zz:6e:c6:12:00:01", "01:00:5e:00:00:01", "e:6e:c6:12:00:01"] {
+        for bad in [
+            "",
+            "0e:6e:c6:12:00",
+            "0e:6e:c6:12:00:01:02",
+            "zz:6e:c6:12:00:01",
+            "01:00:5e:00:00:01",
+            "e:6e:c6:12:00:01",
+        ] {
             assert!(bad.parse::<Mac>().is_err(), "{bad}");
         }
     }
 
     #[test]
     fn value_matches_flannel() {
-        let v = LeaseValue::new("198.18.0.1".parse().unwrap(), 1, Mac([0x0e, 0x6e, 198, 18, 0, 1]));
+        let v = LeaseValue::new(
+            "198.18.0.1".parse().unwrap(),
+            1,
+            Mac([0x0e, 0x6e, 198, 18, 0, 1]),
+        );
         assert_eq!(
             v.to_json(),
             r#"{"PublicIP":"198.18.0.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:6e:c6:12:00:01"}}"#
@@ -230,32 +269,67 @@ mod tests {
         let other: Ipv4Addr = "198.18.0.2".parse().unwrap();
         let mut rng = StdRng::seed_from_u64(7);
 
-        let existing = [(net("10.244.2.0/24"), Some(me)), (net("10.244.1.0/24"), Some(other))];
-        let claim = Claim { public_ip: me, recorded: Some(net("10.244.3.0/24")), existing: &existing };
-        assert_eq!(choose(&cfg, &claim, &mut rng), Choice::Reclaim(net("10.244.2.0/24")));
+        let existing = [
+            (net("10.244.2.0/24"), Some(me)),
+            (net("10.244.1.0/24"), Some(other)),
+        ];
+        let claim = Claim {
+            public_ip: me,
+            recorded: Some(net("10.244.3.0/24")),
+            existing: &existing,
+        };
+        assert_eq!(
+            choose(&cfg, &claim, &mut rng),
+            Choice::Reclaim(net("10.244.2.0/24"))
+        );
 
         let existing = [(net("10.244.1.0/24"), Some(other))];
-        let claim = Claim { public_ip: me, recorded: Some(net("10.244.3.0/24")), existing: &existing };
-        assert_eq!(choose(&cfg, &claim, &mut rng), Choice::Create(net("10.244.3.0/24")));
+        let claim = Claim {
+            public_ip: me,
+            recorded: Some(net("10.244.3.0/24")),
+            existing: &existing,
+        };
+        assert_eq!(
+            choose(&cfg, &claim, &mut rng),
+            Choice::Create(net("10.244.3.0/24"))
+        );
 
         // The recorded subnet was taken meanwhile: a free one instead.
-        let existing = [(net("10.244.3.0/24"), Some(other)), (net("10.244.1.0/24"), None)];
-        let claim = Claim { public_ip: me, recorded: Some(net("10.244.3.0/24")), existing: &existing };
-        assert_eq!(choose(&cfg, &claim, &mut rng), Choice::Create(net("10.244.2.0/24")));
+        let existing = [
+            (net("10.244.3.0/24"), Some(other)),
+            (net("10.244.1.0/24"), None),
+        ];
+        let claim = Claim {
+            public_ip: me,
+            recorded: Some(net("10.244.3.0/24")),
+            existing: &existing,
+        };
+        assert_eq!(
+            choose(&cfg, &claim, &mut rng),
+            Choice::Create(net("10.244.2.0/24"))
+        );
 
         let existing = [
             (net("10.244.1.0/24"), Some(other)),
             (net("10.244.2.0/24"), None),
             (net("10.244.3.0/24"), Some(other)),
         ];
-        let claim = Claim { public_ip: me, recorded: None, existing: &existing };
+        let claim = Claim {
+            public_ip: me,
+            recorded: None,
+            existing: &existing,
+        };
         assert_eq!(choose(&cfg, &claim, &mut rng), Choice::Exhausted);
     }
 
     #[test]
     fn random_choice_spreads() {
         let cfg = NetworkConfig::parse(br#"{"Network":"10.244.0.0/16"}"#).unwrap();
-        let claim = Claim { public_ip: "198.18.0.1".parse().unwrap(), recorded: None, existing: &[] };
+        let claim = Claim {
+            public_ip: "198.18.0.1".parse().unwrap(),
+            recorded: None,
+            existing: &[],
+        };
         let mut rng = StdRng::seed_from_u64(1);
         let picks: HashSet<_> = (0..20)
             .map(|_| match choose(&cfg, &claim, &mut rng) {
@@ -268,6 +342,9 @@ mod tests {
 
     #[test]
     fn gateway_is_first_host() {
-        assert_eq!(gateway(net("10.244.7.0/24")), "10.244.7.1".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(
+            gateway(net("10.244.7.0/24")),
+            "10.244.7.1".parse::<Ipv4Addr>().unwrap()
+        );
     }
 }

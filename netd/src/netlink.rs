@@ -38,7 +38,13 @@ pub struct Link {
 
 impl From<&LinkMessage> for Link {
     fn from(msg: &LinkMessage) -> Self {
-        let mut link = Link { index: msg.header.index, name: String::new(), mac: None, mtu: None, kind: None };
+        let mut link = Link {
+            index: msg.header.index,
+            name: String::new(),
+            mac: None,
+            mtu: None,
+            kind: None,
+        };
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::IfName(name) => link.name = name.clone(),
@@ -83,7 +89,12 @@ impl Netlink {
     }
 
     pub async fn link(&self, name: &str) -> Result<Option<Link>> {
-        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
         match links.try_next().await {
             Ok(msg) => Ok(msg.as_ref().map(Link::from)),
             Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::ENODEV => Ok(None),
@@ -92,12 +103,17 @@ impl Netlink {
     }
 
     pub async fn require_link(&self, name: &str) -> Result<Link> {
-        self.link(name).await?.ok_or_else(|| anyhow!("no interface named {name}"))
+        self.link(name)
+            .await?
+            .ok_or_else(|| anyhow!("no interface named {name}"))
     }
 
     pub async fn link_by_index(&self, index: u32) -> Result<Link> {
         let mut links = self.handle.link().get().match_index(index).execute();
-        let msg = links.try_next().await?.ok_or_else(|| anyhow!("no interface with index {index}"))?;
+        let msg = links
+            .try_next()
+            .await?
+            .ok_or_else(|| anyhow!("no interface with index {index}"))?;
         Ok(Link::from(&msg))
     }
 
@@ -118,7 +134,12 @@ impl Netlink {
 
     /// The first IPv4 address on an interface.
     pub async fn first_ipv4(&self, index: u32) -> Result<Option<Ipv4Addr>> {
-        let mut addrs = self.handle.address().get().set_link_index_filter(index).execute();
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
         while let Some(msg) = addrs.try_next().await? {
             for attr in &msg.attributes {
                 if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
@@ -139,8 +160,15 @@ impl Netlink {
     }
 
     pub async fn move_to_netns(&self, index: u32, netns: &File) -> Result<()> {
-        let msg = LinkUnspec::new_with_index(index).setns_by_fd(netns.as_raw_fd()).build();
-        self.handle.link().set(msg).execute().await.context("moving interface to namespace")
+        let msg = LinkUnspec::new_with_index(index)
+            .setns_by_fd(netns.as_raw_fd())
+            .build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .context("moving interface to namespace")
     }
 
     pub async fn set_up(&self, index: u32, mtu: Option<u32>) -> Result<()> {
@@ -148,25 +176,53 @@ impl Netlink {
         if let Some(mtu) = mtu {
             builder = builder.mtu(mtu);
         }
-        self.handle.link().set(builder.build()).execute().await.context("setting link up")
+        self.handle
+            .link()
+            .set(builder.build())
+            .execute()
+            .await
+            .context("setting link up")
     }
 
     pub async fn set_link(&self, msg: LinkMessage) -> Result<()> {
-        self.handle.link().set(msg).execute().await.context("changing link")
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .context("changing link")
     }
 
     pub async fn rename(&self, index: u32, name: &str) -> Result<()> {
-        let msg = LinkUnspec::new_with_index(index).name(name.to_string()).build();
-        self.handle.link().set(msg).execute().await.with_context(|| format!("renaming link to {name}"))
+        let msg = LinkUnspec::new_with_index(index)
+            .name(name.to_string())
+            .build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .with_context(|| format!("renaming link to {name}"))
     }
 
     pub async fn delete_link(&self, index: u32) -> Result<()> {
-        self.handle.link().del(index).execute().await.context("deleting link")
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .context("deleting link")
     }
 
     /// Adds an address; one already present is fine.
     pub async fn add_address(&self, index: u32, ip: Ipv4Addr, prefix_len: u8) -> Result<()> {
-        match self.handle.address().add(index, IpAddr::V4(ip), prefix_len).execute().await {
+        match self
+            .handle
+            .address()
+            .add(index, IpAddr::V4(ip), prefix_len)
+            .execute()
+            .await
+        {
             Err(e) if is_exists(&e) => Ok(()),
             other => other.with_context(|| format!("adding {ip}/{prefix_len}")),
         }
@@ -174,7 +230,12 @@ impl Netlink {
 
     /// Adds (or replaces) a route to `dst` out of `index`, via `gateway`
     /// on-link when given, otherwise scope link.
-    pub async fn replace_route(&self, dst: Ipv4Net, index: u32, gateway: Option<Ipv4Addr>) -> Result<()> {
+    pub async fn replace_route(
+        &self,
+        dst: Ipv4Net,
+        index: u32,
+        gateway: Option<Ipv4Addr>,
+    ) -> Result<()> {
         let mut builder = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(dst.network(), dst.prefix_len())
             .output_interface(index);
@@ -209,10 +270,14 @@ where
     T: Send + 'static,
     F: AsyncFnOnce(Netlink) -> Result<T> + Send + 'static,
 {
-    let file = File::open(netns).with_context(|| format!("opening network namespace {}", netns.display()))?;
+    let file = File::open(netns)
+        .with_context(|| format!("opening network namespace {}", netns.display()))?;
     std::thread::spawn(move || -> Result<T> {
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).context("entering network namespace")?;
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .context("entering network namespace")?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         runtime.block_on(async move { work(Netlink::connect()?).await })
     })
     .join()

@@ -15,7 +15,10 @@ use etcd_client::{
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("etcd at {endpoints}: {source}")]
-    Etcd { endpoints: String, source: etcd_client::Error },
+    Etcd {
+        endpoints: String,
+        source: etcd_client::Error,
+    },
     #[error("a different network config already exists at {key}: {existing}")]
     ConfigConflict { key: String, existing: String },
 }
@@ -54,12 +57,22 @@ impl Registry {
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
         let client = Client::connect(endpoints, Some(options))
             .await
-            .map_err(|source| RegistryError::Etcd { endpoints: joined.clone(), source })?;
-        Ok(Registry { client, prefix: prefix.trim_end_matches('/').to_string(), endpoints: joined })
+            .map_err(|source| RegistryError::Etcd {
+                endpoints: joined.clone(),
+                source,
+            })?;
+        Ok(Registry {
+            client,
+            prefix: prefix.trim_end_matches('/').to_string(),
+            endpoints: joined,
+        })
     }
 
     fn err(&self, source: etcd_client::Error) -> RegistryError {
-        RegistryError::Etcd { endpoints: self.endpoints.clone(), source }
+        RegistryError::Etcd {
+            endpoints: self.endpoints.clone(),
+            source,
+        }
     }
 
     pub fn config_key(&self) -> String {
@@ -109,28 +122,47 @@ impl Registry {
             .kvs()
             .iter()
             .filter_map(|kv| {
-                let key = std::str::from_utf8(kv.key()).ok()?.strip_prefix(&prefix)?.to_string();
-                Some(RawLease { key, value: kv.value().to_vec(), mod_revision: kv.mod_revision() })
+                let key = std::str::from_utf8(kv.key())
+                    .ok()?
+                    .strip_prefix(&prefix)?
+                    .to_string();
+                Some(RawLease {
+                    key,
+                    value: kv.value().to_vec(),
+                    mod_revision: kv.mod_revision(),
+                })
             })
             .collect();
         Ok((leases, revision))
     }
 
     pub async fn grant(&mut self, ttl_secs: i64) -> Result<i64> {
-        let resp = self.client.lease_grant(ttl_secs, None).await.map_err(|e| self.err(e))?;
+        let resp = self
+            .client
+            .lease_grant(ttl_secs, None)
+            .await
+            .map_err(|e| self.err(e))?;
         Ok(resp.id())
     }
 
     pub async fn revoke(&mut self, lease: i64) -> Result<()> {
-        self.client.lease_revoke(lease).await.map_err(|e| self.err(e))?;
+        self.client
+            .lease_revoke(lease)
+            .await
+            .map_err(|e| self.err(e))?;
         Ok(())
     }
 
     /// Creates `key` bound to `lease` only if nobody holds it.
     pub async fn create_subnet(&mut self, key: &str, value: &str, lease: i64) -> Result<bool> {
         let full = format!("{}{key}", self.subnets_prefix());
-        self.put_if(Compare::create_revision(full.clone(), CompareOp::Equal, 0), full, value, lease)
-            .await
+        self.put_if(
+            Compare::create_revision(full.clone(), CompareOp::Equal, 0),
+            full,
+            value,
+            lease,
+        )
+        .await
     }
 
     /// Rebinds our own lease to a new etcd lease, only if unchanged since
@@ -147,7 +179,13 @@ impl Registry {
         self.put_if(guard, full, value, lease).await
     }
 
-    async fn put_if(&mut self, guard: Compare, key: String, value: &str, lease: i64) -> Result<bool> {
+    async fn put_if(
+        &mut self,
+        guard: Compare,
+        key: String,
+        value: &str,
+        lease: i64,
+    ) -> Result<bool> {
         let put = TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)));
         let txn = Txn::new().when([guard]).and_then([put]);
         let resp = self.client.txn(txn).await.map_err(|e| self.err(e))?;
@@ -155,14 +193,22 @@ impl Registry {
     }
 
     pub async fn keep_alive(&mut self, lease: i64) -> Result<(LeaseKeeper, LeaseKeepAliveStream)> {
-        self.client.lease_keep_alive(lease).await.map_err(|e| self.err(e))
+        self.client
+            .lease_keep_alive(lease)
+            .await
+            .map_err(|e| self.err(e))
     }
 
     /// Watches the subnets prefix from `revision` on.
     pub async fn watch_subnets(&mut self, revision: i64) -> Result<WatchStream> {
-        let options = WatchOptions::new().with_prefix().with_start_revision(revision);
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision);
         let prefix = self.subnets_prefix();
-        self.client.watch(prefix, Some(options)).await.map_err(|e| self.err(e))
+        self.client
+            .watch(prefix, Some(options))
+            .await
+            .map_err(|e| self.err(e))
     }
 
     /// Turns a watch response's events into subnet events.
@@ -172,7 +218,10 @@ impl Registry {
             .iter()
             .filter_map(|event| {
                 let kv = event.kv()?;
-                let key = std::str::from_utf8(kv.key()).ok()?.strip_prefix(&prefix)?.to_string();
+                let key = std::str::from_utf8(kv.key())
+                    .ok()?
+                    .strip_prefix(&prefix)?
+                    .to_string();
                 Some(match event.event_type() {
                     EventType::Put => SubnetEvent::Put(RawLease {
                         key,

@@ -15,7 +15,10 @@ use serde::{Deserialize, Serialize};
 use crate::datapath::Underlay;
 
 pub fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -29,7 +32,11 @@ pub struct EtcdHealth {
 
 impl EtcdHealth {
     pub fn reachable() -> Self {
-        EtcdHealth { reachable: true, since: now(), last_error: None }
+        EtcdHealth {
+            reachable: true,
+            since: now(),
+            last_error: None,
+        }
     }
 
     /// Marks etcd unreachable, keeping the time it first became so.
@@ -126,8 +133,12 @@ impl SubnetEnv {
 
     pub fn read(run_dir: &Path) -> Result<Self> {
         let path = Self::path(run_dir);
-        let text = fs::read_to_string(&path)
-            .with_context(|| format!("reading {}: is `netd run` up with this --run-dir?", path.display()))?;
+        let text = fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {}: is `netd run` up with this --run-dir?",
+                path.display()
+            )
+        })?;
         Self::parse(&text).with_context(|| format!("parsing {}", path.display()))
     }
 

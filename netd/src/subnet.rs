@@ -49,18 +49,31 @@ pub async fn acquire(
                 Some((subnet, ip, l.mod_revision))
             })
             .collect();
-        let pairs: Vec<(Ipv4Net, Option<Ipv4Addr>)> = existing.iter().map(|(s, ip, _)| (*s, *ip)).collect();
-        let claim = Claim { public_ip: me.public_ip, recorded, existing: &pairs };
+        let pairs: Vec<(Ipv4Net, Option<Ipv4Addr>)> =
+            existing.iter().map(|(s, ip, _)| (*s, *ip)).collect();
+        let claim = Claim {
+            public_ip: me.public_ip,
+            recorded,
+            existing: &pairs,
+        };
         let choice = choose(cfg, &claim, &mut rand::rng());
         let lease_id = registry.grant(me.ttl_secs).await?;
         let won = match choice {
             Choice::Reclaim(subnet) => {
-                let rev = existing.iter().find(|(s, ..)| *s == subnet).map(|e| e.2).unwrap_or(0);
-                registry.reclaim_subnet(&subnet_key(subnet), &value, lease_id, rev).await?.then_some(subnet)
+                let rev = existing
+                    .iter()
+                    .find(|(s, ..)| *s == subnet)
+                    .map(|e| e.2)
+                    .unwrap_or(0);
+                registry
+                    .reclaim_subnet(&subnet_key(subnet), &value, lease_id, rev)
+                    .await?
+                    .then_some(subnet)
             }
-            Choice::Create(subnet) => {
-                registry.create_subnet(&subnet_key(subnet), &value, lease_id).await?.then_some(subnet)
-            }
+            Choice::Create(subnet) => registry
+                .create_subnet(&subnet_key(subnet), &value, lease_id)
+                .await?
+                .then_some(subnet),
             Choice::Exhausted => {
                 let _ = registry.revoke(lease_id).await;
                 bail!(
@@ -102,7 +115,10 @@ pub async fn hold(
                 let again = acquire(&mut registry, &cfg, &me, Some(held.subnet)).await?;
                 if again.subnet != held.subnet {
                     let _ = registry.revoke(again.lease_id).await;
-                    bail!("lease for {} was lost and the subnet is now held by another host", held.subnet);
+                    bail!(
+                        "lease for {} was lost and the subnet is now held by another host",
+                        held.subnet
+                    );
                 }
                 held = again;
                 state.send_modify(|s| s.lease_id = held.lease_id);
@@ -126,7 +142,11 @@ async fn renew_until_lost(
     let (mut keeper, mut stream) = registry.keep_alive(held.lease_id).await?;
     loop {
         keeper.keep_alive().await.context("sending keep-alive")?;
-        let resp = stream.message().await.context("keep-alive reply")?.context("keep-alive stream closed")?;
+        let resp = stream
+            .message()
+            .await
+            .context("keep-alive reply")?
+            .context("keep-alive stream closed")?;
         if resp.ttl() <= 0 {
             return Ok(());
         }

@@ -54,7 +54,10 @@ pub fn desired<'a>(
     for lease in leases {
         match peer_of(cfg, own, lease) {
             Ok(Some((subnet, peer))) => {
-                if let Some((taken, _)) = out.iter().find(|(s, _): &(&Ipv4Net, _)| overlaps(s, &subnet)) {
+                if let Some((taken, _)) = out
+                    .iter()
+                    .find(|(s, _): &(&Ipv4Net, _)| overlaps(s, &subnet))
+                {
                     rejections.reject(lease, &format!("overlaps {taken}"));
                     continue;
                 }
@@ -72,7 +75,11 @@ fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
 }
 
 /// One lease as a kernel entry; `None` for our own.
-fn peer_of(cfg: &NetworkConfig, own: Own, lease: &RawLease) -> Result<Option<(Ipv4Net, Peer)>, String> {
+fn peer_of(
+    cfg: &NetworkConfig,
+    own: Own,
+    lease: &RawLease,
+) -> Result<Option<(Ipv4Net, Peer)>, String> {
     let subnet = parse_subnet_key(&lease.key).map_err(|e| e.to_string())?;
     if subnet == own.subnet {
         return Ok(None);
@@ -109,7 +116,10 @@ pub struct Changes {
 /// Applies the difference between `desired` and the kernel maps.
 pub fn reconcile(maps: &mut Maps, desired: &BTreeMap<Ipv4Net, Peer>) -> Result<Changes> {
     let current = maps.subnets()?;
-    let want_ips: BTreeSet<Ipv4Addr> = desired.values().map(|p| Ipv4Addr::from(p.public_ip)).collect();
+    let want_ips: BTreeSet<Ipv4Addr> = desired
+        .values()
+        .map(|p| Ipv4Addr::from(p.public_ip))
+        .collect();
     let have_ips: BTreeSet<Ipv4Addr> = maps.peer_ips()?.into_iter().collect();
     let mut changes = Changes::default();
 
@@ -135,7 +145,12 @@ pub fn reconcile(maps: &mut Maps, desired: &BTreeMap<Ipv4Net, Peer>) -> Result<C
 
 /// Watches etcd forever, resyncing in full after compaction, cancellation
 /// or a lost connection.
-pub async fn run(mut registry: Registry, cfg: NetworkConfig, mut own: watch::Receiver<Own>, mut maps: Maps) {
+pub async fn run(
+    mut registry: Registry,
+    cfg: NetworkConfig,
+    mut own: watch::Receiver<Own>,
+    mut maps: Maps,
+) {
     let mut rejections = Rejections::default();
     loop {
         if let Err(e) = sync_once(&mut registry, &cfg, &mut own, &mut maps, &mut rejections).await {
@@ -153,7 +168,8 @@ async fn sync_once(
     rejections: &mut Rejections,
 ) -> Result<()> {
     let (list, revision) = registry.list_subnets().await?;
-    let mut leases: BTreeMap<String, RawLease> = list.into_iter().map(|l| (l.key.clone(), l)).collect();
+    let mut leases: BTreeMap<String, RawLease> =
+        list.into_iter().map(|l| (l.key.clone(), l)).collect();
     apply(cfg, *own.borrow(), &leases, maps, rejections, "resync")?;
 
     let mut stream = registry.watch_subnets(revision + 1).await?;
@@ -212,33 +228,45 @@ mod tests {
     use super::*;
 
     fn lease(key: &str, value: &str) -> RawLease {
-        RawLease { key: key.into(), value: value.as_bytes().to_vec(), mod_revision: 1 }
+        RawLease {
+            key: key.into(),
+            value: value.as_bytes().to_vec(),
+            mod_revision: 1,
+        }
     }
 
     fn value(ip: &str) -> String {
-        format!(r#"{{"PublicIP":"{ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"0e:6e:00:00:00:01"}}}}"#)
+        format!(
+            r#"{{"PublicIP":"{ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"0e:6e:00:00:00:01"}}}}"#
+        )
     }
 
     #[test]
     fn desired_keeps_valid_peers_only() {
         let cfg = NetworkConfig::parse(br#"{"Network":"10.244.0.0/16"}"#).unwrap();
-        let own = Own { subnet: "10.244.1.0/24".parse().unwrap(), public_ip: "198.18.0.1".parse().unwrap() };
+        let own = Own {
+            subnet: "10.244.1.0/24".parse().unwrap(),
+            public_ip: "198.18.0.1".parse().unwrap(),
+        };
         let leases = [
-            lease("10.244.1.0-24", &value("198.18.0.1")),  // ours
-            lease("10.244.2.0-24", &value("198.18.0.2")),  // good
-            lease("10.244.3.0-24", "{not json"),           // malformed
-            lease("10.245.0.0-24", &value("198.18.0.4")),  // outside
-            lease("10.244.4.0-25", &value("198.18.0.5")),  // wrong length
-            lease("10.244.5.0-24", &value("198.18.0.1")),  // our IP
-            lease("bogus", &value("198.18.0.7")),          // bad key
-            lease("10.244.0.0-24", &value("198.18.0.8")),  // below SubnetMin
-            lease("10.244.6.0-24", &value("198.18.0.6")),  // good
+            lease("10.244.1.0-24", &value("198.18.0.1")), // ours
+            lease("10.244.2.0-24", &value("198.18.0.2")), // good
+            lease("10.244.3.0-24", "{not json"),          // malformed
+            lease("10.245.0.0-24", &value("198.18.0.4")), // outside
+            lease("10.244.4.0-25", &value("198.18.0.5")), // wrong length
+            lease("10.244.5.0-24", &value("198.18.0.1")), // our IP
+            lease("bogus", &value("198.18.0.7")),         // bad key
+            lease("10.244.0.0-24", &value("198.18.0.8")), // below SubnetMin
+            lease("10.244.6.0-24", &value("198.18.0.6")), // good
         ];
         let mut rejections = Rejections::default();
         let want = desired(&cfg, own, &leases, &mut rejections);
         let subnets: Vec<String> = want.keys().map(|s| s.to_string()).collect();
         assert_eq!(subnets, ["10.244.2.0/24", "10.244.6.0/24"]);
-        assert_eq!(want[&"10.244.2.0/24".parse().unwrap()].public_ip, [198, 18, 0, 2]);
+        assert_eq!(
+            want[&"10.244.2.0/24".parse().unwrap()].public_ip,
+            [198, 18, 0, 2]
+        );
         assert_eq!(rejections.seen.len(), 6);
     }
 }

@@ -12,10 +12,19 @@ use clap::{Args, Parser, Subcommand};
 use crate::datapath::Hook;
 
 #[derive(Debug, Parser)]
-#[command(name = "netd", version, about = "eBPF VXLAN overlay for containers across hosts")]
+#[command(
+    name = "netd",
+    version,
+    about = "eBPF VXLAN overlay for containers across hosts"
+)]
 pub struct Cli {
     /// bpffs directory holding this node's pinned maps, programs and links.
-    #[arg(long, env = "NETD_PIN_PATH", default_value = "/sys/fs/bpf/netd", global = true)]
+    #[arg(
+        long,
+        env = "NETD_PIN_PATH",
+        default_value = "/sys/fs/bpf/netd",
+        global = true
+    )]
     pub pin_path: PathBuf,
     /// Directory for this node's lease record, subnet.env and endpoints.
     #[arg(long, env = "NETD_RUN_DIR", default_value = "/run/netd", global = true)]
@@ -128,10 +137,14 @@ pub struct StatusArgs {
 
 impl EtcdArgs {
     pub fn endpoints(&self) -> Vec<String> {
-        self.etcd_endpoints.clone().unwrap_or_else(|| vec![DEFAULT_ENDPOINT.to_string()])
+        self.etcd_endpoints
+            .clone()
+            .unwrap_or_else(|| vec![DEFAULT_ENDPOINT.to_string()])
     }
     pub fn prefix(&self) -> String {
-        self.etcd_prefix.clone().unwrap_or_else(|| DEFAULT_PREFIX.to_string())
+        self.etcd_prefix
+            .clone()
+            .unwrap_or_else(|| DEFAULT_PREFIX.to_string())
     }
 }
 
@@ -149,11 +162,25 @@ mod tests {
     #[test]
     fn parses_run_flags() {
         let cli = Cli::try_parse_from([
-            "netd", "--pin-path", "/sys/fs/bpf/x", "run", "--etcd-endpoints", "http://a:2379,http://b:2379",
-            "--iface", "eth1", "--public-ip", "198.18.0.1", "--decap", "xdp", "--lease-ttl", "10",
+            "netd",
+            "--pin-path",
+            "/sys/fs/bpf/x",
+            "run",
+            "--etcd-endpoints",
+            "http://a:2379,http://b:2379",
+            "--iface",
+            "eth1",
+            "--public-ip",
+            "198.18.0.1",
+            "--decap",
+            "xdp",
+            "--lease-ttl",
+            "10",
         ])
         .unwrap();
-        let Command::Run(run) = cli.command else { panic!("not run") };
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
         assert_eq!(run.etcd.endpoints(), ["http://a:2379", "http://b:2379"]);
         assert_eq!(run.decap, Some(Hook::Xdp));
         assert_eq!(cli.pin_path, PathBuf::from("/sys/fs/bpf/x"));
@@ -167,7 +194,15 @@ mod tests {
             &["netd", "run", "--lease-ttl", "-1"],
             &["netd", "attach", "ns", "--ip", "10.244.1"],
             &["netd", "network", "init", "--network", "10.244.0.0/33"],
-            &["netd", "network", "init", "--network", "10.244.0.0/16", "--port", "70000"],
+            &[
+                "netd",
+                "network",
+                "init",
+                "--network",
+                "10.244.0.0/16",
+                "--port",
+                "70000",
+            ],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }

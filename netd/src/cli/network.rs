@@ -13,7 +13,11 @@ pub async fn init(args: NetworkInitArgs) -> Result<()> {
         subnet_len: args.subnet_len,
         subnet_min: args.subnet_min,
         subnet_max: args.subnet_max,
-        backend: Backend { kind: "vxlan".into(), vni: args.vni, port: args.port },
+        backend: Backend {
+            kind: "vxlan".into(),
+            vni: args.vni,
+            port: args.port,
+        },
         ..NetworkConfig::new(args.network)
     };
     cfg.validate()?;

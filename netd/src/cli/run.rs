@@ -41,7 +41,8 @@ impl Options {
     fn resolve(args: RunArgs) -> Result<Self> {
         let file = match &args.config {
             Some(path) => {
-                let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                let text = fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
                 FileConfig::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
             }
             None => FileConfig::default(),
@@ -51,15 +52,28 @@ impl Options {
             (None, Some("xdp")) => Hook::Xdp,
             (None, Some("tc")) => Hook::Tc,
             (None, Some("auto") | None) => Hook::Auto,
-            (None, Some(other)) => bail!("decap {other:?} in config file: expected xdp, tc or auto"),
+            (None, Some(other)) => {
+                bail!("decap {other:?} in config file: expected xdp, tc or auto")
+            }
         };
-        let lease_ttl = args.lease_ttl.or(file.lease_ttl).unwrap_or(DEFAULT_LEASE_TTL);
+        let lease_ttl = args
+            .lease_ttl
+            .or(file.lease_ttl)
+            .unwrap_or(DEFAULT_LEASE_TTL);
         if lease_ttl < 3 {
             bail!("--lease-ttl must be at least 3 seconds");
         }
         Ok(Options {
-            endpoints: args.etcd.etcd_endpoints.or(file.etcd_endpoints).unwrap_or_else(|| vec![super::DEFAULT_ENDPOINT.into()]),
-            prefix: args.etcd.etcd_prefix.or(file.etcd_prefix).unwrap_or_else(|| super::DEFAULT_PREFIX.into()),
+            endpoints: args
+                .etcd
+                .etcd_endpoints
+                .or(file.etcd_endpoints)
+                .unwrap_or_else(|| vec![super::DEFAULT_ENDPOINT.into()]),
+            prefix: args
+                .etcd
+                .etcd_prefix
+                .or(file.etcd_prefix)
+                .unwrap_or_else(|| super::DEFAULT_PREFIX.into()),
             iface: args.iface.or(file.iface),
             public_ip: args.public_ip.or(file.public_ip),
             decap,
@@ -98,21 +112,42 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
         public_ip: public_ip.octets(),
         port: cfg.backend.port,
         enabled: 1,
-        _pad: 0,
+        // Only a physical NIC's frames arrive with complete checksums.
+        xdp_redirect: underlay.kind.is_none() as u8,
         underlay_mac: underlay.mac.context("underlay interface has no MAC")?,
         vtep_mac: vtep_mac.0,
         _pad2: [0; 4],
     })?;
-    let hook = datapath::attach_underlay(&pin, run_dir, &underlay.name, opts.decap, underlay.kind.as_deref()).await?;
+    let hook = datapath::attach_underlay(
+        &pin,
+        run_dir,
+        &underlay.name,
+        opts.decap,
+        underlay.kind.as_deref(),
+    )
+    .await?;
 
-    let me = Identity { public_ip, vtep_mac, ttl_secs: opts.lease_ttl as i64 };
-    let recorded = SubnetEnv::read(run_dir).ok().filter(|e| e.network == cfg.network).map(|e| e.subnet);
+    let me = Identity {
+        public_ip,
+        vtep_mac,
+        ttl_secs: opts.lease_ttl as i64,
+    };
+    let recorded = SubnetEnv::read(run_dir)
+        .ok()
+        .filter(|e| e.network == cfg.network)
+        .map(|e| e.subnet);
     let held = subnet::acquire(&mut registry, &cfg, &me, recorded).await?;
 
     let gw = nl.require_link(GATEWAY_LINK).await?;
     nl.add_address(gw.index, gateway(held.subnet), 32).await?;
     let mtu = underlay.mtu.unwrap_or(1500) - VXLAN_OVERHEAD;
-    SubnetEnv { network: cfg.network, subnet: held.subnet, mtu, ipmasq: false }.write(run_dir)?;
+    SubnetEnv {
+        network: cfg.network,
+        subnet: held.subnet,
+        mtu,
+        ipmasq: false,
+    }
+    .write(run_dir)?;
 
     let mut initial = NodeState {
         pid: std::process::id(),
@@ -122,14 +157,20 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
         vtep_mac: vtep_mac.to_string(),
         lease_id: held.lease_id,
         etcd: EtcdHealth::reachable(),
-        underlay: Some(datapath::Underlay { iface: underlay.name.clone(), hook }),
+        underlay: Some(datapath::Underlay {
+            iface: underlay.name.clone(),
+            hook,
+        }),
         ..Default::default()
     };
     initial.renewed(me.ttl_secs);
     let (state_tx, state_rx) = watch::channel(initial);
     tokio::spawn(publish_state(run_dir.to_path_buf(), state_rx));
 
-    let (_own_tx, own_rx) = watch::channel(Own { subnet: held.subnet, public_ip });
+    let (_own_tx, own_rx) = watch::channel(Own {
+        subnet: held.subnet,
+        public_ip,
+    });
     tokio::spawn(sync::run(registry.clone(), cfg.clone(), own_rx, maps));
     let mut holder = tokio::spawn(subnet::hold(registry, cfg, me, held, state_tx));
 
@@ -181,11 +222,15 @@ async fn network_config(registry: &mut Registry) -> Result<NetworkConfig> {
     loop {
         match registry.get_config().await {
             Ok(Some(json)) => {
-                return NetworkConfig::parse(&json)
-                    .with_context(|| format!("invalid network config at {}", registry.config_key()));
+                return NetworkConfig::parse(&json).with_context(|| {
+                    format!("invalid network config at {}", registry.config_key())
+                });
             }
             Ok(None) if !logged => {
-                warn!("no network config at {} yet (netd network init); waiting", registry.config_key());
+                warn!(
+                    "no network config at {} yet (netd network init); waiting",
+                    registry.config_key()
+                );
                 logged = true;
             }
             Ok(None) => {}

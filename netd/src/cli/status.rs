@@ -30,7 +30,9 @@ pub fn status(pin: &PinDir, run_dir: &Path, args: StatusArgs) -> Result<()> {
         .collect();
     let counters: BTreeMap<_, _> = maps.counters()?;
     let endpoints = endpoint::records(run_dir)?;
-    let daemon_alive = state.as_ref().is_some_and(|s| Path::new(&format!("/proc/{}", s.pid)).exists());
+    let daemon_alive = state
+        .as_ref()
+        .is_some_and(|s| Path::new(&format!("/proc/{}", s.pid)).exists());
     let report = json!({
         "daemon_running": daemon_alive,
         "state": state,
@@ -50,26 +52,53 @@ pub fn status(pin: &PinDir, run_dir: &Path, args: StatusArgs) -> Result<()> {
 
 fn print_human(r: &serde_json::Value) {
     let s = &r["state"];
-    println!("daemon:   {}", if r["daemon_running"].as_bool() == Some(true) { "running" } else { "not running" });
-    println!("network:  {}   subnet: {}   public ip: {}   vtep mac: {}",
-        s["network"], s["subnet"], s["public_ip"], s["vtep_mac"]);
-    println!("lease:    id {}   expires in {}s", s["lease_id"], r["lease_expires_in_secs"]);
+    println!(
+        "daemon:   {}",
+        if r["daemon_running"].as_bool() == Some(true) {
+            "running"
+        } else {
+            "not running"
+        }
+    );
+    println!(
+        "network:  {}   subnet: {}   public ip: {}   vtep mac: {}",
+        s["network"], s["subnet"], s["public_ip"], s["vtep_mac"]
+    );
+    println!(
+        "lease:    id {}   expires in {}s",
+        s["lease_id"], r["lease_expires_in_secs"]
+    );
     let etcd = &s["etcd"];
     if etcd["reachable"].as_bool() == Some(true) {
         println!("etcd:     reachable");
     } else {
-        println!("etcd:     UNREACHABLE since unix {} ({})", etcd["since"], etcd["last_error"]);
+        println!(
+            "etcd:     UNREACHABLE since unix {} ({})",
+            etcd["since"], etcd["last_error"]
+        );
     }
-    println!("underlay: {} (decap on {})", r["underlay"]["iface"], r["underlay"]["hook"]);
+    println!(
+        "underlay: {} (decap on {})",
+        r["underlay"]["iface"], r["underlay"]["hook"]
+    );
     println!("peers:");
     for p in r["peers"].as_array().into_iter().flatten() {
-        println!("  {:<18} via {:<15} vtep {} [{}]", p["subnet"].as_str().unwrap_or(""), p["public_ip"].as_str().unwrap_or(""),
-            p["vtep_mac"].as_str().unwrap_or(""), p["mode"].as_str().unwrap_or(""));
+        println!(
+            "  {:<18} via {:<15} vtep {} [{}]",
+            p["subnet"].as_str().unwrap_or(""),
+            p["public_ip"].as_str().unwrap_or(""),
+            p["vtep_mac"].as_str().unwrap_or(""),
+            p["mode"].as_str().unwrap_or("")
+        );
     }
     println!("containers:");
     for e in r["endpoints"].as_array().into_iter().flatten() {
-        println!("  {:<15} {} ({} on host, TC ingress from_container)", e["ip"].as_str().unwrap_or(""),
-            e["netns"].as_str().unwrap_or(""), e["host_ifname"].as_str().unwrap_or(""));
+        println!(
+            "  {:<15} {} ({} on host, TC ingress from_container)",
+            e["ip"].as_str().unwrap_or(""),
+            e["netns"].as_str().unwrap_or(""),
+            e["host_ifname"].as_str().unwrap_or("")
+        );
     }
     println!("counters:");
     for (name, value) in r["counters"].as_object().into_iter().flatten() {

@@ -29,10 +29,18 @@ use tracing::{info, warn};
 pub use maps::Maps;
 pub use pins::PinDir;
 
-const MAP_NAMES: [&str; 5] =
-    [names::SUBNETS, names::PEERS, names::ENDPOINTS, names::CONFIG, names::STATS];
-const PROGRAM_NAMES: [&str; 3] =
-    [names::FROM_CONTAINER, names::XDP_FROM_UNDERLAY, names::TC_FROM_UNDERLAY];
+const MAP_NAMES: [&str; 5] = [
+    names::SUBNETS,
+    names::PEERS,
+    names::ENDPOINTS,
+    names::CONFIG,
+    names::STATS,
+];
+const PROGRAM_NAMES: [&str; 3] = [
+    names::FROM_CONTAINER,
+    names::XDP_FROM_UNDERLAY,
+    names::TC_FROM_UNDERLAY,
+];
 
 /// The kernel programs, built by `build.rs`.
 fn object() -> &'static [u8] {
@@ -41,9 +49,9 @@ fn object() -> &'static [u8] {
 
 /// FNV-1a of the object: tells whether pinned programs are this build's.
 fn object_hash() -> String {
-    let hash = object()
-        .iter()
-        .fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3));
+    let hash = object().iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x100000001b3)
+    });
     format!("{hash:016x}")
 }
 
@@ -90,7 +98,9 @@ impl State {
 /// previous run left when it is the same build.
 pub async fn prepare(pin: &PinDir, run_dir: &Path) -> Result<()> {
     if object().is_empty() {
-        bail!("this netd was built without its eBPF object (bpf-linker missing): run `cargo xtask setup` and rebuild");
+        bail!(
+            "this netd was built without its eBPF object (bpf-linker missing): run `cargo xtask setup` and rebuild"
+        );
     }
     let mut state = State::read(run_dir);
     let hash = object_hash();
@@ -111,7 +121,9 @@ fn load_and_pin(pin: &PinDir) -> Result<()> {
     }
     let mut ebpf = loader.load(object()).context("loading eBPF object")?;
     for name in PROGRAM_NAMES {
-        let program = ebpf.program_mut(name).with_context(|| format!("program {name} missing"))?;
+        let program = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing"))?;
         match program {
             aya::programs::Program::SchedClassifier(p) => p.load(),
             aya::programs::Program::Xdp(p) => p.load(),
@@ -120,7 +132,9 @@ fn load_and_pin(pin: &PinDir) -> Result<()> {
         .with_context(|| format!("loading program {name}"))?;
         let path = pin.program(name);
         let _ = fs::remove_file(&path);
-        program.pin(&path).with_context(|| format!("pinning {}", path.display()))?;
+        program
+            .pin(&path)
+            .with_context(|| format!("pinning {}", path.display()))?;
     }
     info!(dir = %pin.dir().display(), "loaded and pinned data path");
     Ok(())
@@ -135,9 +149,9 @@ async fn reattach(pin: &PinDir, run_dir: &Path, state: &State) -> Result<()> {
     }
     if let Some(underlay) = &state.underlay {
         match underlay.hook {
-            Hook::Xdp => xdp::attach(pin, &underlay.iface, XdpFlags::Any).await?,
-            _ => attach_tc(pin, names::TC_FROM_UNDERLAY, &underlay.iface)?,
-        }
+            Hook::Xdp => attach_underlay_xdp(pin, &underlay.iface, XdpFlags::Any).await?,
+            _ => attach_underlay_tc(pin, &underlay.iface)?,
+        };
     }
     Ok(())
 }
@@ -153,13 +167,28 @@ pub fn attach_tc(pin: &PinDir, program: &str, iface: &str) -> Result<()> {
         .with_context(|| format!("opening pinned program {program}: is `netd run` up?"))?;
     // clsact may already be there.
     let _ = tc::qdisc_add_clsact(iface);
-    let options = NlOptions { priority: TC_PRIORITY, handle: TC_HANDLE, classid: None };
-    let id = match prog.attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::Netlink(options)) {
+    let options = NlOptions {
+        priority: TC_PRIORITY,
+        handle: TC_HANDLE,
+        classid: None,
+    };
+    let id = match prog.attach_with_options(
+        iface,
+        TcAttachType::Ingress,
+        TcAttachOptions::Netlink(options),
+    ) {
         Ok(id) => id,
         Err(_) => {
-            let existing = SchedClassifierLink::attached(iface, TcAttachType::Ingress, TC_PRIORITY, TC_HANDLE, None)
-                .with_context(|| format!("no interface {iface}"))?;
-            prog.attach_to_link(existing).with_context(|| format!("attaching {program} to {iface}"))?
+            let existing = SchedClassifierLink::attached(
+                iface,
+                TcAttachType::Ingress,
+                TC_PRIORITY,
+                TC_HANDLE,
+                None,
+            )
+            .with_context(|| format!("no interface {iface}"))?;
+            prog.attach_to_link(existing)
+                .with_context(|| format!("attaching {program} to {iface}"))?
         }
     };
     // Dropping the link would detach it: the kernel keeps it instead.
@@ -169,8 +198,10 @@ pub fn attach_tc(pin: &PinDir, program: &str, iface: &str) -> Result<()> {
 
 /// Removes our TC filter from `iface`, if present.
 pub fn detach_tc(iface: &str) -> Result<()> {
-    let link = SchedClassifierLink::attached(iface, TcAttachType::Ingress, TC_PRIORITY, TC_HANDLE, None)?;
-    aya::programs::Link::detach(link).with_context(|| format!("detaching TC program from {iface}"))?;
+    let link =
+        SchedClassifierLink::attached(iface, TcAttachType::Ingress, TC_PRIORITY, TC_HANDLE, None)?;
+    aya::programs::Link::detach(link)
+        .with_context(|| format!("detaching TC program from {iface}"))?;
     Ok(())
 }
 
@@ -178,7 +209,13 @@ use xdp::XdpFlags;
 
 /// Attaches decapsulation to the underlay NIC with the chosen hook, unless
 /// the same attachment is already in place. Returns the hook in use.
-pub async fn attach_underlay(pin: &PinDir, run_dir: &Path, iface: &str, hook: Hook, kind: Option<&str>) -> Result<Hook> {
+pub async fn attach_underlay(
+    pin: &PinDir,
+    run_dir: &Path,
+    iface: &str,
+    hook: Hook,
+    kind: Option<&str>,
+) -> Result<Hook> {
     let mut state = State::read(run_dir);
     if let Some(current) = &state.underlay {
         if current.iface == iface && (hook == Hook::Auto || hook == current.hook) {
@@ -189,22 +226,22 @@ pub async fn attach_underlay(pin: &PinDir, run_dir: &Path, iface: &str, hook: Ho
     }
     let used = match hook {
         Hook::Tc => attach_underlay_tc(pin, iface)?,
-        Hook::Xdp => {
-            xdp::attach(pin, iface, XdpFlags::Any).await?;
-            Hook::Xdp
-        }
+        Hook::Xdp => attach_underlay_xdp(pin, iface, XdpFlags::Any).await?,
         // Virtual devices (veth above all) pay for XDP by converting every
         // skb; only a native driver makes XDP the fast path.
         Hook::Auto if kind.is_some() => attach_underlay_tc(pin, iface)?,
-        Hook::Auto => match xdp::attach(pin, iface, XdpFlags::Driver).await {
-            Ok(()) => Hook::Xdp,
+        Hook::Auto => match attach_underlay_xdp(pin, iface, XdpFlags::Driver).await {
+            Ok(hook) => hook,
             Err(e) => {
                 info!(iface, "no native XDP ({e:#}); using TC");
                 attach_underlay_tc(pin, iface)?
             }
         },
     };
-    state.underlay = Some(Underlay { iface: iface.to_string(), hook: used });
+    state.underlay = Some(Underlay {
+        iface: iface.to_string(),
+        hook: used,
+    });
     state.write(run_dir)?;
     info!(iface, hook = ?used, "underlay program attached");
     Ok(used)
@@ -215,13 +252,22 @@ fn attach_underlay_tc(pin: &PinDir, iface: &str) -> Result<Hook> {
     Ok(Hook::Tc)
 }
 
+/// XDP decapsulates; TC behind it delivers what XDP passes up (frames it
+/// may not redirect, and plain IPv4 for local containers).
+async fn attach_underlay_xdp(pin: &PinDir, iface: &str, flags: XdpFlags) -> Result<Hook> {
+    xdp::attach(pin, iface, flags).await?;
+    attach_tc(pin, names::TC_FROM_UNDERLAY, iface)?;
+    Ok(Hook::Xdp)
+}
+
 async fn detach_underlay(underlay: &Underlay) {
-    let result = match underlay.hook {
-        Hook::Xdp => xdp::detach(&underlay.iface).await,
-        _ => detach_tc(&underlay.iface),
-    };
-    if let Err(e) = result {
-        warn!(iface = %underlay.iface, "detaching previous underlay program: {e:#}");
+    if underlay.hook == Hook::Xdp {
+        if let Err(e) = xdp::detach(&underlay.iface).await {
+            warn!(iface = %underlay.iface, "detaching XDP: {e:#}");
+        }
+    }
+    if let Err(e) = detach_tc(&underlay.iface) {
+        warn!(iface = %underlay.iface, "detaching TC: {e:#}");
     }
 }
 
@@ -236,7 +282,8 @@ pub async fn teardown(pin: &PinDir, run_dir: &Path) -> Result<()> {
         detach_underlay(&underlay).await;
     }
     if pin.dir().exists() {
-        fs::remove_dir_all(pin.dir()).with_context(|| format!("removing {}", pin.dir().display()))?;
+        fs::remove_dir_all(pin.dir())
+            .with_context(|| format!("removing {}", pin.dir().display()))?;
     }
     let _ = fs::remove_file(State::path(run_dir));
     Ok(())
@@ -244,6 +291,9 @@ pub async fn teardown(pin: &PinDir, run_dir: &Path) -> Result<()> {
 
 /// Loads a pinned XDP program (for the netlink attachment).
 pub(crate) fn pinned_xdp(pin: &PinDir) -> Result<Xdp> {
-    Xdp::from_pin(pin.program(names::XDP_FROM_UNDERLAY), XdpAttachType::Interface)
-        .context("opening pinned XDP program: is `netd run` up?")
+    Xdp::from_pin(
+        pin.program(names::XDP_FROM_UNDERLAY),
+        XdpAttachType::Interface,
+    )
+    .context("opening pinned XDP program: is `netd run` up?")
 }

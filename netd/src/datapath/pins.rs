@@ -19,21 +19,25 @@ pub struct PinDir {
 
 impl PinDir {
     pub fn new(base: &Path) -> Self {
-        PinDir { dir: base.join(format!("v{MAP_LAYOUT_VERSION}")) }
+        PinDir {
+            dir: base.join(format!("v{MAP_LAYOUT_VERSION}")),
+        }
     }
 
     /// Creates the directory, refusing anything that is not on bpffs.
     pub fn create(&self) -> Result<()> {
         let base = self.dir.parent().expect("versioned dir has a parent");
-        let mount = base.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+        let mount = base
+            .ancestors()
+            .find(|p| p.exists())
+            .unwrap_or(Path::new("/"));
         if !on_bpffs(mount)? {
             bail!(
                 "{} is not on a bpf filesystem: mount one (mount -t bpf bpf /sys/fs/bpf) or pass --pin-path",
                 mount.display()
             );
         }
-        fs::create_dir_all(&self.dir)
-            .with_context(|| format!("creating {}", self.dir.display()))
+        fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))
     }
 
     pub fn dir(&self) -> &Path {
@@ -50,6 +54,7 @@ impl PinDir {
 }
 
 fn on_bpffs(path: &Path) -> Result<bool> {
-    let stat = nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
+    let stat =
+        nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
     Ok(stat.filesystem_type().0 as i64 == BPF_FS_MAGIC)
 }

@@ -33,18 +33,25 @@ impl XdpFlags {
 pub async fn attach(pin: &PinDir, iface: &str, flags: XdpFlags) -> Result<()> {
     let prog = super::pinned_xdp(pin)?;
     let fd = prog.fd()?.as_fd().as_raw_fd();
-    set(iface, fd, flags).await.with_context(|| format!("attaching XDP to {iface} ({flags:?})"))
+    set(iface, fd, flags)
+        .await
+        .with_context(|| format!("attaching XDP to {iface} ({flags:?})"))
 }
 
 pub async fn detach(iface: &str) -> Result<()> {
-    set(iface, -1, XdpFlags::Any).await.with_context(|| format!("detaching XDP from {iface}"))
+    set(iface, -1, XdpFlags::Any)
+        .await
+        .with_context(|| format!("detaching XDP from {iface}"))
 }
 
 async fn set(iface: &str, fd: i32, flags: XdpFlags) -> Result<()> {
     let nl = Netlink::connect()?;
     let link = nl.require_link(iface).await?;
     let msg = LinkUnspec::new_with_index(link.index)
-        .append_extra_attribute(LinkAttribute::Xdp(vec![LinkXdp::Fd(fd), LinkXdp::Flags(flags.bits())]))
+        .append_extra_attribute(LinkAttribute::Xdp(vec![
+            LinkXdp::Fd(fd),
+            LinkXdp::Flags(flags.bits()),
+        ]))
         .build();
     nl.set_link(msg).await
 }
