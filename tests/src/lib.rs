@@ -6,6 +6,7 @@
 //! panics (never skips) without it.
 
 pub mod capture;
+pub mod cluster;
 pub mod daemon;
 pub mod etcd;
 pub mod netns;
@@ -14,6 +15,7 @@ pub mod traffic;
 pub mod util;
 
 pub use capture::{Capture, VXLAN_PORT, decode};
+pub use cluster::{Cluster, Container};
 pub use daemon::{Daemon, netd_bin};
 pub use etcd::{Etcd, Kv};
 pub use netns::{NetNs, NsRef, unique_name};

@@ -1,0 +1,220 @@
+//! A netd cluster on a [`Topology`]: the network config in etcd, a daemon per
+//! host, containers attached with `netd attach`, and typed views of
+//! `netd status --json`.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+
+use serde_json::Value;
+
+use crate::{Daemon, Host, NetNs, Topology, wait_for};
+
+/// The cluster network every test uses.
+pub const NETWORK: &str = "10.244.0.0/16";
+pub const PREFIX: &str = "/netd/network";
+
+/// A container attached to a host.
+pub struct Container {
+    pub ns: NetNs,
+    pub host: usize,
+    pub ip: Ipv4Addr,
+}
+
+pub struct Cluster {
+    pub topo: Topology,
+    pub daemons: Vec<Option<Daemon>>,
+    pub containers: Vec<Container>,
+    decap: String,
+    extra_args: Vec<String>,
+}
+
+impl Cluster {
+    /// `hosts` hosts with etcd and the network config, no daemons yet.
+    pub fn new(hosts: usize, decap: &str) -> Self {
+        let topo = Topology::builder().hosts(hosts).build();
+        let endpoint = topo.etcd_endpoint();
+        topo.host(0).netd_ok(&[
+            "network",
+            "init",
+            "--etcd-endpoints",
+            &endpoint,
+            "--network",
+            NETWORK,
+        ]);
+        let daemons = (0..hosts).map(|_| None).collect();
+        Cluster {
+            topo,
+            daemons,
+            containers: Vec::new(),
+            decap: decap.into(),
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// Extra `netd run` flags for daemons started from now on.
+    pub fn run_args(&mut self, args: &[&str]) {
+        self.extra_args = args.iter().map(|s| s.to_string()).collect();
+    }
+
+    /// Started and ready: every host daemon has written its subnet.env.
+    pub fn up(hosts: usize, decap: &str) -> Self {
+        let mut cluster = Cluster::new(hosts, decap);
+        for i in 0..hosts {
+            cluster.start(i);
+        }
+        cluster
+    }
+
+    pub fn host(&self, i: usize) -> &Host {
+        self.topo.host(i)
+    }
+
+    /// Global flags that select host `i`'s node state.
+    pub fn node_args(&self, i: usize) -> Vec<String> {
+        let host = self.host(i);
+        vec![
+            "--pin-path".into(),
+            host.pin_path().display().to_string(),
+            "--run-dir".into(),
+            host.run_dir().display().to_string(),
+        ]
+    }
+
+    /// Runs a one-shot `netd` command on host `i`; panics on failure.
+    pub fn netd_ok(&self, i: usize, args: &[&str]) -> String {
+        let mut all: Vec<String> = self.node_args(i);
+        all.extend(args.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
+        self.host(i).netd_ok(&refs)
+    }
+
+    pub fn netd(&self, i: usize, args: &[&str]) -> std::process::Output {
+        let mut all: Vec<String> = self.node_args(i);
+        all.extend(args.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = all.iter().map(|s| s.as_str()).collect();
+        self.host(i).netd(&refs)
+    }
+
+    /// Starts host `i`'s daemon and waits until it holds a lease.
+    pub fn start(&mut self, i: usize) {
+        let daemon = self.spawn(i);
+        self.daemons[i] = Some(daemon);
+        self.wait_ready(i);
+    }
+
+    /// Starts host `i`'s daemon without waiting.
+    pub fn spawn(&self, i: usize) -> Daemon {
+        let endpoint = self.topo.etcd_endpoint();
+        let mut args = self.node_args(i);
+        args.extend([
+            "run".into(),
+            "--etcd-endpoints".into(),
+            endpoint,
+            "--iface".into(),
+            "eth0".into(),
+            "--decap".into(),
+            self.decap.clone(),
+        ]);
+        args.extend(self.extra_args.iter().cloned());
+        // A fresh start must not be mistaken for ready by a stale file.
+        let _ = std::fs::remove_file(self.host(i).run_dir().join("state.json"));
+        self.host(i).start_netd(args)
+    }
+
+    /// Waits until host `i`'s daemon has published its state.
+    pub fn wait_ready(&mut self, i: usize) {
+        let state = self.host(i).run_dir().join("state.json");
+        let env = self.host(i).run_dir().join("subnet.env");
+        let daemon = self.daemons[i].as_mut();
+        if let Some(d) = daemon {
+            d.wait_for_log("netd running", Duration::from_secs(30));
+        }
+        wait_for(&format!("host {i} ready"), Duration::from_secs(30), || {
+            state.exists() && env.exists()
+        });
+    }
+
+    /// Stops host `i`'s daemon with SIGTERM and returns its exit status.
+    pub fn stop(&mut self, i: usize) -> std::process::ExitStatus {
+        self.daemons[i].as_mut().expect("daemon running").stop()
+    }
+
+    /// Creates a container on host `i` and attaches it; returns its index.
+    pub fn attach(&mut self, host: usize) -> usize {
+        let ns = self.topo.add_container(host);
+        let out = self.netd_ok(host, &["attach", ns.name()]);
+        let ip: Ipv4Addr = out
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("attach printed {out:?}: {e}"));
+        self.containers.push(Container { ns, host, ip });
+        self.containers.len() - 1
+    }
+
+    pub fn container(&self, c: usize) -> &Container {
+        &self.containers[c]
+    }
+
+    /// `netd status --json` of host `i`.
+    pub fn status(&self, i: usize) -> Value {
+        let out = self.netd_ok(i, &["status", "--json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"))
+    }
+
+    /// Host `i`'s counters, by name.
+    pub fn counters(&self, i: usize) -> BTreeMap<String, u64> {
+        let status = self.status(i);
+        status["counters"]
+            .as_object()
+            .expect("counters object")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_u64().expect("counter is a number")))
+            .collect()
+    }
+
+    /// Host `i`'s own subnet, from its state.
+    pub fn subnet(&self, i: usize) -> String {
+        self.status(i)["state"]["subnet"]
+            .as_str()
+            .expect("subnet in state")
+            .to_string()
+    }
+
+    /// Remote subnets programmed in host `i`'s kernel map: subnet → public IP.
+    pub fn peers(&self, i: usize) -> BTreeMap<String, String> {
+        self.status(i)["peers"]
+            .as_array()
+            .expect("peers array")
+            .iter()
+            .map(|p| {
+                (
+                    p["subnet"].as_str().unwrap().to_string(),
+                    p["public_ip"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// Leases in etcd: subnet (a.b.c.d/len) → PublicIP, for valid values.
+    pub fn etcd_leases(&self) -> BTreeMap<String, String> {
+        self.topo
+            .etcd()
+            .get_prefix(&format!("{PREFIX}/subnets/"))
+            .into_iter()
+            .filter_map(|kv| {
+                let key = kv.key.rsplit('/').next()?.replacen('-', "/", 1);
+                let value: Value = serde_json::from_str(&kv.value).ok()?;
+                Some((key, value["PublicIP"].as_str()?.to_string()))
+            })
+            .collect()
+    }
+
+    /// Waits until host `i`'s map holds exactly the other hosts' leases.
+    pub fn wait_peers_match_etcd(&self, i: usize, timeout: Duration) {
+        let own = self.subnet(i);
+        wait_for(&format!("host {i} map equal to etcd"), timeout, || {
+            let mut want = self.etcd_leases();
+            want.remove(&own);
+            self.peers(i) == want
+        });
+    }
+}
