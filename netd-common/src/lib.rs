@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod endpoint;
+pub mod headers;
 pub mod stats;
 pub mod tunnel;
 

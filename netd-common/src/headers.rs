@@ -1,0 +1,299 @@
+//! Wire headers of the overlay, shared so that their layout and the
+//! encapsulation header built by the kernel are unit-tested on the host.
+//!
+//! Multi-byte fields are kept in network byte order; fields that are not
+//! naturally aligned on the wire are byte arrays so the structs pack with no
+//! padding (alignment 2).
+
+use crate::{NodeConfig, Peer};
+
+pub const ETH_HLEN: usize = 14;
+pub const IPV4_HLEN: usize = 20;
+pub const UDP_HLEN: usize = 8;
+pub const VXLAN_HLEN: usize = 8;
+/// Outer IPv4 + UDP + VXLAN + inner Ethernet: what encapsulation adds.
+pub const ENCAP_LEN: usize = IPV4_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN;
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const IPPROTO_UDP: u8 = 17;
+pub const VXLAN_FLAG_VNI: u8 = 0x08;
+/// IPv4 "more fragments" flag and fragment offset, host byte order.
+pub const IP_MF_OFFSET: u16 = 0x3fff;
+
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub proto: u16,
+}
+
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct Ipv4Hdr {
+    pub ver_ihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct UdpHdr {
+    pub source: u16,
+    pub dest: u16,
+    pub len: u16,
+    pub check: u16,
+}
+
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct VxlanHdr {
+    pub flags: u8,
+    pub _reserved: [u8; 3],
+    pub vni: [u8; 3],
+    pub _reserved2: u8,
+}
+
+/// Everything written in front of an inner IPv4 packet by encapsulation,
+/// including the outer Ethernet header: one store per packet.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct EncapHdr {
+    pub eth: EthHdr,
+    pub ip: Ipv4Hdr,
+    pub udp: UdpHdr,
+    pub vxlan: VxlanHdr,
+    pub inner_eth: EthHdr,
+}
+
+const _: () = assert!(core::mem::size_of::<EthHdr>() == ETH_HLEN);
+const _: () = assert!(core::mem::size_of::<Ipv4Hdr>() == IPV4_HLEN);
+const _: () = assert!(core::mem::size_of::<UdpHdr>() == UDP_HLEN);
+const _: () = assert!(core::mem::size_of::<VxlanHdr>() == VXLAN_HLEN);
+const _: () = assert!(core::mem::size_of::<EncapHdr>() == ETH_HLEN + ENCAP_LEN);
+
+impl Ipv4Hdr {
+    /// Header length in bytes from the IHL field.
+    #[inline(always)]
+    pub fn header_len(&self) -> usize {
+        ((self.ver_ihl & 0x0f) as usize) * 4
+    }
+
+    /// RFC 1071 checksum of a 20-byte header whose `check` field is zero.
+    #[inline(always)]
+    pub fn checksum(&self) -> u16 {
+        let words: [u16; 10] = unsafe { core::mem::transmute(*self) };
+        let mut sum: u32 = 0;
+        let mut i = 0;
+        while i < 10 {
+            sum += words[i] as u32;
+            i += 1;
+        }
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        !(sum as u16)
+    }
+}
+
+impl VxlanHdr {
+    #[inline(always)]
+    pub fn new(vni: u32) -> Self {
+        VxlanHdr {
+            flags: VXLAN_FLAG_VNI,
+            _reserved: [0; 3],
+            vni: [(vni >> 16) as u8, (vni >> 8) as u8, vni as u8],
+            _reserved2: 0,
+        }
+    }
+
+    #[inline(always)]
+    pub fn vni(&self) -> u32 {
+        ((self.vni[0] as u32) << 16) | ((self.vni[1] as u32) << 8) | self.vni[2] as u32
+    }
+}
+
+/// UDP source port for a flow hash, spread over the ephemeral range as the
+/// kernel's `udp_flow_src_port` does, so underlay ECMP/RSS sees entropy.
+#[inline(always)]
+pub fn flow_src_port(hash: u32) -> u16 {
+    const MIN: u64 = 32768;
+    const MAX: u64 = 61000;
+    ((((hash as u64) * (MAX - MIN)) >> 32) + MIN) as u16
+}
+
+/// The 64 bytes in front of the inner IPv4 header. Lengths saturate: for a
+/// GSO packet the kernel rewrites them per segment anyway.
+#[inline(always)]
+pub fn encap_header(cfg: &NodeConfig, peer: &Peer, inner_len: usize, src_port: u16) -> EncapHdr {
+    let ip_len = (inner_len + ENCAP_LEN).min(0xffff) as u16;
+    let udp_len = (inner_len + UDP_HLEN + VXLAN_HLEN + ETH_HLEN).min(0xffff) as u16;
+    let mut ip = Ipv4Hdr {
+        ver_ihl: 0x45,
+        tos: 0,
+        tot_len: ip_len.to_be(),
+        id: 0,
+        frag_off: 0,
+        ttl: 64,
+        proto: IPPROTO_UDP,
+        check: 0,
+        saddr: cfg.public_ip,
+        daddr: peer.public_ip,
+    };
+    ip.check = ip.checksum();
+    EncapHdr {
+        eth: EthHdr {
+            dst: [0; 6],
+            src: cfg.underlay_mac,
+            proto: ETH_P_IP.to_be(),
+        },
+        ip,
+        udp: UdpHdr {
+            source: src_port.to_be(),
+            dest: cfg.port.to_be(),
+            len: udp_len.to_be(),
+            check: 0,
+        },
+        vxlan: VxlanHdr::new(cfg.vni),
+        inner_eth: EthHdr {
+            dst: peer.vtep_mac,
+            src: cfg.vtep_mac,
+            proto: ETH_P_IP.to_be(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes<T>(v: &T) -> &[u8] {
+        unsafe {
+            core::slice::from_raw_parts(v as *const T as *const u8, core::mem::size_of::<T>())
+        }
+    }
+
+    /// Independent RFC 1071 over bytes, to check the word-wise one.
+    fn rfc1071(data: &[u8]) -> u16 {
+        let mut sum: u32 = data
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    fn config() -> NodeConfig {
+        NodeConfig {
+            vni: 0x0a0b0c,
+            underlay_ifindex: 2,
+            public_ip: [198, 18, 0, 1],
+            port: 8472,
+            enabled: 1,
+            xdp_redirect: 0,
+            underlay_mac: [2, 0, 0, 0, 0, 1],
+            vtep_mac: [0x0e, 0x6e, 198, 18, 0, 1],
+            _pad2: [0; 4],
+        }
+    }
+
+    fn peer() -> Peer {
+        Peer {
+            public_ip: [198, 18, 0, 2],
+            vtep_mac: [0x0e, 0x6e, 198, 18, 0, 2],
+            mode: 0,
+            _pad: 0,
+        }
+    }
+
+    #[test]
+    fn checksum_of_known_header() {
+        // Classic example: 45 00 00 73 00 00 40 00 40 11 [b8 61] c0 a8 00 01 c0 a8 00 c7
+        let hdr = Ipv4Hdr {
+            ver_ihl: 0x45,
+            tos: 0,
+            tot_len: 0x73u16.to_be(),
+            id: 0,
+            frag_off: 0x4000u16.to_be(),
+            ttl: 64,
+            proto: IPPROTO_UDP,
+            check: 0,
+            saddr: [192, 168, 0, 1],
+            daddr: [192, 168, 0, 199],
+        };
+        assert_eq!(u16::from_be(hdr.checksum()), 0xb861);
+        let mut with = hdr;
+        with.check = hdr.checksum();
+        assert_eq!(
+            rfc1071(bytes(&with)),
+            0,
+            "a header with its checksum sums to zero"
+        );
+    }
+
+    #[test]
+    fn encap_header_is_what_a_vxlan_peer_expects() {
+        let inner_len = 84; // an ICMP echo: 20 + 8 + 56
+        let hdr = encap_header(&config(), &peer(), inner_len, 40000);
+        let b = bytes(&hdr);
+        assert_eq!(b.len(), 64);
+        // Outer Ethernet: source is the underlay NIC, type IPv4.
+        assert_eq!(&b[6..12], &[2, 0, 0, 0, 0, 1]);
+        assert_eq!(&b[12..14], &[0x08, 0x00]);
+        // Outer IPv4.
+        let ip = &b[14..34];
+        assert_eq!(ip[0], 0x45);
+        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]) as usize, inner_len + 50);
+        assert_eq!(ip[8], 64);
+        assert_eq!(ip[9], 17);
+        assert_eq!(&ip[12..16], &[198, 18, 0, 1]);
+        assert_eq!(&ip[16..20], &[198, 18, 0, 2]);
+        assert_eq!(rfc1071(ip), 0, "valid outer checksum");
+        // UDP: entropy source port, VXLAN port, length, no checksum.
+        let udp = &b[34..42];
+        assert_eq!(u16::from_be_bytes([udp[0], udp[1]]), 40000);
+        assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), 8472);
+        assert_eq!(
+            u16::from_be_bytes([udp[4], udp[5]]) as usize,
+            inner_len + 30
+        );
+        assert_eq!(&udp[6..8], &[0, 0]);
+        // VXLAN: I flag and 24-bit VNI.
+        assert_eq!(&b[42..50], &[0x08, 0, 0, 0, 0x0a, 0x0b, 0x0c, 0]);
+        // Inner Ethernet: VTEP MACs as flannel's vxlan device expects.
+        assert_eq!(&b[50..56], &peer().vtep_mac);
+        assert_eq!(&b[56..62], &config().vtep_mac);
+        assert_eq!(&b[62..64], &[0x08, 0x00]);
+    }
+
+    #[test]
+    fn lengths_saturate_for_gso_packets() {
+        let hdr = encap_header(&config(), &peer(), 70000, 1);
+        assert_eq!(u16::from_be(hdr.ip.tot_len), 0xffff);
+        assert_eq!(u16::from_be(hdr.udp.len), 0xffff);
+    }
+
+    #[test]
+    fn vni_round_trip() {
+        for vni in [0, 1, 42, 0xffffff] {
+            assert_eq!(VxlanHdr::new(vni).vni(), vni);
+        }
+    }
+
+    #[test]
+    fn source_ports_stay_in_range() {
+        for hash in [0, 1, 0x7fff_ffff, 0xffff_ffff, 0xdead_beef] {
+            let port = flow_src_port(hash);
+            assert!((32768..61000).contains(&port), "{port}");
+        }
+        assert_ne!(flow_src_port(0x1000_0000), flow_src_port(0x9000_0000));
+    }
+}
