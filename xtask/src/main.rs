@@ -27,7 +27,7 @@ enum Command {
     /// Run setup, build netd, run unit tests, then the privileged integration
     /// tests (root only).
     Test(test::Options),
-    /// Run a demo of the overlay (not yet implemented).
+    /// A three-host demo cluster in namespaces: cross-host pings and status.
     Demo(demo::Options),
 }
 

@@ -50,54 +50,70 @@ pub fn status(pin: &PinDir, run_dir: &Path, args: StatusArgs) -> Result<()> {
     Ok(())
 }
 
+/// A JSON value as plain text: strings unquoted, null as "-".
+fn text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
 fn print_human(r: &serde_json::Value) {
     let s = &r["state"];
+    let running = r["daemon_running"].as_bool() == Some(true);
     println!(
         "daemon:   {}",
-        if r["daemon_running"].as_bool() == Some(true) {
+        if running {
             "running"
         } else {
-            "not running"
+            "not running (data path stays pinned)"
         }
     );
     println!(
         "network:  {}   subnet: {}   public ip: {}   vtep mac: {}",
-        s["network"], s["subnet"], s["public_ip"], s["vtep_mac"]
+        text(&s["network"]),
+        text(&s["subnet"]),
+        text(&s["public_ip"]),
+        text(&s["vtep_mac"])
     );
     println!(
-        "lease:    id {}   expires in {}s",
-        s["lease_id"], r["lease_expires_in_secs"]
+        "lease:    id {:x}   expires in {}s",
+        s["lease_id"].as_i64().unwrap_or(0),
+        text(&r["lease_expires_in_secs"])
     );
     let etcd = &s["etcd"];
     if etcd["reachable"].as_bool() == Some(true) {
         println!("etcd:     reachable");
     } else {
         println!(
-            "etcd:     UNREACHABLE since unix {} ({})",
-            etcd["since"], etcd["last_error"]
+            "etcd:     UNREACHABLE since unix time {} ({})",
+            text(&etcd["since"]),
+            text(&etcd["last_error"])
         );
     }
     println!(
         "underlay: {} (decap on {})",
-        r["underlay"]["iface"], r["underlay"]["hook"]
+        text(&r["underlay"]["iface"]),
+        text(&r["underlay"]["hook"])
     );
     println!("peers:");
     for p in r["peers"].as_array().into_iter().flatten() {
         println!(
             "  {:<18} via {:<15} vtep {} [{}]",
-            p["subnet"].as_str().unwrap_or(""),
-            p["public_ip"].as_str().unwrap_or(""),
-            p["vtep_mac"].as_str().unwrap_or(""),
-            p["mode"].as_str().unwrap_or("")
+            text(&p["subnet"]),
+            text(&p["public_ip"]),
+            text(&p["vtep_mac"]),
+            text(&p["mode"])
         );
     }
     println!("containers:");
     for e in r["endpoints"].as_array().into_iter().flatten() {
         println!(
             "  {:<15} {} ({} on host, TC ingress from_container)",
-            e["ip"].as_str().unwrap_or(""),
-            e["netns"].as_str().unwrap_or(""),
-            e["host_ifname"].as_str().unwrap_or("")
+            text(&e["ip"]),
+            text(&e["netns"]),
+            text(&e["host_ifname"])
         );
     }
     println!("counters:");
