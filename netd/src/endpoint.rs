@@ -189,6 +189,7 @@ async fn wire(
         let link = nl.require_link(&tmp).await?;
         nl.rename(link.index, &ifname).await?;
         nl.set_up(link.index, Some(mtu)).await?;
+        netlink::enable_gro(&ifname)?;
         nl.add_address(link.index, ip, 32).await?;
         nl.replace_route("0.0.0.0/0".parse()?, link.index, Some(gw))
             .await?;

@@ -283,3 +283,37 @@ where
     .join()
     .map_err(|_| anyhow!("namespace worker panicked"))?
 }
+
+/// Turns GRO on for `ifname` (ETHTOOL_SGRO). On a veth this also gives the
+/// receive side a NAPI queue, which XDP redirects into it need.
+pub fn enable_gro(ifname: &str) -> Result<()> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_SGRO: u32 = 0x2c;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [libc::c_char; libc::IFNAMSIZ],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    let mut value = EthtoolValue { cmd: ETHTOOL_SGRO, data: 1 };
+    let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: &mut value, _pad: [0; 16] };
+    for (dst, src) in req.name.iter_mut().zip(ifname.bytes().take(libc::IFNAMSIZ - 1)) {
+        *dst = src as libc::c_char;
+    }
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(std::io::Error::last_os_error()).context("socket for ethtool");
+    }
+    let rc = unsafe { libc::ioctl(sock, SIOCETHTOOL as _, &mut req) };
+    let err = std::io::Error::last_os_error();
+    unsafe { libc::close(sock) };
+    if rc < 0 {
+        return Err(err).with_context(|| format!("enabling GRO on {ifname}"));
+    }
+    Ok(())
+}
