@@ -163,10 +163,7 @@ impl Netlink {
         let msg = LinkUnspec::new_with_index(index)
             .setns_by_fd(netns.as_raw_fd())
             .build();
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
+        self.set_link(msg)
             .await
             .context("moving interface to namespace")
     }
@@ -176,10 +173,7 @@ impl Netlink {
         if let Some(mtu) = mtu {
             builder = builder.mtu(mtu);
         }
-        self.handle
-            .link()
-            .set(builder.build())
-            .execute()
+        self.set_link(builder.build())
             .await
             .context("setting link up")
     }
@@ -197,10 +191,7 @@ impl Netlink {
         let msg = LinkUnspec::new_with_index(index)
             .name(name.to_string())
             .build();
-        self.handle
-            .link()
-            .set(msg)
-            .execute()
+        self.set_link(msg)
             .await
             .with_context(|| format!("renaming link to {name}"))
     }
@@ -300,9 +291,20 @@ pub fn enable_gro(ifname: &str) -> Result<()> {
         data: *mut EthtoolValue,
         _pad: [u8; 16],
     }
-    let mut value = EthtoolValue { cmd: ETHTOOL_SGRO, data: 1 };
-    let mut req = IfReq { name: [0; libc::IFNAMSIZ], data: &mut value, _pad: [0; 16] };
-    for (dst, src) in req.name.iter_mut().zip(ifname.bytes().take(libc::IFNAMSIZ - 1)) {
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_SGRO,
+        data: 1,
+    };
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: &mut value,
+        _pad: [0; 16],
+    };
+    for (dst, src) in req
+        .name
+        .iter_mut()
+        .zip(ifname.bytes().take(libc::IFNAMSIZ - 1))
+    {
         *dst = src as libc::c_char;
     }
     let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };

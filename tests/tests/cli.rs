@@ -111,38 +111,14 @@ fn attach_rejects_bad_input_clearly() {
         "NETD_NETWORK=10.244.0.0/16\nNETD_SUBNET=10.244.7.1/24\nNETD_MTU=1450\nNETD_IPMASQ=false\n",
     )
     .unwrap();
-    assert_clear_error(
-        &netd(&ns, &["--run-dir", run_dir, "attach", "no-such-namespace"]),
-        "does not exist",
-    );
-    assert_clear_error(
-        &netd(
-            &ns,
-            &[
-                "--run-dir",
-                run_dir,
-                "attach",
-                ns.name(),
-                "--ip",
-                "10.244.8.2",
-            ],
-        ),
-        "10.244.8.2",
-    );
-    assert_clear_error(
-        &netd(
-            &ns,
-            &[
-                "--run-dir",
-                run_dir,
-                "attach",
-                ns.name(),
-                "--ip",
-                "10.244.7.1",
-            ],
-        ),
-        "gateway",
-    );
+    let attach = |target: &str, ip: Option<&str>| {
+        let mut args = vec!["--run-dir", run_dir, "attach", target];
+        args.extend(ip.map(|ip| ["--ip", ip]).into_iter().flatten());
+        netd(&ns, &args)
+    };
+    assert_clear_error(&attach("no-such-namespace", None), "does not exist");
+    assert_clear_error(&attach(ns.name(), Some("10.244.8.2")), "10.244.8.2");
+    assert_clear_error(&attach(ns.name(), Some("10.244.7.1")), "gateway");
     assert_clear_error(
         &netd(&ns, &["--run-dir", run_dir, "detach", ns.name()]),
         "not attached",
