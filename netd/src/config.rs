@@ -174,22 +174,23 @@ impl NetworkConfig {
         Ipv4Net::new(Ipv4Addr::from(addr), self.subnet_len).expect("length checked")
     }
 
-    /// Every subnet a host may lease, in order.
-    pub fn leasable_subnets(&self) -> impl Iterator<Item = Ipv4Net> + '_ {
-        let step = 1u32 << (32 - self.subnet_len);
-        let first = u32::from(
-            self.first_subnet()
-                .map(|s| s.network())
-                .unwrap_or(Ipv4Addr::UNSPECIFIED),
-        );
-        let last = u32::from(
-            self.last_subnet()
-                .map(|s| s.network())
-                .unwrap_or(Ipv4Addr::UNSPECIFIED),
-        );
-        (first..=last)
-            .step_by(step as usize)
-            .map(|a| Ipv4Net::new(Ipv4Addr::from(a), self.subnet_len).expect("length checked"))
+    /// How many subnets hosts may lease.
+    pub fn leasable_count(&self) -> u32 {
+        let step = 32 - self.subnet_len;
+        match (self.first_subnet(), self.last_subnet()) {
+            (Ok(first), Ok(last)) => {
+                ((u32::from(last.network()) - u32::from(first.network())) >> step) + 1
+            }
+            _ => 0,
+        }
+    }
+
+    /// The `n`th leasable subnet, counting from `SubnetMin`.
+    pub fn nth_leasable(&self, n: u32) -> Option<Ipv4Net> {
+        let first = u32::from(self.first_subnet().ok()?.network());
+        let addr = first.checked_add(n.checked_shl(32 - self.subnet_len as u32)?)?;
+        let subnet = Ipv4Net::new(Ipv4Addr::from(addr), self.subnet_len).ok()?;
+        self.is_leasable(&subnet).then_some(subnet)
     }
 
     /// Whether `subnet` is one this network hands out.
@@ -237,7 +238,7 @@ mod tests {
         assert_eq!(cfg.backend.port, 8472);
         assert_eq!(cfg.first_subnet().unwrap().to_string(), "10.244.1.0/24");
         assert_eq!(cfg.last_subnet().unwrap().to_string(), "10.244.255.0/24");
-        assert_eq!(cfg.leasable_subnets().count(), 255);
+        assert_eq!(cfg.leasable_count(), 255);
     }
 
     #[test]
@@ -249,7 +250,7 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.backend.vni, 42);
         assert_eq!(cfg.backend.port, 4789);
-        assert_eq!(cfg.leasable_subnets().count(), 5);
+        assert_eq!(cfg.leasable_count(), 5);
         assert!(cfg.is_leasable(&"10.5.1.64/26".parse().unwrap()));
         assert!(!cfg.is_leasable(&"10.5.0.64/26".parse().unwrap()));
         assert!(!cfg.is_leasable(&"10.5.1.0/24".parse().unwrap()));

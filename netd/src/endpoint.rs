@@ -241,10 +241,10 @@ pub async fn detach(pin: &PinDir, run_dir: &Path, netns: &str) -> Result<Record>
     let nl = Netlink::connect()?;
     // Deleting the veth removes its TC filter and route too; it is gone
     // already when the namespace was deleted first.
-    if let Ok(Some(link)) = nl.link(&record.host_ifname).await {
-        if let Err(e) = nl.delete_link(link.index).await {
-            errors.push(format!("{e:#}"));
-        }
+    if let Ok(Some(link)) = nl.link(&record.host_ifname).await
+        && let Err(e) = nl.delete_link(link.index).await
+    {
+        errors.push(format!("{e:#}"));
     }
     fs::remove_file(&file).with_context(|| format!("removing {}", file.display()))?;
     if !errors.is_empty() {

@@ -4,7 +4,6 @@
 use std::{collections::HashSet, fmt, net::Ipv4Addr, str::FromStr};
 
 use ipnet::Ipv4Net;
-use rand::seq::IndexedRandom as _;
 use serde::{Deserialize, Serialize};
 
 use crate::config::NetworkConfig;
@@ -161,19 +160,31 @@ pub fn choose(cfg: &NetworkConfig, claim: &Claim<'_>, rng: &mut impl rand::Rng) 
         return Choice::Reclaim(*subnet);
     }
     let taken: HashSet<Ipv4Net> = claim.existing.iter().map(|(s, _)| *s).collect();
-    if let Some(recorded) = claim.recorded {
-        if cfg.is_leasable(&recorded) && !taken.contains(&recorded) {
-            return Choice::Create(recorded);
-        }
+    if let Some(recorded) = claim.recorded
+        && cfg.is_leasable(&recorded)
+        && !taken.contains(&recorded)
+    {
+        return Choice::Create(recorded);
     }
-    let free: Vec<Ipv4Net> = cfg
-        .leasable_subnets()
-        .filter(|s| !taken.contains(s))
-        .collect();
-    match free.choose(rng) {
-        Some(subnet) => Choice::Create(*subnet),
-        None => Choice::Exhausted,
+    random_free(cfg, &taken, rng).map_or(Choice::Exhausted, Choice::Create)
+}
+
+/// A uniformly placed probe, then the next free subnet after it: no list of
+/// every subnet is built, however large the network.
+fn random_free(
+    cfg: &NetworkConfig,
+    taken: &HashSet<Ipv4Net>,
+    rng: &mut impl rand::Rng,
+) -> Option<Ipv4Net> {
+    let total = cfg.leasable_count();
+    let used = taken.iter().filter(|s| cfg.is_leasable(s)).count();
+    if total == 0 || used as u64 >= total as u64 {
+        return None;
     }
+    let start = rng.random_range(0..total) as u64;
+    (0..total as u64)
+        .filter_map(|k| cfg.nth_leasable(((start + k) % total as u64) as u32))
+        .find(|s| !taken.contains(s))
 }
 
 /// The gateway address of a host subnet: its first host address.

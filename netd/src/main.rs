@@ -6,6 +6,8 @@ mod datapath;
 mod endpoint;
 mod lease;
 mod netlink;
+#[cfg(test)]
+mod proptests;
 mod registry;
 mod state;
 mod subnet;

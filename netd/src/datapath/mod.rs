@@ -261,10 +261,10 @@ async fn attach_underlay_xdp(pin: &PinDir, iface: &str, flags: XdpFlags) -> Resu
 }
 
 async fn detach_underlay(underlay: &Underlay) {
-    if underlay.hook == Hook::Xdp {
-        if let Err(e) = xdp::detach(&underlay.iface).await {
-            warn!(iface = %underlay.iface, "detaching XDP: {e:#}");
-        }
+    if underlay.hook == Hook::Xdp
+        && let Err(e) = xdp::detach(&underlay.iface).await
+    {
+        warn!(iface = %underlay.iface, "detaching XDP: {e:#}");
     }
     if let Err(e) = detach_tc(&underlay.iface) {
         warn!(iface = %underlay.iface, "detaching TC: {e:#}");
