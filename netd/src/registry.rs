@@ -7,17 +7,25 @@
 
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaseKeepAliveStream,
-    LeaseKeeper, PutOptions, Txn, TxnOp, WatchOptions, WatchStream,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
+    WatchStream,
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("etcd at {endpoints}: {source}")]
+    #[error("etcd at {endpoints}")]
     Etcd {
         endpoints: String,
         source: etcd_client::Error,
+    },
+    #[error("reading {path}")]
+    Credentials {
+        path: PathBuf,
+        source: std::io::Error,
     },
     #[error("a different network config already exists at {key}: {existing}")]
     ConfigConflict { key: String, existing: String },
@@ -41,6 +49,72 @@ pub enum SubnetEvent {
     Delete(String),
 }
 
+/// How to reach etcd: endpoints, key prefix and credentials.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    /// CA certificate: turns TLS on.
+    pub ca_cert: Option<PathBuf>,
+    /// Client certificate and key for client-certificate authentication.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// User name and password for etcd's own authentication.
+    pub user: Option<(String, String)>,
+}
+
+impl Access {
+    fn options(&self) -> Result<ConnectOptions> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|source| RegistryError::Credentials {
+                path: path.clone(),
+                source,
+            })
+        };
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+        if self.ca_cert.is_some() || self.client_cert.is_some() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &self.ca_cert {
+                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            if let Some((cert, key)) = &self.client_cert {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            options = options.with_tls(tls);
+        }
+        if let Some((user, password)) = &self.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        Ok(options)
+    }
+}
+
+impl RegistryError {
+    /// Errors that retrying cannot fix: credentials, certificates, auth.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            RegistryError::Credentials { .. } | RegistryError::ConfigConflict { .. } => true,
+            RegistryError::Etcd { source, .. } => {
+                let text = format!("{source:?}").to_lowercase();
+                // Transport errors carry the TLS alert or auth status as text.
+                [
+                    "certificate",
+                    "tls",
+                    "authentication",
+                    "auth failed",
+                    "permission denied",
+                    "invalid auth",
+                    "pem",
+                ]
+                .iter()
+                .any(|needle| text.contains(needle))
+            }
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Registry {
     client: Client,
@@ -49,12 +123,10 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self> {
+    pub async fn connect(access: &Access) -> Result<Self> {
+        let (endpoints, prefix) = (&access.endpoints, &access.prefix);
         let joined = endpoints.join(",");
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+        let options = access.options()?;
         let client = Client::connect(endpoints, Some(options))
             .await
             .map_err(|source| RegistryError::Etcd {

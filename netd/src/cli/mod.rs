@@ -9,7 +9,7 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::datapath::Hook;
+use crate::{datapath::Hook, registry::Access};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -58,6 +58,22 @@ pub struct EtcdArgs {
     /// Key prefix of the network in etcd.
     #[arg(long, env = "NETD_ETCD_PREFIX")]
     pub etcd_prefix: Option<String>,
+    /// CA certificate of the etcd servers (PEM); turns TLS on.
+    #[arg(long, env = "NETD_ETCD_CACERT")]
+    pub etcd_cacert: Option<PathBuf>,
+    /// Client certificate (PEM) for client-certificate authentication.
+    #[arg(long, env = "NETD_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Key of the client certificate (PEM).
+    #[arg(long, env = "NETD_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user name; the password comes from NETD_ETCD_PASSWORD or
+    /// --etcd-password-file, never from a flag value that `ps` shows.
+    #[arg(long, env = "NETD_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+    /// File whose first line is the etcd password.
+    #[arg(long, env = "NETD_ETCD_PASSWORD_FILE")]
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:2379";
@@ -141,11 +157,38 @@ impl EtcdArgs {
             .clone()
             .unwrap_or_else(|| vec![DEFAULT_ENDPOINT.to_string()])
     }
+
     pub fn prefix(&self) -> String {
         self.etcd_prefix
             .clone()
             .unwrap_or_else(|| DEFAULT_PREFIX.to_string())
     }
+
+    /// Endpoints, prefix and credentials; a user needs a password.
+    pub fn access(&self) -> anyhow::Result<Access> {
+        let user = match &self.etcd_username {
+            None => None,
+            Some(user) => Some((user.clone(), password(self.etcd_password_file.as_deref())?)),
+        };
+        Ok(Access {
+            endpoints: self.endpoints(),
+            prefix: self.prefix(),
+            ca_cert: self.etcd_cacert.clone(),
+            client_cert: self.etcd_cert.clone().zip(self.etcd_key.clone()),
+            user,
+        })
+    }
+}
+
+fn password(file: Option<&std::path::Path>) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading etcd password file {}", path.display()))?;
+        return Ok(text.lines().next().unwrap_or("").to_string());
+    }
+    std::env::var("NETD_ETCD_PASSWORD")
+        .context("--etcd-username needs a password: set NETD_ETCD_PASSWORD or --etcd-password-file")
 }
 
 #[cfg(test)]

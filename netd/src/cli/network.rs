@@ -21,7 +21,7 @@ pub async fn init(args: NetworkInitArgs) -> Result<()> {
         ..NetworkConfig::new(args.network)
     };
     cfg.validate()?;
-    let mut registry = Registry::connect(&args.etcd.endpoints(), &args.etcd.prefix()).await?;
+    let mut registry = Registry::connect(&args.etcd.access()?).await?;
     let same = |existing: &[u8]| NetworkConfig::parse(existing).is_ok_and(|e| e == cfg);
     if registry.init_config(&cfg.to_json(), same).await? {
         println!("wrote {}: {}", registry.config_key(), cfg.to_json());
@@ -32,7 +32,7 @@ pub async fn init(args: NetworkInitArgs) -> Result<()> {
 }
 
 pub async fn show(args: EtcdArgs) -> Result<()> {
-    let mut registry = Registry::connect(&args.endpoints(), &args.prefix()).await?;
+    let mut registry = Registry::connect(&args.access()?).await?;
     match registry.get_config().await? {
         Some(json) => println!("{}", String::from_utf8_lossy(&json)),
         None => bail!("no network config at {}", registry.config_key()),

@@ -16,7 +16,7 @@ use crate::{
     datapath::{self, Hook, Maps, PinDir},
     lease::{Mac, gateway},
     netlink::{Link, Netlink},
-    registry::Registry,
+    registry::{Access, Registry},
     state::{EtcdHealth, NodeState, SubnetEnv},
     subnet::{self, Identity},
     sync::{self, Own},
@@ -29,8 +29,7 @@ const DEFAULT_LEASE_TTL: u64 = 60;
 
 /// Flags over `NETD_*` variables over the config file over defaults.
 struct Options {
-    endpoints: Vec<String>,
-    prefix: String,
+    etcd: Access,
     iface: Option<String>,
     public_ip: Option<Ipv4Addr>,
     decap: Hook,
@@ -63,17 +62,11 @@ impl Options {
         if lease_ttl < 3 {
             bail!("--lease-ttl must be at least 3 seconds");
         }
+        let mut etcd_args = args.etcd;
+        etcd_args.etcd_endpoints = etcd_args.etcd_endpoints.or(file.etcd_endpoints);
+        etcd_args.etcd_prefix = etcd_args.etcd_prefix.or(file.etcd_prefix);
         Ok(Options {
-            endpoints: args
-                .etcd
-                .etcd_endpoints
-                .or(file.etcd_endpoints)
-                .unwrap_or_else(|| vec![super::DEFAULT_ENDPOINT.into()]),
-            prefix: args
-                .etcd
-                .etcd_prefix
-                .or(file.etcd_prefix)
-                .unwrap_or_else(|| super::DEFAULT_PREFIX.into()),
+            etcd: etcd_args.access()?,
             iface: args.iface.or(file.iface),
             public_ip: args.public_ip.or(file.public_ip),
             decap,
@@ -104,7 +97,7 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
     datapath::prepare(&pin, run_dir).await?;
     let mut maps = Maps::open(&pin)?;
 
-    let mut registry = connect(&opts).await;
+    let mut registry = connect(&opts).await?;
     let cfg = network_config(&mut registry).await?;
     maps.set_config(&NodeConfig {
         vni: cfg.backend.vni,
@@ -203,24 +196,28 @@ async fn underlay_link(nl: &Netlink, iface: Option<&str>) -> Result<Link> {
     }
 }
 
-/// Connects to etcd, retrying until it answers: hosts may start first.
-async fn connect(opts: &Options) -> Registry {
+/// Connects to etcd, retrying until it answers (hosts may start first);
+/// bad credentials or certificates are fatal.
+async fn connect(opts: &Options) -> Result<Registry> {
     let mut delay = Duration::from_millis(200);
     loop {
-        match Registry::connect(&opts.endpoints, &opts.prefix).await {
-            Ok(registry) => return registry,
-            Err(e) => warn!("{e}; retrying in {delay:?}"),
+        match Registry::connect(&opts.etcd).await {
+            Ok(registry) => return Ok(registry),
+            Err(e) if e.is_permanent() => return Err(e.into()),
+            Err(e) => warn!("{:#}; retrying in {delay:?}", anyhow::Error::from(e)),
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
-/// Waits for the network config to exist; an invalid one is fatal.
+/// Waits for the network config to exist; an invalid one is fatal, and so
+/// is an etcd that refuses our certificate or credentials.
 async fn network_config(registry: &mut Registry) -> Result<NetworkConfig> {
     let mut logged = false;
     loop {
         match registry.get_config().await {
+            Err(e) if e.is_permanent() => return Err(e.into()),
             Ok(Some(json)) => {
                 return NetworkConfig::parse(&json).with_context(|| {
                     format!("invalid network config at {}", registry.config_key())
@@ -234,7 +231,7 @@ async fn network_config(registry: &mut Registry) -> Result<NetworkConfig> {
                 logged = true;
             }
             Ok(None) => {}
-            Err(e) => warn!("{e}"),
+            Err(e) => warn!("{:#}", anyhow::Error::from(e)),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
