@@ -20,6 +20,7 @@ use crate::{
     datapath::Maps,
     lease::{LeaseValue, parse_subnet_key},
     registry::{RawLease, Registry, SubnetEvent},
+    state::{EtcdHealth, NodeState},
 };
 
 /// This host's own lease, which is never programmed as a peer.
@@ -145,16 +146,33 @@ pub fn reconcile(maps: &mut Maps, desired: &BTreeMap<Ipv4Net, Peer>) -> Result<C
 
 /// Watches etcd forever, resyncing in full after compaction, cancellation
 /// or a lost connection.
+/// The kernel keeps the last programmed state while etcd is away, so the
+/// data plane goes on forwarding; `state` tells `netd status` about it.
 pub async fn run(
     mut registry: Registry,
     cfg: NetworkConfig,
     mut own: watch::Receiver<Own>,
     mut maps: Maps,
+    state: watch::Sender<NodeState>,
 ) {
     let mut rejections = Rejections::default();
     loop {
-        if let Err(e) = sync_once(&mut registry, &cfg, &mut own, &mut maps, &mut rejections).await {
+        let result = sync_once(
+            &mut registry,
+            &cfg,
+            &mut own,
+            &mut maps,
+            &mut rejections,
+            &state,
+        )
+        .await;
+        if let Err(e) = result {
             warn!("subnet sync interrupted: {e:#}; resyncing");
+            state.send_if_modified(|s| {
+                let was = s.etcd.reachable;
+                s.etcd.unreachable(&format!("{e:#}"));
+                was
+            });
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
@@ -166,8 +184,17 @@ async fn sync_once(
     own: &mut watch::Receiver<Own>,
     maps: &mut Maps,
     rejections: &mut Rejections,
+    state: &watch::Sender<NodeState>,
 ) -> Result<()> {
     let (list, revision) = registry.list_subnets().await?;
+    state.send_if_modified(|s| {
+        let was = s.etcd.reachable;
+        if !was {
+            info!("etcd reachable again; resynced");
+            s.etcd = EtcdHealth::reachable();
+        }
+        !was
+    });
     let mut leases: BTreeMap<String, RawLease> =
         list.into_iter().map(|l| (l.key.clone(), l)).collect();
     apply(cfg, *own.borrow(), &leases, maps, rejections, "resync")?;

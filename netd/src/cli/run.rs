@@ -164,7 +164,13 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
         subnet: held.subnet,
         public_ip,
     });
-    tokio::spawn(sync::run(registry.clone(), cfg.clone(), own_rx, maps));
+    tokio::spawn(sync::run(
+        registry.clone(),
+        cfg.clone(),
+        own_rx,
+        maps,
+        state_tx.clone(),
+    ));
     let mut holder = tokio::spawn(subnet::hold(registry, cfg, me, held, state_tx));
 
     info!(subnet = %held.subnet, %public_ip, iface = %underlay.name, ?hook, "netd running");
@@ -179,11 +185,23 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
                 Ok(Err(e)) => e,
                 Err(e) => e.into(),
             };
+            // Never forward for a subnet this host no longer holds.
+            if let Err(e) = disable_datapath(&pin) {
+                error!("could not disable the data path: {e:#}");
+            }
             error!("{err:#}");
             return Err(err);
         }
     }
     Ok(())
+}
+
+/// Makes the kernel programs pass everything to the stack untouched.
+fn disable_datapath(pin: &PinDir) -> Result<()> {
+    let mut maps = Maps::open(pin)?;
+    let mut config = maps.config()?;
+    config.enabled = 0;
+    maps.set_config(&config)
 }
 
 async fn underlay_link(nl: &Netlink, iface: Option<&str>) -> Result<Link> {

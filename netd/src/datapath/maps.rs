@@ -42,6 +42,10 @@ impl Maps {
         Ok(self.config.set(0, config, 0)?)
     }
 
+    pub fn config(&self) -> Result<NodeConfig> {
+        Ok(self.config.get(&0, 0)?)
+    }
+
     /// Remote subnets currently programmed.
     pub fn subnets(&self) -> Result<BTreeMap<Ipv4Net, Peer>> {
         let mut out = BTreeMap::new();
