@@ -47,8 +47,11 @@ counters! {
     /// Plain IPv4 from the underlay for a local container (direct routing,
     /// or a frame XDP already decapsulated): delivered by TC.
     UnderlayDelivered = 13 => "underlay_delivered",
+    /// From a container, routed to a peer on the same L2 segment without
+    /// encapsulation (host-gw, or VXLAN with DirectRouting).
+    RoutedDirect = 14 => "routed_direct",
 }
 
 impl Counter {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
 }

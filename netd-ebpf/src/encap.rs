@@ -5,12 +5,16 @@ use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
         BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1,
     },
     helpers::{bpf_get_hash_recalc, bpf_redirect_neigh, bpf_redirect_peer},
     maps::lpm_trie::Key,
     programs::TcContext,
 };
-use netd_common::{Counter, Endpoint, NodeConfig, Peer};
+use netd_common::{Counter, Endpoint, NodeConfig, Peer, PeerMode};
+
+/// `AF_INET`, for the next-hop family.
+const AF_INET: u32 = 2;
 
 use crate::{
     headers::*,
@@ -46,6 +50,9 @@ pub fn from_container(ctx: &TcContext) -> i32 {
     }
     if let Some(peer) = SUBNETS.get(&Key::new(32, dst)) {
         let peer = *peer;
+        if peer.mode == PeerMode::Direct as u8 {
+            return route_direct(cfg, &peer);
+        }
         return encapsulate(ctx, cfg, &peer);
     }
     count(Counter::ContainerToStack);
@@ -61,6 +68,26 @@ fn deliver_local(eth: *mut EthHdr, ep: &Endpoint) -> i32 {
     }
     count(Counter::LocalDelivered);
     unsafe { bpf_redirect_peer(ep.ifindex, 0) as i32 }
+}
+
+/// A peer on our L2 segment: no encapsulation, the peer's underlay address
+/// is the next hop and the neighbour table supplies its MAC.
+#[inline(always)]
+fn route_direct(cfg: &NodeConfig, peer: &Peer) -> i32 {
+    let mut nh = bpf_redir_neigh {
+        nh_family: AF_INET,
+        __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
+            ipv4_nh: u32::from_ne_bytes(peer.public_ip),
+        },
+    };
+    let size = core::mem::size_of::<bpf_redir_neigh>() as i32;
+    let rc = unsafe { bpf_redirect_neigh(cfg.underlay_ifindex, &mut nh, size, 0) };
+    if rc < 0 {
+        count(Counter::DropRedirectFailed);
+        return TC_ACT_SHOT as i32;
+    }
+    count(Counter::RoutedDirect);
+    rc as i32
 }
 
 /// Pushes outer Ethernet/IPv4/UDP/VXLAN and an inner Ethernet header, then

@@ -29,7 +29,7 @@ pub enum ConfigError {
     },
     #[error("SubnetMin {min} is above SubnetMax {max}")]
     EmptyRange { min: Ipv4Addr, max: Ipv4Addr },
-    #[error("backend type {0:?} is not supported (supported: \"vxlan\")")]
+    #[error("backend type {0:?} is not supported (supported: \"vxlan\", \"host-gw\")")]
     Backend(String),
     #[error("VNI {0} does not fit in 24 bits")]
     Vni(u32),
@@ -59,7 +59,19 @@ pub struct Backend {
     pub vni: u32,
     #[serde(rename = "Port", default = "default_port")]
     pub port: u16,
+    /// VXLAN only: route directly (no encapsulation) to peers on a
+    /// directly connected subnet, as flannel's option of the same name.
+    #[serde(
+        rename = "DirectRouting",
+        default,
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub direct_routing: bool,
 }
+
+/// Backend type names, as flannel spells them.
+pub const VXLAN: &str = "vxlan";
+pub const HOST_GW: &str = "host-gw";
 
 impl Default for Backend {
     fn default() -> Self {
@@ -67,6 +79,7 @@ impl Default for Backend {
             kind: default_backend(),
             vni: DEFAULT_VNI,
             port: DEFAULT_PORT,
+            direct_routing: false,
         }
     }
 }
@@ -115,7 +128,7 @@ impl NetworkConfig {
                 network_len,
             });
         }
-        if self.backend.kind != "vxlan" {
+        if self.backend.kind != VXLAN && self.backend.kind != HOST_GW {
             return Err(ConfigError::Backend(self.backend.kind.clone()));
         }
         if self.backend.vni >= 1 << 24 {
@@ -254,6 +267,21 @@ mod tests {
         assert!(cfg.is_leasable(&"10.5.1.64/26".parse().unwrap()));
         assert!(!cfg.is_leasable(&"10.5.0.64/26".parse().unwrap()));
         assert!(!cfg.is_leasable(&"10.5.1.0/24".parse().unwrap()));
+    }
+
+    #[test]
+    fn direct_routing_and_host_gw() {
+        let cfg = NetworkConfig::parse(
+            br#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#,
+        )
+        .unwrap();
+        assert!(cfg.backend.direct_routing);
+        assert!(cfg.to_json().contains(r#""DirectRouting":true"#));
+        let cfg =
+            NetworkConfig::parse(br#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#)
+                .unwrap();
+        assert_eq!(cfg.backend.kind, HOST_GW);
+        assert!(!cfg.to_json().contains("DirectRouting"));
     }
 
     #[test]

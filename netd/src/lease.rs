@@ -16,8 +16,10 @@ pub enum LeaseError {
     HostBits(String),
     #[error("lease value is not valid JSON: {0}")]
     Json(String),
-    #[error("backend type {0:?} is not vxlan")]
-    Backend(String),
+    #[error("backend type {0:?} is not this network's {1:?}")]
+    Backend(String, String),
+    #[error("vxlan lease without BackendData.VtepMAC")]
+    NoVtep,
     #[error("VtepMAC {0:?} is not a MAC address")]
     Mac(String),
 }
@@ -90,8 +92,13 @@ pub struct LeaseValue {
     pub public_ip: Ipv4Addr,
     #[serde(rename = "BackendType")]
     pub backend_type: String,
-    #[serde(rename = "BackendData")]
-    pub backend_data: VxlanData,
+    /// Absent (or null) for host-gw.
+    #[serde(
+        rename = "BackendData",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backend_data: Option<VxlanData>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,14 +110,31 @@ pub struct VxlanData {
 }
 
 impl LeaseValue {
-    pub fn new(public_ip: Ipv4Addr, vni: u32, vtep: Mac) -> Self {
+    pub fn vxlan(public_ip: Ipv4Addr, vni: u32, vtep: Mac) -> Self {
         LeaseValue {
             public_ip,
-            backend_type: "vxlan".into(),
-            backend_data: VxlanData {
+            backend_type: crate::config::VXLAN.into(),
+            backend_data: Some(VxlanData {
                 vni,
                 vtep_mac: vtep.to_string(),
-            },
+            }),
+        }
+    }
+
+    pub fn host_gw(public_ip: Ipv4Addr) -> Self {
+        LeaseValue {
+            public_ip,
+            backend_type: crate::config::HOST_GW.into(),
+            backend_data: None,
+        }
+    }
+
+    /// This host's lease for the network's backend.
+    pub fn for_backend(cfg: &NetworkConfig, public_ip: Ipv4Addr, vtep: Mac) -> Self {
+        if cfg.backend.kind == crate::config::HOST_GW {
+            Self::host_gw(public_ip)
+        } else {
+            Self::vxlan(public_ip, cfg.backend.vni, vtep)
         }
     }
 
@@ -118,15 +142,27 @@ impl LeaseValue {
         serde_json::to_string(self).expect("lease serialises")
     }
 
-    /// Parses a value from etcd; anything we could not program is an error.
-    pub fn parse(json: &[u8]) -> Result<(Self, Mac), LeaseError> {
+    /// Parses a value from etcd, with its VTEP MAC for vxlan leases.
+    pub fn parse(json: &[u8]) -> Result<(Self, Option<Mac>), LeaseError> {
         let value: LeaseValue =
             serde_json::from_slice(json).map_err(|e| LeaseError::Json(e.to_string()))?;
-        if value.backend_type != "vxlan" {
-            return Err(LeaseError::Backend(value.backend_type));
-        }
-        let mac = value.backend_data.vtep_mac.parse()?;
+        let mac = match (&value.backend_type[..], &value.backend_data) {
+            (crate::config::VXLAN, Some(data)) => Some(data.vtep_mac.parse()?),
+            (crate::config::VXLAN, None) => return Err(LeaseError::NoVtep),
+            _ => None,
+        };
         Ok((value, mac))
+    }
+
+    /// Checks the lease is of the network's backend.
+    pub fn expect_backend(&self, kind: &str) -> Result<(), LeaseError> {
+        if self.backend_type != kind {
+            return Err(LeaseError::Backend(
+                self.backend_type.clone(),
+                kind.to_string(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -254,7 +290,7 @@ mod tests {
 
     #[test]
     fn value_matches_flannel() {
-        let v = LeaseValue::new(
+        let v = LeaseValue::vxlan(
             "198.18.0.1".parse().unwrap(),
             1,
             Mac([0x0e, 0x6e, 198, 18, 0, 1]),
@@ -267,9 +303,25 @@ mod tests {
         let flannel = br#"{"PublicIP":"198.18.0.9","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"a6:1b:2c:3d:4e:5f"}}"#;
         let (value, mac) = LeaseValue::parse(flannel).unwrap();
         assert_eq!(value.public_ip, "198.18.0.9".parse::<Ipv4Addr>().unwrap());
-        assert_eq!(mac.to_string(), "a6:1b:2c:3d:4e:5f");
+        assert_eq!(mac.unwrap().to_string(), "a6:1b:2c:3d:4e:5f");
+        // host-gw leases carry no BackendData.
+        let hostgw = LeaseValue::host_gw("198.18.0.3".parse().unwrap());
+        assert_eq!(
+            hostgw.to_json(),
+            r#"{"PublicIP":"198.18.0.3","BackendType":"host-gw"}"#
+        );
+        let (parsed, mac) = LeaseValue::parse(
+            br#"{"PublicIP":"198.18.0.3","BackendType":"host-gw","BackendData":null}"#,
+        )
+        .unwrap();
+        assert_eq!((parsed, mac), (hostgw, None));
+        assert!(matches!(
+            LeaseValue::parse(br#"{"PublicIP":"1.2.3.4","BackendType":"vxlan"}"#),
+            Err(LeaseError::NoVtep)
+        ));
         assert!(LeaseValue::parse(b"{}").is_err());
-        assert!(LeaseValue::parse(br#"{"PublicIP":"1.2.3.4","BackendType":"udp","BackendData":{"VtepMAC":"a6:1b:2c:3d:4e:5f"}}"#).is_err());
+        let (udp, _) = LeaseValue::parse(br#"{"PublicIP":"1.2.3.4","BackendType":"udp","BackendData":{"VtepMAC":"a6:1b:2c:3d:4e:5f"}}"#).unwrap();
+        assert!(udp.expect_backend("vxlan").is_err());
         assert!(LeaseValue::parse(br#"{"PublicIP":"1.2.3.4","BackendType":"vxlan","BackendData":{"VtepMAC":"bogus"}}"#).is_err());
     }
 

@@ -134,20 +134,31 @@ impl Netlink {
 
     /// The first IPv4 address on an interface.
     pub async fn first_ipv4(&self, index: u32) -> Result<Option<Ipv4Addr>> {
+        Ok(self
+            .ipv4_prefixes(index)
+            .await?
+            .first()
+            .map(|net| net.addr()))
+    }
+
+    /// The IPv4 addresses on an interface, with their prefix lengths: the
+    /// subnets directly connected through it.
+    pub async fn ipv4_prefixes(&self, index: u32) -> Result<Vec<Ipv4Net>> {
         let mut addrs = self
             .handle
             .address()
             .get()
             .set_link_index_filter(index)
             .execute();
+        let mut out = Vec::new();
         while let Some(msg) = addrs.try_next().await? {
             for attr in &msg.attributes {
                 if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
-                    return Ok(Some(*ip));
+                    out.push(Ipv4Net::new(*ip, msg.header.prefix_len)?);
                 }
             }
         }
-        Ok(None)
+        Ok(out)
     }
 
     pub async fn create_veth(&self, name: &str, peer: &str) -> Result<()> {

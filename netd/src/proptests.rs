@@ -103,10 +103,10 @@ proptest! {
     #[test]
     fn lease_values_round_trip(ip in any::<u32>(), vni in 0u32..(1 << 24), mac in any::<[u8; 6]>()) {
         let mac = Mac([mac[0] & 0xfe, mac[1], mac[2], mac[3], mac[4], mac[5]]);
-        let value = LeaseValue::new(Ipv4Addr::from(ip), vni, mac);
+        let value = LeaseValue::vxlan(Ipv4Addr::from(ip), vni, mac);
         let (parsed, parsed_mac) = LeaseValue::parse(value.to_json().as_bytes()).unwrap();
         prop_assert_eq!(parsed, value);
-        prop_assert_eq!(parsed_mac, mac);
+        prop_assert_eq!(parsed_mac, Some(mac));
     }
 
     #[test]

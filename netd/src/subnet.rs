@@ -38,7 +38,7 @@ pub async fn acquire(
     me: &Identity,
     recorded: Option<Ipv4Net>,
 ) -> Result<Held> {
-    let value = LeaseValue::new(me.public_ip, cfg.backend.vni, me.vtep_mac).to_json();
+    let value = LeaseValue::for_backend(cfg, me.public_ip, me.vtep_mac).to_json();
     for _ in 0..MAX_RACES {
         let (leases, _) = registry.list_subnets().await?;
         let existing: Vec<(Ipv4Net, Option<Ipv4Addr>, i64)> = leases

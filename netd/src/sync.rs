@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    config::NetworkConfig,
+    config::{HOST_GW, NetworkConfig},
     datapath::Maps,
     lease::{LeaseValue, parse_subnet_key},
     registry::{RawLease, Registry, SubnetEvent},
@@ -44,16 +44,28 @@ impl Rejections {
     }
 }
 
+/// Subnets directly connected to the underlay NIC: peers inside them can
+/// be reached without encapsulation.
+#[derive(Debug, Clone, Default)]
+pub struct Connected(pub Vec<Ipv4Net>);
+
+impl Connected {
+    fn contains(&self, ip: Ipv4Addr) -> bool {
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+}
+
 /// The remote subnets the kernel should know, from every lease in etcd.
 pub fn desired<'a>(
     cfg: &NetworkConfig,
     own: Own,
+    connected: &Connected,
     leases: impl IntoIterator<Item = &'a RawLease>,
     rejections: &mut Rejections,
 ) -> BTreeMap<Ipv4Net, Peer> {
     let mut out = BTreeMap::new();
     for lease in leases {
-        match peer_of(cfg, own, lease) {
+        match peer_of(cfg, own, connected, lease) {
             Ok(Some((subnet, peer))) => {
                 if let Some((taken, _)) = out
                     .iter()
@@ -79,6 +91,7 @@ fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
 fn peer_of(
     cfg: &NetworkConfig,
     own: Own,
+    connected: &Connected,
     lease: &RawLease,
 ) -> Result<Option<(Ipv4Net, Peer)>, String> {
     let subnet = parse_subnet_key(&lease.key).map_err(|e| e.to_string())?;
@@ -95,13 +108,30 @@ fn peer_of(
         return Err(format!("overlaps this host's {}", own.subnet));
     }
     let (value, mac) = LeaseValue::parse(&lease.value).map_err(|e| e.to_string())?;
+    value
+        .expect_backend(&cfg.backend.kind)
+        .map_err(|e| e.to_string())?;
     if value.public_ip == own.public_ip {
         return Err(format!("claims this host's public IP {}", own.public_ip));
     }
+    let direct = connected.contains(value.public_ip);
+    let mode = if cfg.backend.kind == HOST_GW {
+        if !direct {
+            return Err(format!(
+                "host-gw peer {} is not on a directly connected subnet: it cannot be reached without encapsulation",
+                value.public_ip
+            ));
+        }
+        PeerMode::Direct
+    } else if cfg.backend.direct_routing && direct {
+        PeerMode::Direct
+    } else {
+        PeerMode::Vxlan
+    };
     let peer = Peer {
         public_ip: value.public_ip.octets(),
-        vtep_mac: mac.0,
-        mode: PeerMode::Vxlan as u8,
+        vtep_mac: mac.map_or([0; 6], |m| m.0),
+        mode: mode as u8,
         _pad: 0,
     };
     Ok(Some((subnet, peer)))
@@ -152,14 +182,19 @@ pub async fn run(
     mut registry: Registry,
     cfg: NetworkConfig,
     mut own: watch::Receiver<Own>,
+    connected: Connected,
     mut maps: Maps,
     state: watch::Sender<NodeState>,
 ) {
     let mut rejections = Rejections::default();
+    let view = View {
+        cfg: &cfg,
+        connected: &connected,
+    };
     loop {
         let result = sync_once(
             &mut registry,
-            &cfg,
+            view,
             &mut own,
             &mut maps,
             &mut rejections,
@@ -178,9 +213,16 @@ pub async fn run(
     }
 }
 
+/// What lease validation needs besides the leases themselves.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    cfg: &'a NetworkConfig,
+    connected: &'a Connected,
+}
+
 async fn sync_once(
     registry: &mut Registry,
-    cfg: &NetworkConfig,
+    view: View<'_>,
     own: &mut watch::Receiver<Own>,
     maps: &mut Maps,
     rejections: &mut Rejections,
@@ -197,7 +239,7 @@ async fn sync_once(
     });
     let mut leases: BTreeMap<String, RawLease> =
         list.into_iter().map(|l| (l.key.clone(), l)).collect();
-    apply(cfg, *own.borrow(), &leases, maps, rejections, "resync")?;
+    apply(view, *own.borrow(), &leases, maps, rejections, "resync")?;
 
     let mut stream = registry.watch_subnets(revision + 1).await?;
     loop {
@@ -218,25 +260,25 @@ async fn sync_once(
                         SubnetEvent::Delete(key) => { leases.remove(&key); }
                     }
                 }
-                apply(cfg, *own.borrow(), &leases, maps, rejections, "watch")?;
+                apply(view, *own.borrow(), &leases, maps, rejections, "watch")?;
             }
             changed = own.changed() => {
                 changed?;
-                apply(cfg, *own.borrow(), &leases, maps, rejections, "own lease")?;
+                apply(view, *own.borrow(), &leases, maps, rejections, "own lease")?;
             }
         }
     }
 }
 
 fn apply(
-    cfg: &NetworkConfig,
+    view: View<'_>,
     own: Own,
     leases: &BTreeMap<String, RawLease>,
     maps: &mut Maps,
     rejections: &mut Rejections,
     why: &str,
 ) -> Result<()> {
-    let want = desired(cfg, own, leases.values(), rejections);
+    let want = desired(view.cfg, own, view.connected, leases.values(), rejections);
     let changes = reconcile(maps, &want)?;
     if changes != Changes::default() {
         info!(
@@ -287,7 +329,7 @@ mod tests {
             lease("10.244.6.0-24", &value("198.18.0.6")), // good
         ];
         let mut rejections = Rejections::default();
-        let want = desired(&cfg, own, &leases, &mut rejections);
+        let want = desired(&cfg, own, &Connected::default(), &leases, &mut rejections);
         let subnets: Vec<String> = want.keys().map(|s| s.to_string()).collect();
         assert_eq!(subnets, ["10.244.2.0/24", "10.244.6.0/24"]);
         assert_eq!(
@@ -295,5 +337,86 @@ mod tests {
             [198, 18, 0, 2]
         );
         assert_eq!(rejections.seen.len(), 6);
+    }
+}
+
+#[cfg(test)]
+mod direct {
+    use super::*;
+
+    fn lease(key: &str, json: &str) -> RawLease {
+        RawLease {
+            key: key.into(),
+            value: json.as_bytes().to_vec(),
+            mod_revision: 1,
+        }
+    }
+
+    fn own() -> Own {
+        Own {
+            subnet: "10.244.1.0/24".parse().unwrap(),
+            public_ip: "198.18.0.1".parse().unwrap(),
+        }
+    }
+
+    fn modes(cfg: &str, leases: &[RawLease]) -> (Vec<(String, u8)>, usize) {
+        let cfg = NetworkConfig::parse(cfg.as_bytes()).unwrap();
+        let connected = Connected(vec!["198.18.0.0/24".parse().unwrap()]);
+        let mut rejections = Rejections::default();
+        let want = desired(&cfg, own(), &connected, leases, &mut rejections);
+        (
+            want.iter().map(|(s, p)| (s.to_string(), p.mode)).collect(),
+            rejections.seen.len(),
+        )
+    }
+
+    const VTEP: &str = r#""BackendData":{"VNI":1,"VtepMAC":"0e:6e:00:00:00:01"}"#;
+
+    #[test]
+    fn vxlan_direct_routing_picks_per_peer() {
+        let near = lease(
+            "10.244.2.0-24",
+            &format!(r#"{{"PublicIP":"198.18.0.2","BackendType":"vxlan",{VTEP}}}"#),
+        );
+        let far = lease(
+            "10.244.3.0-24",
+            &format!(r#"{{"PublicIP":"198.19.5.3","BackendType":"vxlan",{VTEP}}}"#),
+        );
+        let leases = [near, far];
+        let direct =
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#;
+        let (got, rejected) = modes(direct, &leases);
+        let want = [
+            ("10.244.2.0/24".to_string(), PeerMode::Direct as u8),
+            ("10.244.3.0/24".to_string(), PeerMode::Vxlan as u8),
+        ];
+        assert_eq!(got, want);
+        assert_eq!(rejected, 0);
+        let (got, _) = modes(r#"{"Network":"10.244.0.0/16"}"#, &leases);
+        assert!(got.iter().all(|(_, m)| *m == PeerMode::Vxlan as u8));
+    }
+
+    #[test]
+    fn host_gw_rejects_peers_behind_a_router() {
+        let leases = [
+            lease(
+                "10.244.2.0-24",
+                r#"{"PublicIP":"198.18.0.2","BackendType":"host-gw"}"#,
+            ),
+            lease(
+                "10.244.3.0-24",
+                r#"{"PublicIP":"198.19.5.3","BackendType":"host-gw"}"#,
+            ),
+            lease(
+                "10.244.4.0-24",
+                &format!(r#"{{"PublicIP":"198.18.0.4","BackendType":"vxlan",{VTEP}}}"#),
+            ),
+        ];
+        let (got, rejected) = modes(
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}}"#,
+            &leases,
+        );
+        assert_eq!(got, [("10.244.2.0/24".to_string(), PeerMode::Direct as u8)]);
+        assert_eq!(rejected, 2, "the routed peer and the vxlan lease");
     }
 }

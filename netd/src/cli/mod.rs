@@ -125,6 +125,12 @@ pub struct NetworkInitArgs {
     pub vni: u32,
     #[arg(long, default_value_t = crate::config::DEFAULT_PORT)]
     pub port: u16,
+    /// Backend: vxlan, or host-gw (direct routing to every peer).
+    #[arg(long, default_value = crate::config::VXLAN, value_parser = [crate::config::VXLAN, crate::config::HOST_GW])]
+    pub backend: String,
+    /// VXLAN: route directly to peers on a directly connected subnet.
+    #[arg(long)]
+    pub direct_routing: bool,
 }
 
 #[derive(Debug, Args)]

@@ -14,9 +14,10 @@ pub async fn init(args: NetworkInitArgs) -> Result<()> {
         subnet_min: args.subnet_min,
         subnet_max: args.subnet_max,
         backend: Backend {
-            kind: "vxlan".into(),
+            kind: args.backend,
             vni: args.vni,
             port: args.port,
+            direct_routing: args.direct_routing,
         },
         ..NetworkConfig::new(args.network)
     };

@@ -19,7 +19,7 @@ use crate::{
     registry::{Access, Registry},
     state::{EtcdHealth, NodeState, SubnetEnv},
     subnet::{self, Identity},
-    sync::{self, Own},
+    sync::{self, Connected, Own},
 };
 
 /// Holds each host's gateway address (as /32, so no route comes with it):
@@ -164,10 +164,12 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
         subnet: held.subnet,
         public_ip,
     });
+    let connected = Connected(nl.ipv4_prefixes(underlay.index).await?);
     tokio::spawn(sync::run(
         registry.clone(),
         cfg.clone(),
         own_rx,
+        connected,
         maps,
         state_tx.clone(),
     ));
