@@ -185,22 +185,28 @@ pub enum Choice {
     Exhausted,
 }
 
-/// Allocation policy: our existing lease first, then the subnet recorded by a
-/// previous run if still free, then a random free one.
+/// Allocation policy: the subnet recorded by a previous run (taken back if
+/// its lease is ours, created if free), else a lease in etcd that carries
+/// our public IP (a run directory that was lost), else a random free one.
 pub fn choose(cfg: &NetworkConfig, claim: &Claim<'_>, rng: &mut impl rand::Rng) -> Choice {
-    if let Some((subnet, _)) = claim
-        .existing
-        .iter()
-        .find(|(s, ip)| *ip == Some(claim.public_ip) && cfg.is_leasable(s))
-    {
-        return Choice::Reclaim(*subnet);
-    }
+    let ours =
+        |s: &Ipv4Net, ip: &Option<Ipv4Addr>| *ip == Some(claim.public_ip) && cfg.is_leasable(s);
     let taken: HashSet<Ipv4Net> = claim.existing.iter().map(|(s, _)| *s).collect();
-    if let Some(recorded) = claim.recorded
-        && cfg.is_leasable(&recorded)
-        && !taken.contains(&recorded)
-    {
-        return Choice::Create(recorded);
+    if let Some(recorded) = claim.recorded.filter(|r| cfg.is_leasable(r)) {
+        // The subnet our containers are numbered in comes first.
+        if claim
+            .existing
+            .iter()
+            .any(|(s, ip)| *s == recorded && ours(s, ip))
+        {
+            return Choice::Reclaim(recorded);
+        }
+        if !taken.contains(&recorded) {
+            return Choice::Create(recorded);
+        }
+    }
+    if let Some((subnet, _)) = claim.existing.iter().find(|(s, ip)| ours(s, ip)) {
+        return Choice::Reclaim(*subnet);
     }
     random_free(cfg, &taken, rng).map_or(Choice::Exhausted, Choice::Create)
 }
@@ -338,12 +344,26 @@ mod tests {
         ];
         let claim = Claim {
             public_ip: me,
-            recorded: Some(net("10.244.3.0/24")),
+            recorded: None,
             existing: &existing,
         };
         assert_eq!(
             choose(&cfg, &claim, &mut rng),
             Choice::Reclaim(net("10.244.2.0/24"))
+        );
+        // A lease claiming our IP does not beat the subnet we recorded.
+        let existing = [
+            (net("10.244.1.0/24"), Some(me)),
+            (net("10.244.3.0/24"), Some(me)),
+        ];
+        let claim = Claim {
+            public_ip: me,
+            recorded: Some(net("10.244.3.0/24")),
+            existing: &existing,
+        };
+        assert_eq!(
+            choose(&cfg, &claim, &mut rng),
+            Choice::Reclaim(net("10.244.3.0/24"))
         );
 
         let existing = [(net("10.244.1.0/24"), Some(other))];

@@ -19,10 +19,12 @@ pub struct Container {
     pub ip: Ipv4Addr,
 }
 
+/// Fields drop in order: daemons stop cleanly (SIGTERM, logs kept) and
+/// containers go before the topology removes the namespaces.
 pub struct Cluster {
-    pub topo: Topology,
     pub daemons: Vec<Option<Daemon>>,
     pub containers: Vec<Container>,
+    pub topo: Topology,
     decap: String,
     extra_args: Vec<String>,
 }
