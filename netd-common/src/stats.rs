@@ -50,8 +50,11 @@ counters! {
     /// From a container, routed to a peer on the same L2 segment without
     /// encapsulation (host-gw, or VXLAN with DirectRouting).
     RoutedDirect = 14 => "routed_direct",
+    /// Dropped: IPv4 from a container with a source address or MAC that is
+    /// not its own.
+    DropSpoofed = 15 => "drop_spoofed",
 }
 
 impl Counter {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 }

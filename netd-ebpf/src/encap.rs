@@ -43,6 +43,10 @@ pub fn from_container(ctx: &TcContext) -> i32 {
         count(Counter::DropMalformed);
         return TC_ACT_SHOT as i32;
     };
+    if !is_own_source(ctx, eth, ip) {
+        count(Counter::DropSpoofed);
+        return TC_ACT_SHOT as i32;
+    }
     let dst = unsafe { (*ip).daddr };
 
     if let Some(ep) = maps::endpoint(dst) {
@@ -57,6 +61,17 @@ pub fn from_container(ctx: &TcContext) -> i32 {
     }
     count(Counter::ContainerToStack);
     TC_ACT_OK as i32
+}
+
+/// A container may only send from the address and MAC it was given, on its
+/// own veth: no spoofing another container or host.
+#[inline(always)]
+fn is_own_source(ctx: &TcContext, eth: *const EthHdr, ip: *const Ipv4Hdr) -> bool {
+    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    match maps::endpoint(unsafe { (*ip).saddr }) {
+        Some(ep) => ep.ifindex == ingress && ep.mac == unsafe { (*eth).src },
+        None => false,
+    }
 }
 
 /// Container to container on this host: straight into the peer namespace.

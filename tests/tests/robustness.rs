@@ -320,6 +320,9 @@ struct Runner<'a> {
     dir: tempfile::TempDir,
     runs: Cell<u32>,
     counters: BTreeMap<String, u64>,
+    /// `ingress_ifindex` given to the program (`__sk_buff` context), so
+    /// that a container's packet arrives on its own veth.
+    ingress_ifindex: Option<u32>,
 }
 
 /// What a run must do.
@@ -343,6 +346,7 @@ impl<'a> Runner<'a> {
             dir: tempfile::tempdir().unwrap(),
             runs: Cell::new(0),
             counters: cluster.counters(host),
+            ingress_ifindex: None,
         }
     }
 
@@ -376,7 +380,7 @@ impl<'a> Runner<'a> {
             data_in.display().to_string(),
             data_out.display().to_string(),
         );
-        let out = self.cluster.host(self.host).ns().exec(&[
+        let mut args = vec![
             "bpftool",
             "prog",
             "run",
@@ -388,9 +392,17 @@ impl<'a> Runner<'a> {
             &o,
             "data_size_out",
             "4096",
-            "repeat",
-            "1",
-        ]);
+        ];
+        // struct __sk_buff up to ingress_ifindex (offset 36); the rest zero.
+        let ctx_in = self.dir.path().join("ctx").display().to_string();
+        if let Some(ifindex) = self.ingress_ifindex {
+            let mut ctx = vec![0u8; 40];
+            ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+            std::fs::write(&ctx_in, ctx).unwrap();
+            args.extend(["ctx_in", &ctx_in]);
+        }
+        args.extend(["repeat", "1"]);
+        let out = self.cluster.host(self.host).ns().exec(&args);
         (out, std::fs::read(&data_out).unwrap_or_default())
     }
 
@@ -694,8 +706,12 @@ fn prog_run_on_crafted_and_truncated_frames() {
     );
 
     // from_container on host 0: a packet to the container on host 1, and
-    // every truncation of it.
+    // every truncation of it, arriving on container 0's veth.
     let fc = "from_container";
+    let c0_ifindex = cluster.status(0)["endpoints"][0]["host_ifindex"]
+        .as_u64()
+        .expect("endpoint ifindex") as u32;
+    r.ingress_ifindex = Some(c0_ifindex);
     let packet = eth(
         c0_host_mac,
         c0_mac,
@@ -792,6 +808,43 @@ fn prog_run_on_crafted_and_truncated_frames() {
         &eth(c0_host_mac, c0_mac, ETH_P_IPV6, &ipv6_udp(53)),
         Want::Verdict(TC_ACT_OK, Some("container_to_stack")),
     );
+
+    // Spoofing: another container's address, another MAC, another veth.
+    let from = |src: Ipv4Addr, mac: [u8; 6]| {
+        eth(
+            c0_host_mac,
+            mac,
+            ETH_P_IP,
+            &ipv4(src, ip1, UDP, &udp(40002, 5555, &[])),
+        )
+    };
+    let spoofed = Want::Verdict(TC_ACT_SHOT, Some("drop_spoofed"));
+    r.check(
+        "source IP of another container",
+        fc,
+        &from(ip1, c0_mac),
+        spoofed,
+    );
+    r.check(
+        "source IP off the overlay",
+        fc,
+        &from("192.0.2.7".parse().unwrap(), c0_mac),
+        spoofed,
+    );
+    r.check(
+        "own IP, foreign MAC",
+        fc,
+        &from(ip0, [2, 0, 0, 0, 0, 9]),
+        spoofed,
+    );
+    r.ingress_ifindex = Some(c0_ifindex + 1000);
+    r.check(
+        "own IP and MAC, another veth",
+        fc,
+        &from(ip0, c0_mac),
+        spoofed,
+    );
+    r.ingress_ifindex = Some(c0_ifindex);
 
     let runs = r.runs.get();
     eprintln!("{runs} bpftool runs");
