@@ -131,14 +131,22 @@ pub fn flow_src_port(hash: u32) -> u16 {
 /// The 64 bytes in front of the inner IPv4 header. Lengths saturate: for a
 /// GSO packet the kernel rewrites them per segment anyway.
 #[inline(always)]
-pub fn encap_header(cfg: &NodeConfig, peer: &Peer, inner_len: usize, src_port: u16) -> EncapHdr {
+pub fn encap_header(
+    cfg: &NodeConfig,
+    peer: &Peer,
+    inner_len: usize,
+    src_port: u16,
+    ip_id: u16,
+) -> EncapHdr {
     let ip_len = (inner_len + ENCAP_LEN).min(0xffff) as u16;
     let udp_len = (inner_len + UDP_HLEN + VXLAN_HLEN + ETH_HLEN).min(0xffff) as u16;
     let mut ip = Ipv4Hdr {
         ver_ihl: 0x45,
         tos: 0,
         tot_len: ip_len.to_be(),
-        id: 0,
+        // DF clear, as a kernel vxlan device sends: the ID must vary
+        // (RFC 6864) for the underlay to reassemble fragments safely.
+        id: ip_id.to_be(),
         frag_off: 0,
         ttl: 64,
         proto: IPPROTO_UDP,
@@ -242,7 +250,7 @@ mod tests {
     #[test]
     fn encap_header_is_what_a_vxlan_peer_expects() {
         let inner_len = 84; // an ICMP echo: 20 + 8 + 56
-        let hdr = encap_header(&config(), &peer(), inner_len, 40000);
+        let hdr = encap_header(&config(), &peer(), inner_len, 40000, 0x1234);
         let b = bytes(&hdr);
         assert_eq!(b.len(), 64);
         // Outer Ethernet: source is the underlay NIC, type IPv4.
@@ -252,6 +260,7 @@ mod tests {
         let ip = &b[14..34];
         assert_eq!(ip[0], 0x45);
         assert_eq!(u16::from_be_bytes([ip[2], ip[3]]) as usize, inner_len + 50);
+        assert_eq!(&ip[4..8], &[0x12, 0x34, 0, 0], "ID, no DF, no fragment");
         assert_eq!(ip[8], 64);
         assert_eq!(ip[9], 17);
         assert_eq!(&ip[12..16], &[198, 18, 0, 1]);
@@ -276,7 +285,7 @@ mod tests {
 
     #[test]
     fn lengths_saturate_for_gso_packets() {
-        let hdr = encap_header(&config(), &peer(), 70000, 1);
+        let hdr = encap_header(&config(), &peer(), 70000, 1, 0);
         assert_eq!(u16::from_be(hdr.ip.tot_len), 0xffff);
         assert_eq!(u16::from_be(hdr.udp.len), 0xffff);
     }

@@ -9,14 +9,15 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
         xdp_action,
     },
-    helpers::{bpf_redirect, bpf_redirect_peer, bpf_xdp_adjust_head},
+    helpers::{bpf_redirect, bpf_redirect_peer, bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
+    maps::lpm_trie::Key,
     programs::{TcContext, XdpContext},
 };
-use netd_common::{Counter, Endpoint};
+use netd_common::{Counter, Endpoint, PeerMode};
 
 use crate::{
     headers::*,
-    maps::{self, count},
+    maps::{self, SUBNETS, count},
 };
 
 /// Offset of the inner Ethernet header in a VXLAN frame.
@@ -37,9 +38,25 @@ pub enum Verdict {
     ToStack([u8; 6]),
 }
 
-/// Decides what to do with a frame in `[start, end)`.
+/// Written in front of a frame (XDP metadata) that the XDP program has
+/// already decapsulated, for the TC program behind it to deliver.
+const META_DECAPSULATED: u32 = 0x6e65_7464;
+
+/// Plain IPv4 from the underlay may reach a container only when XDP has
+/// just stripped it from a peer's VXLAN, or it comes from a subnet routed
+/// directly (host-gw or DirectRouting): anything else is a spoofing attempt.
 #[inline(always)]
-pub fn classify(start: usize, end: usize) -> Verdict {
+fn plain_allowed(decapsulated: bool, src: [u8; 4]) -> bool {
+    decapsulated
+        || SUBNETS
+            .get(&Key::new(32, src))
+            .is_some_and(|peer| peer.mode == PeerMode::Direct as u8)
+}
+
+/// Decides what to do with a frame in `[start, end)`; `decapsulated` says
+/// the XDP program already stripped its VXLAN headers.
+#[inline(always)]
+pub fn classify(start: usize, end: usize, decapsulated: bool) -> Verdict {
     let Some(eth) = ptr_at::<EthHdr>(start, end, 0) else {
         return Verdict::Pass;
     };
@@ -51,6 +68,9 @@ pub fn classify(start: usize, end: usize) -> Verdict {
     };
     let ip = unsafe { &*ip };
     if let Some(ep) = maps::endpoint(ip.daddr) {
+        if !plain_allowed(decapsulated, ip.saddr) {
+            return Verdict::Drop(Counter::DropUnknownPeer);
+        }
         return Verdict::DeliverPlain(*ep);
     }
     // Options on the outer header: not something we ever send.
@@ -99,7 +119,7 @@ pub fn classify(start: usize, end: usize) -> Verdict {
 /// underlays) pass the inner frame on for TC to deliver.
 #[inline(always)]
 pub fn xdp_from_underlay(ctx: &XdpContext) -> u32 {
-    let (dst, src, deliver) = match classify(ctx.data(), ctx.data_end()) {
+    let (dst, src, deliver) = match classify(ctx.data(), ctx.data_end(), false) {
         Verdict::Pass => {
             count(Counter::UnderlayPassed);
             return xdp_action::XDP_PASS;
@@ -133,6 +153,7 @@ pub fn xdp_from_underlay(ctx: &XdpContext) -> u32 {
         }
         Some(_) => {
             count(Counter::Decapsulated);
+            mark_decapsulated(ctx);
             xdp_action::XDP_PASS
         }
         None => {
@@ -150,7 +171,7 @@ pub fn tc_from_underlay(ctx: &TcContext) -> i32 {
     if ctx.data() + DECAP_PROBE_LEN > ctx.data_end() && ctx.len() as usize >= DECAP_PROBE_LEN {
         let _ = ctx.pull_data(DECAP_PROBE_LEN as u32);
     }
-    let (dst, src, deliver) = match classify(ctx.data(), ctx.data_end()) {
+    let (dst, src, deliver) = match classify(ctx.data(), ctx.data_end(), xdp_decapsulated(ctx)) {
         Verdict::Pass => {
             count(Counter::UnderlayPassed);
             return TC_ACT_OK as i32;
@@ -208,4 +229,25 @@ fn deliver_plain(ctx: &TcContext, ep: &Endpoint) -> i32 {
     }
     count(Counter::UnderlayDelivered);
     unsafe { bpf_redirect_peer(ep.ifindex, 0) as i32 }
+}
+
+/// Tags a frame passed up after decapsulation (see [`META_DECAPSULATED`]).
+#[inline(always)]
+fn mark_decapsulated(ctx: &XdpContext) {
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -4) } != 0 {
+        return;
+    }
+    if let Some(meta) = ptr_at::<u32>(ctx.metadata(), ctx.data(), 0) {
+        unsafe { *meta = META_DECAPSULATED };
+    }
+}
+
+/// Whether XDP tagged this skb as already decapsulated.
+#[inline(always)]
+fn xdp_decapsulated(ctx: &TcContext) -> bool {
+    let meta = unsafe { (*ctx.skb.skb).data_meta } as usize;
+    match ptr_at::<u32>(meta, ctx.data(), 0) {
+        Some(tag) => (unsafe { *tag }) == META_DECAPSULATED,
+        None => false,
+    }
 }

@@ -7,7 +7,7 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
         bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1,
     },
-    helpers::{bpf_get_hash_recalc, bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::{bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect_neigh, bpf_redirect_peer},
     maps::lpm_trie::Key,
     programs::TcContext,
 };
@@ -125,7 +125,8 @@ fn encapsulate(ctx: &TcContext, cfg: &NodeConfig, peer: &Peer) -> i32 {
         return TC_ACT_SHOT as i32;
     }
 
-    let hdr = encap_header(cfg, peer, inner_len, src_port);
+    let ip_id = unsafe { bpf_get_prandom_u32() } as u16;
+    let hdr = encap_header(cfg, peer, inner_len, src_port, ip_id);
     if ctx.store(0, &hdr, 0).is_err() {
         count(Counter::DropAdjustFailed);
         return TC_ACT_SHOT as i32;
