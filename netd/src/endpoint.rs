@@ -222,6 +222,45 @@ async fn wire(
     })
 }
 
+/// Makes the ENDPOINTS map equal to the attachment records whose host veth
+/// still exists: after a restart, and after an upgrade that brought fresh
+/// maps. Records of containers deleted meanwhile are dropped.
+pub async fn restore(maps: &mut Maps, run_dir: &Path) -> Result<()> {
+    let nl = Netlink::connect()?;
+    let mut want = std::collections::BTreeMap::new();
+    for record in records(run_dir)? {
+        match nl.link(&record.host_ifname).await? {
+            Some(link) if link.index == record.host_ifindex => {
+                let mac: Mac = record.mac.parse()?;
+                let host_mac: Mac = record.host_mac.parse()?;
+                want.insert(
+                    record.ip,
+                    Endpoint {
+                        ifindex: link.index,
+                        mac: mac.0,
+                        host_mac: host_mac.0,
+                    },
+                );
+            }
+            _ => {
+                warn!(netns = %record.netns, ip = %record.ip, "container is gone; forgetting it");
+                let _ = fs::remove_file(record_path(run_dir, &record.netns));
+            }
+        }
+    }
+    let have = maps.endpoints()?;
+    for (ip, endpoint) in &want {
+        if have.get(ip) != Some(endpoint) {
+            maps.insert_endpoint(*ip, endpoint)?;
+        }
+    }
+    for ip in have.keys().filter(|ip| !want.contains_key(ip)) {
+        maps.remove_endpoint(*ip)?;
+    }
+    info!(containers = want.len(), "endpoints restored");
+    Ok(())
+}
+
 /// Undoes `attach`; keeps going past errors and reports them together.
 pub async fn detach(pin: &PinDir, run_dir: &Path, netns: &str) -> Result<Record> {
     let file = record_path(run_dir, netns);

@@ -14,6 +14,7 @@ use super::RunArgs;
 use crate::{
     config::{FileConfig, NetworkConfig, VXLAN_OVERHEAD},
     datapath::{self, Hook, Maps, PinDir},
+    endpoint,
     lease::{Mac, gateway},
     netlink::{Link, Netlink},
     registry::{Access, Registry},
@@ -96,6 +97,7 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
     let vtep_mac = Mac::vtep_for(public_ip);
     datapath::prepare(&pin, run_dir).await?;
     let mut maps = Maps::open(&pin)?;
+    endpoint::restore(&mut maps, run_dir).await?;
 
     let mut registry = connect(&opts).await?;
     let cfg = network_config(&mut registry).await?;

@@ -93,6 +93,15 @@ impl Maps {
         Ok(self.endpoints.remove(&ip.octets())?)
     }
 
+    pub fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, Endpoint>> {
+        let mut out = BTreeMap::new();
+        for entry in self.endpoints.iter() {
+            let (ip, endpoint) = entry?;
+            out.insert(Ipv4Addr::from(ip), endpoint);
+        }
+        Ok(out)
+    }
+
     /// Counters summed over CPUs, by label.
     pub fn counters(&self) -> Result<BTreeMap<&'static str, u64>> {
         let mut out = BTreeMap::new();

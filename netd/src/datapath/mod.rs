@@ -111,7 +111,9 @@ pub async fn prepare(pin: &PinDir, run_dir: &Path) -> Result<()> {
     load_and_pin(pin)?;
     reattach(pin, run_dir, &state).await?;
     state.object = hash;
-    state.write(run_dir)
+    state.write(run_dir)?;
+    pin.remove_other_versions();
+    Ok(())
 }
 
 fn load_and_pin(pin: &PinDir) -> Result<()> {

@@ -40,6 +40,33 @@ impl PinDir {
         fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))
     }
 
+    /// Unpins maps and programs of other layout versions once nothing
+    /// attached uses them any more (the kernel frees them then).
+    pub fn remove_other_versions(&self) {
+        let (Some(base), Some(ours)) = (self.dir.parent(), self.dir.file_name()) else {
+            return;
+        };
+        let Ok(entries) = fs::read_dir(base) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let versioned = name
+                .to_str()
+                .is_some_and(|n| n.starts_with('v') && n[1..].parse::<u32>().is_ok());
+            if versioned && name != ours {
+                match fs::remove_dir_all(entry.path()) {
+                    Ok(()) => {
+                        tracing::info!(dir = %entry.path().display(), "removed pins of an older layout")
+                    }
+                    Err(e) => {
+                        tracing::warn!(dir = %entry.path().display(), "could not remove old pins: {e}")
+                    }
+                }
+            }
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
