@@ -16,6 +16,7 @@ pub const ENCAP_LEN: usize = IPV4_HLEN + UDP_HLEN + VXLAN_HLEN + ETH_HLEN;
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_TCP: u8 = 6;
 pub const VXLAN_FLAG_VNI: u8 = 0x08;
 /// IPv4 "more fragments" flag and fragment offset, host byte order.
 pub const IP_MF_OFFSET: u16 = 0x3fff;
@@ -73,6 +74,39 @@ pub struct EncapHdr {
     pub inner_eth: EthHdr,
 }
 
+/// ICMP "destination unreachable, fragmentation needed" (RFC 1191).
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct IcmpFragNeeded {
+    pub kind: u8,
+    pub code: u8,
+    pub check: u16,
+    pub _unused: u16,
+    /// Next-hop MTU, network byte order.
+    pub mtu: u16,
+}
+
+/// Bytes of the offending packet quoted in an ICMP error: its IPv4 header
+/// and the first 8 bytes of its payload.
+pub const ICMP_QUOTE_LEN: usize = IPV4_HLEN + 8;
+
+/// A whole ICMP fragmentation-needed frame, written over the packet that
+/// caused it.
+#[repr(C)]
+#[derive(Copy, Clone)]
+pub struct FragNeededFrame {
+    pub eth: EthHdr,
+    pub ip: Ipv4Hdr,
+    pub icmp: IcmpFragNeeded,
+    pub quote: [u8; ICMP_QUOTE_LEN],
+}
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IP_DF: u16 = 0x4000;
+
+const _: () = assert!(core::mem::size_of::<IcmpFragNeeded>() == 8);
+const _: () =
+    assert!(core::mem::size_of::<FragNeededFrame>() == ETH_HLEN + IPV4_HLEN + 8 + ICMP_QUOTE_LEN);
 const _: () = assert!(core::mem::size_of::<EthHdr>() == ETH_HLEN);
 const _: () = assert!(core::mem::size_of::<Ipv4Hdr>() == IPV4_HLEN);
 const _: () = assert!(core::mem::size_of::<UdpHdr>() == UDP_HLEN);
@@ -177,6 +211,65 @@ pub fn encap_header(
     }
 }
 
+/// One's-complement sum of 16-bit words, folded (RFC 1071).
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// The ICMP error telling a container that `quote`'s packet does not fit
+/// the tunnel: from `gateway` to the packet's source, MACs swapped.
+#[inline(always)]
+pub fn frag_needed(
+    orig_eth: &EthHdr,
+    quote: &[u8; ICMP_QUOTE_LEN],
+    gateway: [u8; 4],
+    mtu: u16,
+) -> FragNeededFrame {
+    let dst = [quote[12], quote[13], quote[14], quote[15]];
+    let total = (IPV4_HLEN + 8 + ICMP_QUOTE_LEN) as u16;
+    let mut ip = Ipv4Hdr {
+        ver_ihl: 0x45,
+        tos: 0xc0,
+        tot_len: total.to_be(),
+        id: 0,
+        frag_off: 0,
+        ttl: 64,
+        proto: IPPROTO_ICMP,
+        check: 0,
+        saddr: gateway,
+        daddr: dst,
+    };
+    ip.check = ip.checksum();
+    let mut icmp = IcmpFragNeeded {
+        kind: 3,
+        code: 4,
+        check: 0,
+        _unused: 0,
+        mtu: mtu.to_be(),
+    };
+    let header: [u16; 4] = unsafe { core::mem::transmute(icmp) };
+    let mut sum: u32 = header[0] as u32 + header[1] as u32 + header[2] as u32 + header[3] as u32;
+    let mut i = 0;
+    while i < ICMP_QUOTE_LEN {
+        sum += u16::from_ne_bytes([quote[i], quote[i + 1]]) as u32;
+        i += 2;
+    }
+    icmp.check = fold(sum);
+    FragNeededFrame {
+        eth: EthHdr {
+            dst: orig_eth.src,
+            src: orig_eth.dst,
+            proto: ETH_P_IP.to_be(),
+        },
+        ip,
+        icmp,
+        quote: *quote,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,7 +302,9 @@ mod tests {
             xdp_redirect: 0,
             underlay_mac: [2, 0, 0, 0, 0, 1],
             vtep_mac: [0x0e, 0x6e, 198, 18, 0, 1],
-            _pad2: [0; 4],
+            inner_mtu: 1450,
+            _pad2: [0; 2],
+            gateway: [10, 244, 1, 1],
         }
     }
 
@@ -288,6 +383,36 @@ mod tests {
         let hdr = encap_header(&config(), &peer(), 70000, 1, 0);
         assert_eq!(u16::from_be(hdr.ip.tot_len), 0xffff);
         assert_eq!(u16::from_be(hdr.udp.len), 0xffff);
+    }
+
+    #[test]
+    fn frag_needed_is_a_valid_icmp_error() {
+        let orig = EthHdr {
+            dst: [2, 0, 0, 0, 0, 0xaa],
+            src: [2, 0, 0, 0, 0, 0xbb],
+            proto: ETH_P_IP.to_be(),
+        };
+        let mut quote = [0u8; ICMP_QUOTE_LEN];
+        quote[0] = 0x45;
+        quote[12..16].copy_from_slice(&[10, 244, 1, 2]);
+        quote[16..20].copy_from_slice(&[10, 244, 2, 2]);
+        quote[20..28].copy_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        let frame = frag_needed(&orig, &quote, [10, 244, 1, 1], 1450);
+        let b = bytes(&frame);
+        assert_eq!(b.len(), 70);
+        assert_eq!(&b[0..6], &orig.src, "back to the sender");
+        assert_eq!(&b[6..12], &orig.dst);
+        let ip = &b[14..34];
+        assert_eq!(rfc1071(ip), 0, "IPv4 checksum");
+        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 56);
+        assert_eq!(ip[9], 1);
+        assert_eq!(&ip[12..16], &[10, 244, 1, 1]);
+        assert_eq!(&ip[16..20], &[10, 244, 1, 2]);
+        let icmp = &b[34..];
+        assert_eq!((icmp[0], icmp[1]), (3, 4));
+        assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1450);
+        assert_eq!(rfc1071(icmp), 0, "ICMP checksum");
+        assert_eq!(&icmp[8..], &quote);
     }
 
     #[test]

@@ -64,7 +64,7 @@ mod layout {
 
     #[test]
     fn node_config_layout() {
-        assert_eq!(size_of::<NodeConfig>(), 32);
+        assert_eq!(size_of::<NodeConfig>(), 36);
         assert_eq!(align_of::<NodeConfig>(), 4);
         assert_eq!(offset_of!(NodeConfig, vni), 0);
         assert_eq!(offset_of!(NodeConfig, underlay_ifindex), 4);
@@ -74,7 +74,9 @@ mod layout {
         assert_eq!(offset_of!(NodeConfig, xdp_redirect), 15);
         assert_eq!(offset_of!(NodeConfig, underlay_mac), 16);
         assert_eq!(offset_of!(NodeConfig, vtep_mac), 22);
-        assert_eq!(offset_of!(NodeConfig, _pad2), 28);
+        assert_eq!(offset_of!(NodeConfig, inner_mtu), 28);
+        assert_eq!(offset_of!(NodeConfig, _pad2), 30);
+        assert_eq!(offset_of!(NodeConfig, gateway), 32);
     }
 
     #[test]

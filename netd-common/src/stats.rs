@@ -53,8 +53,11 @@ counters! {
     /// Dropped: IPv4 from a container with a source address or MAC that is
     /// not its own.
     DropSpoofed = 15 => "drop_spoofed",
+    /// Too big for the tunnel with DF set: dropped, and an ICMP
+    /// fragmentation-needed sent back to the container.
+    FragNeeded = 16 => "frag_needed",
 }
 
 impl Counter {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
 }

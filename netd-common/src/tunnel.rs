@@ -43,7 +43,13 @@ pub struct NodeConfig {
     pub underlay_mac: [u8; 6],
     /// This host's VTEP MAC: the inner source MAC of what it sends.
     pub vtep_mac: [u8; 6],
-    pub _pad2: [u8; 4],
+    /// Largest IPv4 packet a container may send through the tunnel
+    /// (underlay MTU minus 50), host byte order.
+    pub inner_mtu: u16,
+    pub _pad2: [u8; 2],
+    /// The containers' gateway address: the source of ICMP errors netd
+    /// sends them.
+    pub gateway: [u8; 4],
 }
 
 #[cfg(feature = "user")]

@@ -7,7 +7,10 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
         bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1,
     },
-    helpers::{bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::{
+        bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect, bpf_redirect_neigh,
+        bpf_redirect_peer, bpf_skb_change_tail,
+    },
     maps::lpm_trie::Key,
     programs::TcContext,
 };
@@ -57,6 +60,9 @@ pub fn from_container(ctx: &TcContext) -> i32 {
         if peer.mode == PeerMode::Direct as u8 {
             return route_direct(cfg, &peer);
         }
+        if too_big(ctx, cfg, ip) {
+            return send_frag_needed(ctx, cfg);
+        }
         return encapsulate(ctx, cfg, &peer);
     }
     count(Counter::ContainerToStack);
@@ -83,6 +89,60 @@ fn deliver_local(eth: *mut EthHdr, ep: &Endpoint) -> i32 {
     }
     count(Counter::LocalDelivered);
     unsafe { bpf_redirect_peer(ep.ifindex, 0) as i32 }
+}
+
+/// A packet with DF set that would not fit the underlay once encapsulated
+/// (a container that raised its own MTU); for a GSO packet, its segments.
+#[inline(always)]
+fn too_big(ctx: &TcContext, cfg: &NodeConfig, ip: *const Ipv4Hdr) -> bool {
+    let df = u16::from_be(unsafe { (*ip).frag_off }) & IP_DF != 0;
+    if !df || cfg.inner_mtu == 0 {
+        return false;
+    }
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size } as usize;
+    let len = if gso_size == 0 {
+        ctx.len() as usize - ETH_HLEN
+    } else {
+        gso_size + segment_headers(ctx, ip)
+    };
+    len > cfg.inner_mtu as usize
+}
+
+/// IPv4 plus TCP (or UDP) header bytes in front of each GSO segment.
+#[inline(always)]
+fn segment_headers(ctx: &TcContext, ip: *const Ipv4Hdr) -> usize {
+    let ip_len = unsafe { (*ip).header_len() } & 0x3c;
+    if unsafe { (*ip).proto } != IPPROTO_TCP {
+        return ip_len + UDP_HLEN;
+    }
+    // Data offset: the high nibble of byte 12 of the TCP header.
+    match ptr_at::<u8>(ctx.data(), ctx.data_end(), ETH_HLEN + ip_len + 12) {
+        Some(doff) => ip_len + ((unsafe { *doff } >> 4) as usize) * 4,
+        None => ip_len + 20,
+    }
+}
+
+/// Turns the packet into an ICMP fragmentation-needed for its sender (as
+/// a router on the path would), so path MTU discovery works.
+#[inline(always)]
+fn send_frag_needed(ctx: &TcContext, cfg: &NodeConfig) -> i32 {
+    count(Counter::FragNeeded);
+    let Ok(eth) = ctx.load::<EthHdr>(0) else {
+        return TC_ACT_SHOT as i32;
+    };
+    // A fixed-size load: the verifier rejects a length that may be zero.
+    let Ok(quote) = ctx.load::<[u8; ICMP_QUOTE_LEN]>(ETH_HLEN) else {
+        return TC_ACT_SHOT as i32;
+    };
+    let frame = frag_needed(&eth, &quote, cfg.gateway, cfg.inner_mtu);
+    let len = core::mem::size_of::<FragNeededFrame>() as u32;
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, len, 0) } != 0 || ctx.store(0, &frame, 0).is_err()
+    {
+        return TC_ACT_SHOT as i32;
+    }
+    // Back out of the veth it came in on: into the container.
+    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    unsafe { bpf_redirect(ingress, 0) as i32 }
 }
 
 /// A peer on our L2 segment: no encapsulation, the peer's underlay address

@@ -179,7 +179,11 @@ async fn wire(
     let netns_file = fs::File::open(path)?;
     nl.move_to_netns(peer.index, &netns_file).await?;
     let host = nl.require_link(host_if).await?;
-    nl.set_up(host.index, Some(env.mtu)).await?;
+    // The host side takes the underlay's MTU: a packet from a container
+    // that raised its own MTU then reaches from_container, which answers it
+    // with ICMP fragmentation-needed instead of a silent local drop.
+    nl.set_up(host.index, Some(env.mtu + crate::config::VXLAN_OVERHEAD))
+        .await?;
 
     let (ifname, mtu, gw) = (req.ifname.clone(), env.mtu, gateway(env.subnet));
     let tmp = tmp_if.to_string();

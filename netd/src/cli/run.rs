@@ -101,18 +101,6 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
 
     let mut registry = connect(&opts).await?;
     let cfg = network_config(&mut registry).await?;
-    maps.set_config(&NodeConfig {
-        vni: cfg.backend.vni,
-        underlay_ifindex: underlay.index,
-        public_ip: public_ip.octets(),
-        port: cfg.backend.port,
-        enabled: 1,
-        // Only a physical NIC's frames arrive with complete checksums.
-        xdp_redirect: underlay.kind.is_none() as u8,
-        underlay_mac: underlay.mac.context("underlay interface has no MAC")?,
-        vtep_mac: vtep_mac.0,
-        _pad2: [0; 4],
-    })?;
     let hook = datapath::attach_underlay(
         &pin,
         run_dir,
@@ -132,10 +120,24 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
         .filter(|e| e.network == cfg.network)
         .map(|e| e.subnet);
     let held = subnet::acquire(&mut registry, &cfg, &me, recorded).await?;
+    let mtu = underlay.mtu.unwrap_or(1500) - VXLAN_OVERHEAD;
+    maps.set_config(&NodeConfig {
+        vni: cfg.backend.vni,
+        underlay_ifindex: underlay.index,
+        public_ip: public_ip.octets(),
+        port: cfg.backend.port,
+        enabled: 1,
+        // Only a physical NIC's frames arrive with complete checksums.
+        xdp_redirect: underlay.kind.is_none() as u8,
+        underlay_mac: underlay.mac.context("underlay interface has no MAC")?,
+        vtep_mac: vtep_mac.0,
+        inner_mtu: mtu as u16,
+        _pad2: [0; 2],
+        gateway: gateway(held.subnet).octets(),
+    })?;
 
     let gw = nl.require_link(GATEWAY_LINK).await?;
     nl.add_address(gw.index, gateway(held.subnet), 32).await?;
-    let mtu = underlay.mtu.unwrap_or(1500) - VXLAN_OVERHEAD;
     SubnetEnv {
         network: cfg.network,
         subnet: held.subnet,
