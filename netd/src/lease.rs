@@ -332,48 +332,41 @@ mod tests {
     }
 
     #[test]
-    fn policy_prefers_own_lease_then_record_then_random() {
+    fn policy_prefers_record_then_own_lease_then_random() {
         let cfg = cfg();
         let me: Ipv4Addr = "198.18.0.1".parse().unwrap();
         let other: Ipv4Addr = "198.18.0.2".parse().unwrap();
         let mut rng = StdRng::seed_from_u64(7);
+        let mut pick = |existing: &[(Ipv4Net, Option<Ipv4Addr>)], recorded: Option<&str>| {
+            let claim = Claim {
+                public_ip: me,
+                recorded: recorded.map(net),
+                existing,
+            };
+            choose(&cfg, &claim, &mut rng)
+        };
 
+        // No record (a lost run directory): our lease in etcd.
         let existing = [
             (net("10.244.2.0/24"), Some(me)),
             (net("10.244.1.0/24"), Some(other)),
         ];
-        let claim = Claim {
-            public_ip: me,
-            recorded: None,
-            existing: &existing,
-        };
-        assert_eq!(
-            choose(&cfg, &claim, &mut rng),
-            Choice::Reclaim(net("10.244.2.0/24"))
-        );
+        assert_eq!(pick(&existing, None), Choice::Reclaim(net("10.244.2.0/24")));
+
         // A lease claiming our IP does not beat the subnet we recorded.
         let existing = [
             (net("10.244.1.0/24"), Some(me)),
             (net("10.244.3.0/24"), Some(me)),
         ];
-        let claim = Claim {
-            public_ip: me,
-            recorded: Some(net("10.244.3.0/24")),
-            existing: &existing,
-        };
         assert_eq!(
-            choose(&cfg, &claim, &mut rng),
+            pick(&existing, Some("10.244.3.0/24")),
             Choice::Reclaim(net("10.244.3.0/24"))
         );
 
+        // The recorded subnet is free: created again.
         let existing = [(net("10.244.1.0/24"), Some(other))];
-        let claim = Claim {
-            public_ip: me,
-            recorded: Some(net("10.244.3.0/24")),
-            existing: &existing,
-        };
         assert_eq!(
-            choose(&cfg, &claim, &mut rng),
+            pick(&existing, Some("10.244.3.0/24")),
             Choice::Create(net("10.244.3.0/24"))
         );
 
@@ -382,13 +375,8 @@ mod tests {
             (net("10.244.3.0/24"), Some(other)),
             (net("10.244.1.0/24"), None),
         ];
-        let claim = Claim {
-            public_ip: me,
-            recorded: Some(net("10.244.3.0/24")),
-            existing: &existing,
-        };
         assert_eq!(
-            choose(&cfg, &claim, &mut rng),
+            pick(&existing, Some("10.244.3.0/24")),
             Choice::Create(net("10.244.2.0/24"))
         );
 
@@ -397,12 +385,7 @@ mod tests {
             (net("10.244.2.0/24"), None),
             (net("10.244.3.0/24"), Some(other)),
         ];
-        let claim = Claim {
-            public_ip: me,
-            recorded: None,
-            existing: &existing,
-        };
-        assert_eq!(choose(&cfg, &claim, &mut rng), Choice::Exhausted);
+        assert_eq!(pick(&existing, None), Choice::Exhausted);
     }
 
     #[test]
