@@ -105,6 +105,14 @@ impl Cluster {
 
     /// Starts host `i`'s daemon without waiting.
     pub fn spawn(&self, i: usize) -> Daemon {
+        let args = self.run_argv(i);
+        // A fresh start must not be mistaken for ready by a stale file.
+        let _ = std::fs::remove_file(self.host(i).run_dir().join("state.json"));
+        self.host(i).start_netd(args)
+    }
+
+    /// `netd` arguments [`Cluster::spawn`] runs host `i`'s daemon with.
+    fn run_argv(&self, i: usize) -> Vec<String> {
         let endpoint = self.topo.etcd_endpoint();
         let mut args = self.node_args(i);
         args.extend([
@@ -117,9 +125,7 @@ impl Cluster {
             self.decap.clone(),
         ]);
         args.extend(self.extra_args.iter().cloned());
-        // A fresh start must not be mistaken for ready by a stale file.
-        let _ = std::fs::remove_file(self.host(i).run_dir().join("state.json"));
-        self.host(i).start_netd(args)
+        args
     }
 
     /// Waits until host `i`'s daemon has published its state.
@@ -218,5 +224,62 @@ impl Cluster {
             want.remove(&own);
             self.peers(i) == want
         });
+    }
+}
+
+/// Clusters on a topology the test prepared (e.g. etcd with TLS or users),
+/// and daemons that take part of their configuration from the environment.
+impl Cluster {
+    /// A cluster on `topo` (whose etcd runs) with no network config and no
+    /// daemons: the test runs `netd network init` with the flags it needs.
+    pub fn on_topology(topo: Topology, decap: &str) -> Self {
+        let daemons = topo.hosts().iter().map(|_| None).collect();
+        Cluster {
+            topo,
+            daemons,
+            containers: Vec::new(),
+            decap: decap.into(),
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// Like [`Cluster::spawn`], with `env` added to the daemon's environment.
+    pub fn spawn_with_env(&self, i: usize, env: &[(&str, &str)]) -> Daemon {
+        let args = self.run_argv(i);
+        let _ = std::fs::remove_file(self.host(i).run_dir().join("state.json"));
+        self.host(i).start_netd_with_env(args, env)
+    }
+
+    /// Like [`Cluster::start`], with `env` added to the daemon's environment.
+    pub fn start_with_env(&mut self, i: usize, env: &[(&str, &str)]) {
+        let daemon = self.spawn_with_env(i, env);
+        self.daemons[i] = Some(daemon);
+        self.wait_ready(i);
+    }
+}
+
+/// Clusters on another network than [`NETWORK`], e.g. a /14 with room for
+/// a thousand /24 leases.
+impl Cluster {
+    /// Like [`Cluster::new`], but `netd network init` gets `init_args`
+    /// (e.g. `["--network", "10.244.0.0/14", "--subnet-len", "24"]`).
+    pub fn with_network(hosts: usize, decap: &str, init_args: &[&str]) -> Self {
+        let topo = Topology::builder().hosts(hosts).build();
+        let endpoint = topo.etcd_endpoint();
+        let mut args = vec!["network", "init", "--etcd-endpoints", &endpoint];
+        args.extend_from_slice(init_args);
+        topo.host(0).netd_ok(&args);
+        Cluster {
+            topo,
+            daemons: (0..hosts).map(|_| None).collect(),
+            containers: Vec::new(),
+            decap: decap.into(),
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// Pid of host `i`'s running daemon.
+    pub fn daemon_pid(&self, i: usize) -> u32 {
+        self.daemons[i].as_ref().expect("daemon started").pid()
     }
 }

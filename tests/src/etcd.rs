@@ -38,6 +38,10 @@ pub struct Etcd {
     ns: NsRef,
     ip: Ipv4Addr,
     name: String,
+    /// TLS on the client URL (see [`Etcd::start_tls`]); `None`: plain http.
+    tls: Option<EtcdTls>,
+    /// Credentials etcdctl passes once auth is on (see [`Etcd::enable_auth`]).
+    user: Option<(String, String)>,
     dir: TempDir,
 }
 
@@ -45,6 +49,10 @@ impl Etcd {
     /// Starts etcd in `ns` listening on `ip` (which must be configured
     /// there) and waits until it is healthy.
     pub fn start(ns: &NsRef, ip: Ipv4Addr) -> Self {
+        Self::start_with(ns, ip, None)
+    }
+
+    fn start_with(ns: &NsRef, ip: Ipv4Addr, tls: Option<EtcdTls>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("netd-etcd-")
             .tempdir()
@@ -54,15 +62,18 @@ impl Etcd {
             ns: ns.clone(),
             ip,
             name: format!("etcd-{}", unique_name()),
+            tls,
+            user: None,
             dir,
         };
         etcd.launch();
         etcd
     }
 
-    /// `http://IP:2379`.
+    /// `http://IP:2379` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://{}:{CLIENT_PORT}", self.ip)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}:{CLIENT_PORT}", self.ip)
     }
 
     pub fn ip(&self) -> Ipv4Addr {
@@ -114,7 +125,9 @@ impl Etcd {
     /// which exercises that namespace's path to etcd.
     pub fn etcdctl_in(&self, ns: &NsRef, args: &[&str]) -> Output {
         let endpoint = self.endpoint();
+        let access = self.etcdctl_access_args();
         let mut argv = vec!["etcdctl", "--endpoints", &endpoint];
+        argv.extend(access.iter().map(String::as_str));
         argv.extend_from_slice(args);
         let mut cmd = ns.command(argv[0]);
         cmd.args(&argv[1..]).env("ETCDCTL_API", "3");
@@ -239,16 +252,18 @@ impl Etcd {
         ]
         .iter()
         .map(|(flag, value)| format!("{flag}={value}"))
+        .chain(self.tls_server_args())
         .collect()
     }
 
     fn wait_healthy(&mut self) {
         let (ns, endpoint) = (self.ns.clone(), self.endpoint());
+        let access = self.etcdctl_access_args();
         let daemon = self.daemon.as_mut().expect("etcd started");
         let mut exited = false;
         let healthy = poll_until(STARTUP_TIMEOUT, || {
             exited = !daemon.is_running();
-            exited || is_healthy_at(&ns, &endpoint)
+            exited || is_healthy_at(&ns, &endpoint, &access)
         });
         if !healthy || exited {
             let why = if exited { "exited" } else { "not healthy" };
@@ -262,7 +277,7 @@ impl Etcd {
     }
 }
 
-fn is_healthy_at(ns: &NsRef, endpoint: &str) -> bool {
+fn is_healthy_at(ns: &NsRef, endpoint: &str, access: &[String]) -> bool {
     let mut cmd = ns.command("etcdctl");
     cmd.args([
         "--endpoints",
@@ -270,6 +285,7 @@ fn is_healthy_at(ns: &NsRef, endpoint: &str) -> bool {
         "--dial-timeout=1s",
         "--command-timeout=2s",
     ])
+    .args(access)
     .args(["endpoint", "health"])
     .env("ETCDCTL_API", "3");
     cmd.output()
@@ -300,6 +316,79 @@ pub(crate) fn parse_kvs(v: &Value) -> Vec<Kv> {
 
 fn deleted_count(v: &Value) -> u64 {
     v["deleted"].as_u64().unwrap_or(0)
+}
+
+/// Certificates for an etcd that serves its clients over TLS (PEM files).
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    /// CA that signed the server and client certificates; etcd also trusts
+    /// client certificates signed by it.
+    pub ca: PathBuf,
+    /// Server certificate (its IP SAN must be etcd's address) and key.
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// Client certificate and key etcdctl presents (needed with
+    /// `client_cert_auth`).
+    pub client: Option<(PathBuf, PathBuf)>,
+    /// `--client-cert-auth`: refuse clients without a certificate of `ca`.
+    pub client_cert_auth: bool,
+}
+
+/// TLS and etcd's own user authentication.
+impl Etcd {
+    /// Starts etcd in `ns` on `ip` with https client URLs and `tls`'s
+    /// certificates; waits until it is healthy (etcdctl over TLS).
+    pub fn start_tls(ns: &NsRef, ip: Ipv4Addr, tls: EtcdTls) -> Self {
+        Self::start_with(ns, ip, Some(tls))
+    }
+
+    /// The TLS set-up, if etcd serves TLS.
+    pub fn tls(&self) -> Option<&EtcdTls> {
+        self.tls.as_ref()
+    }
+
+    /// Creates user `user` (with the root role) and turns authentication
+    /// on; from now on every etcdctl call here passes `--user`.
+    pub fn enable_auth(&mut self, user: &str, password: &str) {
+        self.etcdctl_ok(&["user", "add", user, "--new-user-password", password]);
+        // Granting `root` needs no `role add`; auth enable needs a root user
+        // holding it.
+        self.etcdctl_ok(&["user", "grant-role", user, "root"]);
+        self.etcdctl_ok(&["auth", "enable"]);
+        self.user = Some((user.to_string(), password.to_string()));
+    }
+
+    /// etcdctl flags for TLS and credentials.
+    fn etcdctl_access_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(tls) = &self.tls {
+            args.push(format!("--cacert={}", tls.ca.display()));
+            if let Some((cert, key)) = &tls.client {
+                args.push(format!("--cert={}", cert.display()));
+                args.push(format!("--key={}", key.display()));
+            }
+        }
+        if let Some((user, password)) = &self.user {
+            args.push(format!("--user={user}:{password}"));
+        }
+        args
+    }
+
+    /// etcd server flags for TLS on the client URL.
+    fn tls_server_args(&self) -> Vec<String> {
+        let Some(tls) = &self.tls else {
+            return Vec::new();
+        };
+        let mut args = vec![
+            format!("--cert-file={}", tls.server_cert.display()),
+            format!("--key-file={}", tls.server_key.display()),
+            format!("--trusted-ca-file={}", tls.ca.display()),
+        ];
+        if tls.client_cert_auth {
+            args.push("--client-cert-auth=true".into());
+        }
+        args
+    }
 }
 
 impl Drop for Etcd {

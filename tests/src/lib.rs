@@ -17,7 +17,7 @@ pub mod util;
 pub use capture::{Capture, VXLAN_PORT, decode};
 pub use cluster::{Cluster, Container};
 pub use daemon::{Daemon, netd_bin};
-pub use etcd::{Etcd, Kv};
+pub use etcd::{Etcd, EtcdTls, Kv};
 pub use netns::{NetNs, NsRef, unique_name};
 pub use topology::{Host, SWITCH_IP, Topology, TopologyBuilder, host_ip};
 pub use traffic::{PingStats, Transfer, ping, ping_stats, tcp_transfer};

@@ -266,6 +266,77 @@ impl Topology {
     }
 }
 
+/// Bridge of the second underlay segment (see [`Topology::add_routed_segment`]).
+pub const SEGMENT_B_BRIDGE: &str = "br1";
+/// The router's (switch namespace's) address on the second segment.
+pub const SEGMENT_B_ROUTER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 254);
+
+/// Address of host `index` once moved to the second segment: 198.18.1.(index+1).
+pub fn segment_b_ip(index: usize) -> Ipv4Addr {
+    assert!(index < 253, "at most 253 hosts fit the underlay /24");
+    Ipv4Addr::new(198, 18, 1, index as u8 + 1)
+}
+
+/// Variations on the underlay: a second L2 segment behind a router, and an
+/// etcd started by the test (e.g. with TLS).
+impl Topology {
+    /// Runs `etcd` as this topology's etcd (built with `.etcd(false)`);
+    /// replaces (stops) any previous one.
+    pub fn set_etcd(&mut self, etcd: Etcd) {
+        self.etcd = Some(etcd);
+    }
+
+    /// Splits the underlay into two L2 segments joined by a router:
+    ///
+    /// ```text
+    ///   switch ns (router, ip_forward=1):
+    ///     br0 198.18.0.254/24  <- the other hosts, 198.18.0.(i+1)/24
+    ///     br1 198.18.1.254/24  <- `hosts`, readdressed to 198.18.1.(i+1)/24
+    /// ```
+    ///
+    /// Each host gets a route to the other segment via the router, so etcd
+    /// (on 198.18.0.254) stays reachable from both. [`Host::ip`] reports
+    /// the new address of a moved host. Call before starting daemons.
+    pub fn add_routed_segment(&mut self, hosts: &[usize]) {
+        let router_b = format!("{SEGMENT_B_ROUTER_IP}/{UNDERLAY_PREFIX_LEN}");
+        let switch = &self.switch;
+        switch.run_ok(&["ip", "link", "add", SEGMENT_B_BRIDGE, "type", "bridge"]);
+        switch.run_ok(&["ip", "addr", "add", &router_b, "dev", SEGMENT_B_BRIDGE]);
+        switch.run_ok(&["ip", "link", "set", SEGMENT_B_BRIDGE, "up"]);
+        switch.sysctl("net.ipv4.ip_forward", "1");
+        let segment_a = format!("{}/{UNDERLAY_PREFIX_LEN}", segment_network(SWITCH_IP));
+        let segment_b = format!(
+            "{}/{UNDERLAY_PREFIX_LEN}",
+            segment_network(SEGMENT_B_ROUTER_IP)
+        );
+        for host in &mut self.hosts {
+            let (other, via) = if hosts.contains(&host.index) {
+                let port = switch_port(host.index);
+                switch.run_ok(&["ip", "link", "set", &port, "master", SEGMENT_B_BRIDGE]);
+                let ip = segment_b_ip(host.index);
+                let addr = format!("{ip}/{UNDERLAY_PREFIX_LEN}");
+                host.ns.run_ok(&["ip", "addr", "flush", "dev", HOST_IFACE]);
+                host.ns
+                    .run_ok(&["ip", "addr", "add", &addr, "dev", HOST_IFACE]);
+                host.ip = ip;
+                (&segment_a, SEGMENT_B_ROUTER_IP)
+            } else {
+                (&segment_b, SWITCH_IP)
+            };
+            let via = via.to_string();
+            host.ns.run_ok(&[
+                "ip", "route", "replace", other, "via", &via, "dev", HOST_IFACE,
+            ]);
+        }
+    }
+}
+
+/// `a.b.c.0` of a /24 address.
+fn segment_network(ip: Ipv4Addr) -> Ipv4Addr {
+    let [a, b, c, _] = ip.octets();
+    Ipv4Addr::new(a, b, c, 0)
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
         for c in self.containers.get_mut().unwrap().drain(..) {
@@ -380,6 +451,36 @@ impl Host {
             );
         }
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// Daemons that need more than arguments.
+impl Host {
+    /// Like [`Host::start_netd`], with `env` added to the daemon's
+    /// environment (e.g. `NETD_ETCD_PASSWORD`, which must not be an argument).
+    pub fn start_netd_with_env<I, S>(&self, args: I, env: &[(&str, &str)]) -> Daemon
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let n = self.spawned.fetch_add(1, Ordering::Relaxed);
+        let log = self.run_dir().join(format!("netd.{n}.log"));
+        let mut cmd = self.ns.command(netd_bin());
+        cmd.args(args);
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
+        Daemon::spawn(cmd, format!("netd in {}", self.ns.name()), &log)
+    }
+
+    /// Like [`Host::netd`], with `env` added to the command's environment.
+    pub fn netd_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = self.ns.command(netd_bin());
+        cmd.args(args);
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
+        output_within(&mut cmd, NETD_CLI_TIMEOUT)
     }
 }
 
