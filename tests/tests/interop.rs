@@ -1,0 +1,1143 @@
+//! netd among the things a real cluster has around it: an etcd that wants
+//! TLS client certificates or a user and password, an underlay of two L2
+//! segments joined by a router (VXLAN with DirectRouting, and host-gw), and
+//! a host that still runs flannel's vxlan backend, on the wire with netd
+//! hosts from the same etcd leases.
+//!
+//! Every check waits with generous timeouts (the machine is small and
+//! shared) and never asserts on speed beyond "does not hang".
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use netd_tests::cluster::{NETWORK, PREFIX};
+use netd_tests::topology::segment_b_ip;
+use netd_tests::{
+    Capture, Cluster, Etcd, EtcdTls, Host, NsRef, PingStats, SWITCH_IP, Topology, VXLAN_PORT,
+    host_ip, ping_stats, poll_until, require_root, tcp_transfer, wait_for,
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// How long maps may take to converge on etcd and paths to start working.
+const CONVERGE: Duration = Duration::from_secs(30);
+/// A one-shot netd command refused by etcd must fail at least this fast
+/// (it gives up on the first answer; this only catches a retry loop).
+const FAIL_FAST: Duration = Duration::from_secs(30);
+/// Bytes of each verified TCP transfer.
+const TCP_BYTES: usize = 2 << 20;
+/// The etcd password of the user/password test: it must appear in no
+/// command line and no log.
+const PASSWORD: &str = "Pw-netd-interop-7731";
+
+type Counters = BTreeMap<String, u64>;
+
+// ------------------------------------------------------------ helpers
+
+/// The VTEP MAC netd derives from a public IP a.b.c.d: 0e:6e:a:b:c:d.
+fn vtep_mac(ip: Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("0e:6e:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+}
+
+/// `a.b.c.0/24` → `a.b.c.1`, etc.
+fn subnet_addr(subnet: &str, last: u8) -> Ipv4Addr {
+    let net: Ipv4Addr = subnet
+        .split_once('/')
+        .map_or(subnet, |(a, _)| a)
+        .parse()
+        .unwrap_or_else(|e| panic!("subnet {subnet}: {e}"));
+    let [a, b, c, _] = net.octets();
+    Ipv4Addr::new(a, b, c, last)
+}
+
+fn counters_of(cluster: &Cluster, hosts: &[usize]) -> BTreeMap<usize, Counters> {
+    hosts.iter().map(|&h| (h, cluster.counters(h))).collect()
+}
+
+/// How much counter `name` grew between two snapshots.
+fn delta(before: &Counters, after: &Counters, name: &str) -> u64 {
+    let (b, a) = (before[name], after[name]);
+    assert!(a >= b, "counter {name} went backwards: {b} -> {a}");
+    a - b
+}
+
+fn assert_grew(host: usize, before: &Counters, after: &Counters, name: &str, min: u64, why: &str) {
+    let d = delta(before, after, name);
+    assert!(
+        d >= min,
+        "host {host}: counter {name} grew by {d}, expected >= {min} ({why}); \
+         before {before:?}, after {after:?}"
+    );
+}
+
+/// Pings `to` from `from` until one run of `count` echo requests is
+/// answered in full (bounded by [`CONVERGE`]).
+fn assert_ping(from: &NsRef, to: Ipv4Addr, count: u32, what: &str) {
+    let mut last: Option<PingStats> = None;
+    let ok = poll_until(CONVERGE, || {
+        let stats = ping_stats(from, to, count);
+        let ok = stats.all_received();
+        last = Some(stats);
+        ok
+    });
+    assert!(
+        ok,
+        "{what}: no full ping to {to} within {CONVERGE:?}; last ping:\n{}",
+        last.map(|s| s.output).unwrap_or_default()
+    );
+}
+
+/// Pings container `b` from container `a` and back.
+fn ping_both_ways(cluster: &Cluster, a: usize, b: usize) {
+    for (from, to) in [(a, b), (b, a)] {
+        let (f, t) = (cluster.container(from), cluster.container(to));
+        let what = format!(
+            "container {from} ({} on host {}) -> container {to} (host {})",
+            f.ip, f.host, t.host
+        );
+        assert_ping(&f.ns, t.ip, 3, &what);
+    }
+}
+
+/// Sends [`TCP_BYTES`] from `from` to `to_ip:port` in `to`, verified byte
+/// for byte.
+fn tcp_ok(from: &NsRef, to: &NsRef, to_ip: Ipv4Addr, port: u16, what: &str) {
+    let dst = SocketAddr::new(to_ip.into(), port);
+    let t = tcp_transfer(from, to, dst, TCP_BYTES)
+        .unwrap_or_else(|e| panic!("TCP {what} -> {dst} failed: {e:#}"));
+    assert_eq!(t.bytes, TCP_BYTES, "TCP {what} -> {dst}: byte count");
+}
+
+/// Waits until every host in `hosts` has exactly the other hosts' leases
+/// in its map.
+fn converge(cluster: &Cluster, hosts: &[usize]) {
+    for &h in hosts {
+        cluster.wait_peers_match_etcd(h, CONVERGE);
+    }
+}
+
+/// Host `h`'s peers from `netd status --json`: subnet → (public IP, mode).
+fn peer_modes(cluster: &Cluster, h: usize) -> BTreeMap<String, (String, String)> {
+    cluster.status(h)["peers"]
+        .as_array()
+        .expect("peers array")
+        .iter()
+        .map(|p| {
+            let s = |f: &str| p[f].as_str().unwrap_or_default().to_string();
+            (s("subnet"), (s("public_ip"), s("mode")))
+        })
+        .collect()
+}
+
+/// The non-empty lines of `text`.
+fn lines(text: &str) -> Vec<&str> {
+    text.lines().filter(|l| !l.trim().is_empty()).collect()
+}
+
+/// `s` without ANSI escape sequences (a daemon's log may be coloured).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Asserts that a refused one-shot netd command failed the way a person
+/// can act on: non-zero exit, nothing on stdout, exactly one stderr line,
+/// `error: ...`, mentioning one of `hints` (case-insensitive), quickly.
+fn assert_one_clear_error(out: &Output, elapsed: Duration, what: &str, hints: &[&str]) {
+    let stderr = strip_ansi(&String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ctx = format!(
+        "{what}: exit {}, stdout {stdout:?}, stderr {stderr:?}",
+        out.status
+    );
+    assert!(!out.status.success(), "{ctx}: succeeded");
+    assert!(
+        elapsed < FAIL_FAST,
+        "{ctx}: took {elapsed:?} (a retry loop?)"
+    );
+    let err = lines(&stderr);
+    assert_eq!(err.len(), 1, "{ctx}: expected exactly one line on stderr");
+    assert!(
+        err[0].starts_with("error: "),
+        "{ctx}: not an `error: ...` line"
+    );
+    let lower = err[0].to_lowercase();
+    assert!(
+        hints.iter().any(|h| lower.contains(h)),
+        "{ctx}: the error names none of {hints:?}"
+    );
+}
+
+/// Asserts that the daemon on host `h` (started to be refused) exited
+/// non-zero quickly, without a retry loop, with exactly one `error: ...`
+/// line naming one of `hints`; returns that line.
+fn assert_daemon_refused(
+    daemon: &mut netd_tests::Daemon,
+    started: Instant,
+    what: &str,
+    hints: &[&str],
+) -> String {
+    let status = daemon.wait_exit(FAIL_FAST);
+    let log = strip_ansi(&daemon.log());
+    let ctx = format!("{what}: log:\n{log}");
+    let status = status.unwrap_or_else(|| {
+        panic!("{ctx}\nstill running after {FAIL_FAST:?} (should exit at once)")
+    });
+    let elapsed = started.elapsed();
+    assert!(!status.success(), "{ctx}\nexited with {status}");
+    assert!(elapsed < FAIL_FAST, "{ctx}\ntook {elapsed:?}");
+    let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{ctx}\nexpected one `error: ...` line");
+    assert!(
+        !log.to_lowercase().contains("retrying"),
+        "{ctx}\nretried a permanent error"
+    );
+    let lower = errors[0].to_lowercase();
+    assert!(
+        hints.iter().any(|h| lower.contains(h)),
+        "{ctx}\nthe error names none of {hints:?}"
+    );
+    errors[0].to_string()
+}
+
+/// Runs `netd ARGS` on `host` with `env`, timing it.
+fn timed_netd(host: &Host, args: &[&str], env: &[(&str, &str)]) -> (Output, Duration) {
+    let start = Instant::now();
+    let out = host.netd_with_env(args, env);
+    (out, start.elapsed())
+}
+
+// -------------------------------------------------------- certificates
+
+/// PEM files of a test PKI: a CA, etcd's server certificate (IP SAN),
+/// a client certificate, and an unrelated CA that signed none of them.
+struct Pki {
+    _dir: TempDir,
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    other_ca: PathBuf,
+}
+
+fn new_ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let key = KeyPair::generate().expect("CA key");
+    let cert = params.self_signed(&key).expect("self-sign CA");
+    (cert.pem(), Issuer::new(params, key))
+}
+
+/// A leaf certificate signed by `issuer`: (certificate PEM, key PEM).
+fn new_leaf(
+    issuer: &Issuer<'static, KeyPair>,
+    name: &str,
+    sans: Vec<String>,
+    usages: Vec<ExtendedKeyUsagePurpose>,
+) -> (String, String) {
+    let mut params = CertificateParams::new(sans).expect("leaf params");
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = usages;
+    let key = KeyPair::generate().expect("leaf key");
+    let cert = params.signed_by(&key, issuer).expect("sign leaf");
+    (cert.pem(), key.serialize_pem())
+}
+
+impl Pki {
+    /// Generates everything for an etcd at `server_ip`.
+    fn new(server_ip: Ipv4Addr) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("netd-interop-pki-")
+            .tempdir()
+            .expect("pki dir");
+        let write = |name: &str, pem: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+            path
+        };
+        let (ca_pem, ca) = new_ca("netd interop test CA");
+        let (other_pem, _) = new_ca("netd interop unrelated CA");
+        use ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+        // etcd's own gateway dials it with the server certificate as a
+        // client one, hence both usages.
+        let (server_cert, server_key) = new_leaf(
+            &ca,
+            "etcd",
+            vec![server_ip.to_string()],
+            vec![ServerAuth, ClientAuth],
+        );
+        let (client_cert, client_key) = new_leaf(&ca, "netd", vec![], vec![ClientAuth]);
+        Pki {
+            ca: write("ca.pem", &ca_pem),
+            server_cert: write("server.pem", &server_cert),
+            server_key: write("server-key.pem", &server_key),
+            client_cert: write("client.pem", &client_cert),
+            client_key: write("client-key.pem", &client_key),
+            other_ca: write("other-ca.pem", &other_pem),
+            _dir: dir,
+        }
+    }
+
+    /// etcd's TLS set-up; with `client_cert_auth` it refuses clients
+    /// without a certificate of our CA.
+    fn etcd_tls(&self, client_cert_auth: bool) -> EtcdTls {
+        EtcdTls {
+            ca: self.ca.clone(),
+            server_cert: self.server_cert.clone(),
+            server_key: self.server_key.clone(),
+            client: Some((self.client_cert.clone(), self.client_key.clone())),
+            client_cert_auth,
+        }
+    }
+}
+
+fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
+
+// ------------------------------------------------------ TLS and auth
+
+/// etcd over TLS with client-certificate authentication: `network init`
+/// and two daemons with the CA and a client certificate lease subnets and
+/// their containers reach each other; a CA that did not sign etcd's
+/// certificate and a missing client certificate are each refused with one
+/// clear error, at once, by the CLI and by the daemon.
+#[test]
+fn etcd_tls_with_client_certificates() {
+    require_root();
+    let pki = Pki::new(SWITCH_IP);
+    let mut topo = Topology::builder().hosts(3).etcd(false).build();
+    let etcd = Etcd::start_tls(topo.switch(), SWITCH_IP, pki.etcd_tls(true));
+    topo.set_etcd(etcd);
+    let endpoint = topo.etcd_endpoint();
+    assert!(endpoint.starts_with("https://"), "{endpoint}");
+    let mut cluster = Cluster::on_topology(topo, "tc");
+
+    let (ca, cert, key) = (
+        path_str(&pki.ca),
+        path_str(&pki.client_cert),
+        path_str(&pki.client_key),
+    );
+    let tls = [
+        "--etcd-cacert",
+        ca.as_str(),
+        "--etcd-cert",
+        cert.as_str(),
+        "--etcd-key",
+        key.as_str(),
+    ];
+    let mut init = vec!["network", "init", "--etcd-endpoints", &endpoint];
+    init.extend(tls);
+    init.extend(["--network", NETWORK]);
+    cluster.netd_ok(0, &init);
+    let mut show = vec!["network", "show", "--etcd-endpoints", &endpoint];
+    show.extend(tls);
+    let shown = cluster.netd_ok(1, &show);
+    assert!(shown.contains(NETWORK), "network show over TLS: {shown}");
+
+    cluster.run_args(&tls);
+    cluster.start(0);
+    cluster.start(1);
+    let a = cluster.attach(0);
+    let b = cluster.attach(1);
+    converge(&cluster, &[0, 1]);
+    ping_both_ways(&cluster, a, b);
+    for h in [0, 1] {
+        let etcd = &cluster.status(h)["state"]["etcd"];
+        assert_eq!(etcd["reachable"], true, "host {h} etcd state: {etcd}");
+    }
+
+    // Host 2 runs nothing yet: the refused attempts happen there.
+    let host2 = cluster.host(2);
+    let node2 = cluster.node_args(2);
+    let other_ca = path_str(&pki.other_ca);
+    let cert_hints = ["certificate", "tls", "issuer", "ca"];
+    let cases: [(&str, Vec<&str>); 2] = [
+        (
+            "a CA that did not sign etcd's certificate",
+            vec![
+                "--etcd-cacert",
+                &other_ca,
+                "--etcd-cert",
+                &cert,
+                "--etcd-key",
+                &key,
+            ],
+        ),
+        ("no client certificate", vec!["--etcd-cacert", &ca]),
+    ];
+    for (what, flags) in &cases {
+        let mut show = vec!["network", "show", "--etcd-endpoints", &endpoint];
+        show.extend(flags.iter().copied());
+        let (out, elapsed) = timed_netd(host2, &show, &[]);
+        assert_one_clear_error(
+            &out,
+            elapsed,
+            &format!("network show with {what}"),
+            &cert_hints,
+        );
+
+        let mut run: Vec<String> = node2.clone();
+        run.extend(["run", "--etcd-endpoints", &endpoint, "--iface", "eth0"].map(String::from));
+        run.extend(flags.iter().map(|s| s.to_string()));
+        let started = Instant::now();
+        let mut daemon = host2.start_netd(&run);
+        let line = assert_daemon_refused(
+            &mut daemon,
+            started,
+            &format!("netd run with {what}"),
+            &cert_hints,
+        );
+        eprintln!("netd run with {what}: {line}");
+    }
+    // Nothing of the refused attempts reached etcd: still two leases.
+    assert_eq!(
+        cluster.etcd_leases().len(),
+        2,
+        "{:?}",
+        cluster.etcd_leases()
+    );
+    ping_both_ways(&cluster, a, b);
+}
+
+/// etcd with authentication on: `network init` and daemons with
+/// `--etcd-username` and the password from NETD_ETCD_PASSWORD (host 0) or
+/// `--etcd-password-file` (host 1) work; the password is in no daemon's
+/// command line or log; a wrong password is refused with one clear error.
+#[test]
+fn etcd_user_and_password() {
+    require_root();
+    let mut cluster = Cluster::on_topology(Topology::new(3), "tc");
+    cluster.topo.etcd_mut().enable_auth("root", PASSWORD);
+    let endpoint = cluster.topo.etcd_endpoint();
+    let with_password = [("NETD_ETCD_PASSWORD", PASSWORD)];
+
+    // Without credentials etcd refuses to write the config.
+    let out = cluster.netd(
+        0,
+        &[
+            "network",
+            "init",
+            "--etcd-endpoints",
+            &endpoint,
+            "--network",
+            NETWORK,
+        ],
+    );
+    assert!(
+        !out.status.success(),
+        "network init without credentials succeeded against etcd with auth on: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let mut init: Vec<String> = cluster.node_args(0);
+    init.extend(
+        [
+            "network",
+            "init",
+            "--etcd-endpoints",
+            &endpoint,
+            "--etcd-username",
+            "root",
+            "--network",
+            NETWORK,
+        ]
+        .map(String::from),
+    );
+    let init: Vec<&str> = init.iter().map(String::as_str).collect();
+    let out = cluster.host(0).netd_with_env(&init, &with_password);
+    assert!(
+        out.status.success(),
+        "network init with user and password: {}",
+        netd_tests::util::output_text(&out)
+    );
+    let config = cluster.topo.etcd().get(&format!("{PREFIX}/config"));
+    assert!(
+        config.as_deref().is_some_and(|c| c.contains(NETWORK)),
+        "config in etcd: {config:?}"
+    );
+
+    // Host 0: password from the environment.
+    cluster.run_args(&["--etcd-username", "root"]);
+    cluster.start_with_env(0, &with_password);
+    // Host 1: password from a file.
+    let pw_dir = tempfile::Builder::new()
+        .prefix("netd-interop-pw-")
+        .tempdir()
+        .expect("password dir");
+    let pw_file = pw_dir.path().join("etcd-password");
+    std::fs::write(&pw_file, format!("{PASSWORD}\n")).expect("write password file");
+    let pw_path = path_str(&pw_file);
+    cluster.run_args(&["--etcd-username", "root", "--etcd-password-file", &pw_path]);
+    cluster.start(1);
+
+    let a = cluster.attach(0);
+    let b = cluster.attach(1);
+    converge(&cluster, &[0, 1]);
+    ping_both_ways(&cluster, a, b);
+
+    for h in [0, 1] {
+        let daemon = cluster.daemons[h].as_ref().expect("daemon");
+        let pid = daemon.pid();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_else(|e| panic!("read /proc/{pid}/cmdline: {e}"));
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(
+            cmdline.contains("--etcd-username root"),
+            "host {h}: unexpected command line {cmdline}"
+        );
+        assert!(
+            !cmdline.contains(PASSWORD),
+            "host {h}: the etcd password is visible in /proc/{pid}/cmdline: {cmdline}"
+        );
+        assert!(
+            !daemon.log().contains(PASSWORD),
+            "host {h}: the etcd password is in the daemon's log:\n{}",
+            daemon.log()
+        );
+    }
+    let status = cluster.netd_ok(0, &["status", "--json"]);
+    assert!(
+        !status.contains(PASSWORD),
+        "status shows the password: {status}"
+    );
+
+    // A wrong password: refused by the CLI and by the daemon (host 2).
+    let wrong = [("NETD_ETCD_PASSWORD", "not-the-password")];
+    let auth_hints = ["auth", "password", "user", "credential", "permission"];
+    let host2 = cluster.host(2);
+    let show = [
+        "network",
+        "show",
+        "--etcd-endpoints",
+        &endpoint,
+        "--etcd-username",
+        "root",
+    ];
+    let (out, elapsed) = timed_netd(host2, &show, &wrong);
+    assert_one_clear_error(
+        &out,
+        elapsed,
+        "network show with a wrong password",
+        &auth_hints,
+    );
+    let mut run: Vec<String> = cluster.node_args(2);
+    run.extend(
+        [
+            "run",
+            "--etcd-endpoints",
+            &endpoint,
+            "--iface",
+            "eth0",
+            "--etcd-username",
+            "root",
+        ]
+        .map(String::from),
+    );
+    let started = Instant::now();
+    let mut daemon = host2.start_netd_with_env(&run, &wrong);
+    let line = assert_daemon_refused(
+        &mut daemon,
+        started,
+        "netd run with a wrong password",
+        &auth_hints,
+    );
+    eprintln!("netd run with a wrong password: {line}");
+    assert_eq!(
+        cluster.etcd_leases().len(),
+        2,
+        "{:?}",
+        cluster.etcd_leases()
+    );
+}
+
+// ---------------------------------------------------- direct routing
+
+/// Three hosts on two L2 segments joined by the switch namespace as a
+/// router: hosts 0 and 1 on 198.18.0.0/24, host 2 on 198.18.1.0/24.
+/// Returns the cluster (config written with `init_flags`, daemons running)
+/// with one container per host (container i on host i).
+fn two_segments(init_flags: &[&str]) -> Cluster {
+    let mut topo = Topology::new(3);
+    topo.add_routed_segment(&[2]);
+    assert_eq!(topo.host(2).ip(), segment_b_ip(2));
+    // The router path works, and etcd is reachable from the far segment.
+    for (h, to) in [(0, segment_b_ip(2)), (2, host_ip(0)), (2, SWITCH_IP)] {
+        assert_ping(
+            topo.host(h).ns(),
+            to,
+            1,
+            &format!("underlay host {h} -> {to}"),
+        );
+    }
+    let mut cluster = Cluster::on_topology(topo, "tc");
+    let endpoint = cluster.topo.etcd_endpoint();
+    let mut init = vec!["network", "init", "--etcd-endpoints", &endpoint];
+    init.extend(["--network", NETWORK]);
+    init.extend(init_flags);
+    cluster.netd_ok(0, &init);
+    for h in 0..3 {
+        cluster.start(h);
+    }
+    for h in 0..3 {
+        cluster.attach(h);
+    }
+    cluster
+}
+
+/// VXLAN with DirectRouting across two segments: hosts 0 and 1 (same
+/// segment) route container traffic unencapsulated, plain ICMP between
+/// container addresses on the wire; host 2 (behind the router) is reached
+/// over VXLAN; pings and TCP work in every pair and status names each
+/// peer's mode.
+#[test]
+fn vxlan_direct_routing_across_two_segments() {
+    require_root();
+    let cluster = two_segments(&["--backend", "vxlan", "--direct-routing"]);
+    converge(&cluster, &[0, 1, 2]);
+    let subnets: Vec<String> = (0..3).map(|h| cluster.subnet(h)).collect();
+    let ips = [host_ip(0), host_ip(1), segment_b_ip(2)];
+    let mode = |from: usize, to: usize| {
+        if from != 2 && to != 2 {
+            "direct"
+        } else {
+            "vxlan"
+        }
+    };
+    for h in 0..3 {
+        let want: BTreeMap<String, (String, String)> = (0..3)
+            .filter(|&p| p != h)
+            .map(|p| {
+                (
+                    subnets[p].clone(),
+                    (ips[p].to_string(), mode(h, p).to_string()),
+                )
+            })
+            .collect();
+        assert_eq!(peer_modes(&cluster, h), want, "host {h}'s peers and modes");
+        // The human-readable status says it too.
+        let text = cluster.netd_ok(h, &["status"]);
+        for (subnet, (_, m)) in &want {
+            let line = text
+                .lines()
+                .find(|l| l.trim_start().starts_with(subnet.as_str()))
+                .unwrap_or_else(|| panic!("host {h}: no status line for {subnet}:\n{text}"));
+            assert!(
+                line.contains(&format!("[{m}]")),
+                "host {h}: {line:?} should say {m}"
+            );
+        }
+    }
+
+    let (c0, c1, c2) = (
+        cluster.container(0),
+        cluster.container(1),
+        cluster.container(2),
+    );
+
+    // Same segment: direct. A capture on host 1's underlay shows the
+    // containers' ICMP itself, and no VXLAN.
+    const PINGS: u32 = 4;
+    assert_ping(&c0.ns, c1.ip, 1, "container 0 -> container 1 (warm-up)");
+    let mut cap = Capture::start(
+        cluster.host(1).ns(),
+        "eth0",
+        &format!("icmp or udp port {VXLAN_PORT}"),
+    );
+    let before = counters_of(&cluster, &[0, 1]);
+    let stats = ping_stats(&c0.ns, c1.ip, PINGS);
+    let after = counters_of(&cluster, &[0, 1]);
+    let rows = cap.rows(&["ip.src", "ip.dst", "icmp.type", "udp.dstport"]);
+    assert!(
+        stats.all_received(),
+        "direct ping c0 -> c1:\n{}",
+        stats.output
+    );
+    let (c0s, c1s) = (c0.ip.to_string(), c1.ip.to_string());
+    let plain = |src: &str, dst: &str, ty: &str| {
+        rows.iter()
+            .filter(|r| r[0] == src && r[1] == dst && r[2] == ty && r[3].is_empty())
+            .count() as u32
+    };
+    let (requests, replies) = (plain(&c0s, &c1s, "8"), plain(&c1s, &c0s, "0"));
+    let vxlan = rows.iter().filter(|r| !r[3].is_empty()).count();
+    if requests < PINGS || replies < PINGS || vxlan != 0 {
+        let keep = std::env::temp_dir().join("netd-interop-direct.pcapng");
+        cap.save(&keep);
+        panic!(
+            "host 1's eth0: expected >= {PINGS} plain ICMP requests {c0s} -> {c1s} and \
+             replies, and no UDP {VXLAN_PORT}; got {requests} requests, {replies} replies, \
+             {vxlan} VXLAN frames; rows {rows:?} (capture kept at {})",
+            keep.display()
+        );
+    }
+    eprintln!(
+        "host 1's eth0: {requests} plain ICMP requests, {replies} replies, {vxlan} VXLAN frames"
+    );
+    let why = "direct pings between hosts 0 and 1";
+    let p = PINGS as u64;
+    assert_grew(0, &before[&0], &after[&0], "routed_direct", p, why);
+    assert_grew(1, &before[&1], &after[&1], "routed_direct", p, why);
+    assert_grew(1, &before[&1], &after[&1], "underlay_delivered", p, why);
+    assert_grew(0, &before[&0], &after[&0], "underlay_delivered", p, why);
+    for h in [0, 1] {
+        assert_eq!(
+            delta(&before[&h], &after[&h], "encapsulated"),
+            0,
+            "host {h} encapsulated traffic to a direct peer: {:?} -> {:?}",
+            before[&h],
+            after[&h]
+        );
+    }
+
+    // Across the router: VXLAN both ways.
+    let before = counters_of(&cluster, &[0, 2]);
+    assert_ping(&c0.ns, c2.ip, PINGS, "container 0 -> container 2 (VXLAN)");
+    let after = counters_of(&cluster, &[0, 2]);
+    let why = "pings between hosts 0 and 2 across the router";
+    for (s, r) in [(0, 2), (2, 0)] {
+        assert_grew(s, &before[&s], &after[&s], "encapsulated", p, why);
+        assert_grew(r, &before[&r], &after[&r], "decapsulated", p, why);
+    }
+
+    // Every pair: pings both ways, TCP both ways.
+    let mut port = 5100;
+    for (a, b) in [(0, 1), (0, 2), (1, 2)] {
+        ping_both_ways(&cluster, a, b);
+        for (from, to) in [(a, b), (b, a)] {
+            let (f, t) = (cluster.container(from), cluster.container(to));
+            let what = format!("container {from} ({}, host {})", f.ip, f.host);
+            tcp_ok(&f.ns, &t.ns, t.ip, port, &what);
+            port += 1;
+        }
+    }
+    let c = counters_of(&cluster, &[0, 1, 2]);
+    for (h, counters) in &c {
+        for drop in [
+            "drop_unknown_peer",
+            "drop_bad_vni",
+            "drop_malformed",
+            "drop_spoofed",
+        ] {
+            assert_eq!(
+                counters.get(drop).copied().unwrap_or(0),
+                0,
+                "host {h} dropped ({drop}): {counters:?}"
+            );
+        }
+    }
+    assert_eq!(
+        c[&2].get("routed_direct").copied().unwrap_or(0),
+        0,
+        "host 2 has no direct peer but routed directly: {:?}",
+        c[&2]
+    );
+}
+
+/// host-gw across two segments: hosts 0 and 1 route to each other
+/// directly; host 2's lease (behind the router) cannot be routed without
+/// encapsulation, so hosts 0 and 1 ignore it with one log line and keep
+/// it out of their maps.
+#[test]
+fn host_gw_ignores_peers_behind_a_router() {
+    require_root();
+    let mut cluster = two_segments(&["--backend", "host-gw"]);
+    let subnets: Vec<String> = (0..3).map(|h| cluster.subnet(h)).collect();
+    let ips = [host_ip(0), host_ip(1), segment_b_ip(2)];
+    wait_for("three host-gw leases in etcd", CONVERGE, || {
+        cluster.etcd_leases().len() == 3
+    });
+    for kv in cluster
+        .topo
+        .etcd()
+        .get_prefix(&format!("{PREFIX}/subnets/"))
+    {
+        let v: Value = serde_json::from_str(&kv.value).expect("lease JSON");
+        assert_eq!(v["BackendType"], "host-gw", "{}: {}", kv.key, kv.value);
+    }
+    let host2_key = subnets[2].replacen('/', "-", 1);
+    for (h, other) in [(0, 1), (1, 0)] {
+        let want = BTreeMap::from([(
+            subnets[other].clone(),
+            (ips[other].to_string(), "direct".to_string()),
+        )]);
+        wait_for(
+            &format!("host {h}: only host {other} in its map"),
+            CONVERGE,
+            || peer_modes(&cluster, h) == want,
+        );
+        let daemon = cluster.daemons[h].as_mut().expect("daemon");
+        let ignored = |log: &str| -> Vec<String> {
+            strip_ansi(log)
+                .lines()
+                .filter(|l| {
+                    l.contains("ignoring lease")
+                        && l.contains("not on a directly connected subnet")
+                        && l.contains(&host2_key)
+                        && l.contains(&ips[2].to_string())
+                })
+                .map(str::to_string)
+                .collect()
+        };
+        let found = poll_until(CONVERGE, || !ignored(&daemon.log()).is_empty());
+        if found {
+            eprintln!("host {h}: {:?}", ignored(&daemon.log()));
+        }
+        assert!(
+            found,
+            "host {h}: no `ignoring lease ... not on a directly connected subnet` line for \
+             {host2_key} ({}); log:\n{}",
+            ips[2],
+            daemon.log()
+        );
+        let peers = cluster.peers(h);
+        assert!(
+            !peers.contains_key(&subnets[2]),
+            "host {h} programmed host 2's unreachable lease: {peers:?}"
+        );
+    }
+    // Host 2 has no directly connected peer at all.
+    wait_for("host 2: empty map", CONVERGE, || {
+        peer_modes(&cluster, 2).is_empty()
+    });
+
+    let before = counters_of(&cluster, &[0, 1]);
+    ping_both_ways(&cluster, 0, 1);
+    let (c0, c1) = (cluster.container(0), cluster.container(1));
+    tcp_ok(&c0.ns, &c1.ns, c1.ip, 5200, "container 0 (host-gw)");
+    tcp_ok(&c1.ns, &c0.ns, c0.ip, 5201, "container 1 (host-gw)");
+    let after = counters_of(&cluster, &[0, 1]);
+    for h in [0, 1] {
+        assert_grew(
+            h,
+            &before[&h],
+            &after[&h],
+            "routed_direct",
+            3,
+            "host-gw pings",
+        );
+        assert_grew(
+            h,
+            &before[&h],
+            &after[&h],
+            "underlay_delivered",
+            3,
+            "host-gw pings",
+        );
+        assert_eq!(
+            delta(&before[&h], &after[&h], "encapsulated"),
+            0,
+            "host {h} encapsulated with host-gw: {:?} -> {:?}",
+            before[&h],
+            after[&h]
+        );
+    }
+}
+
+// ------------------------------------------------ flannel interop
+
+/// A host running no netd, set up exactly as flannel's vxlan backend sets
+/// up a node, from the same etcd: see [`FlannelHost::program`].
+struct FlannelHost {
+    ns: NsRef,
+    public_ip: Ipv4Addr,
+    /// The host's lease, `a.b.c.0/24`.
+    subnet: String,
+    /// MAC of `flannel.1`, published as the lease's VtepMAC.
+    vtep_mac: String,
+    /// The container on `cni0`: namespace and address.
+    container: NsRef,
+    container_ip: Ipv4Addr,
+}
+
+impl FlannelHost {
+    /// Programs `host` as a flannel (vxlan backend) node holding `subnet`
+    /// (a free `a.b.c.0/24` of the network), the way flanneld and the
+    /// flannel CNI plugin do, so that a cluster can be migrated from
+    /// flannel to netd one host at a time:
+    ///
+    /// - `flannel.1`: `ip link add flannel.1 type vxlan id 1 dstport 8472
+    ///   local <host ip> dev eth0 nolearning`, MTU 1450 (eth0's minus 50),
+    ///   up, with `<subnet>.0/32`;
+    /// - the lease `<prefix>/subnets/a.b.c.0-24` =
+    ///   `{"PublicIP":..,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":<flannel.1's MAC>}}`,
+    ///   bound to an etcd lease as flanneld's are;
+    /// - `cni0`, a bridge with `<subnet>.1/24` (MTU 1450), `container` on
+    ///   it as `<subnet>.2/24` with a default route via `.1`;
+    ///   `ip_forward=1`.
+    ///
+    /// Peers are added by [`FlannelHost::add_peers`].
+    fn program(host: &Host, etcd: &Etcd, subnet: &str, container: &NsRef) -> Self {
+        let ns = host.ns().handle();
+        let ip = host.ip();
+        let local = ip.to_string();
+        let flannel_ip = format!("{}/32", subnet_addr(subnet, 0));
+        ns.run_ok(&[
+            "ip",
+            "link",
+            "add",
+            "flannel.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "dstport",
+            "8472",
+            "local",
+            &local,
+            "dev",
+            "eth0",
+            "nolearning",
+        ]);
+        ns.run_ok(&["ip", "link", "set", "flannel.1", "mtu", "1450"]);
+        ns.run_ok(&["ip", "link", "set", "flannel.1", "up"]);
+        ns.run_ok(&["ip", "addr", "add", &flannel_ip, "dev", "flannel.1"]);
+        let vtep_mac = link_mac(&ns, "flannel.1");
+
+        let key = format!("{PREFIX}/subnets/{}", subnet.replacen('/', "-", 1));
+        let value = format!(
+            r#"{{"PublicIP":"{ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{vtep_mac}"}}}}"#
+        );
+        let lease = etcd.lease_grant(600);
+        etcd.put_with_lease(&key, &value, lease);
+
+        // What the flannel CNI plugin (bridge) does for a pod.
+        let gw = subnet_addr(subnet, 1);
+        let container_ip = subnet_addr(subnet, 2);
+        ns.sysctl("net.ipv4.ip_forward", "1");
+        ns.run_ok(&["ip", "link", "add", "cni0", "mtu", "1450", "type", "bridge"]);
+        ns.run_ok(&["ip", "addr", "add", &format!("{gw}/24"), "dev", "cni0"]);
+        ns.run_ok(&["ip", "link", "set", "cni0", "up"]);
+        ns.run_ok(&[
+            "ip",
+            "link",
+            "add",
+            "vethfl0",
+            "mtu",
+            "1450",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "mtu",
+            "1450",
+            "netns",
+            container.name(),
+        ]);
+        ns.run_ok(&["ip", "link", "set", "vethfl0", "master", "cni0", "up"]);
+        container.run_ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{container_ip}/24"),
+            "dev",
+            "eth0",
+        ]);
+        container.run_ok(&["ip", "link", "set", "eth0", "up"]);
+        container.run_ok(&["ip", "route", "add", "default", "via", &gw.to_string()]);
+        FlannelHost {
+            ns,
+            public_ip: ip,
+            subnet: subnet.to_string(),
+            vtep_mac,
+            container: container.clone(),
+            container_ip,
+        }
+    }
+
+    /// For every other lease in etcd (netd's or flannel's), what flanneld
+    /// does on a lease event: a route to the subnet via its `.0` on-link on
+    /// `flannel.1`, a permanent neighbour entry for that `.0` with the
+    /// peer's VtepMAC, and an FDB entry sending that MAC to its PublicIP.
+    fn add_peers(&self, etcd: &Etcd) {
+        for kv in etcd.get_prefix(&format!("{PREFIX}/subnets/")) {
+            let subnet = kv.key.rsplit('/').next().unwrap().replacen('-', "/", 1);
+            if subnet == self.subnet {
+                continue;
+            }
+            let v: Value = serde_json::from_str(&kv.value)
+                .unwrap_or_else(|e| panic!("lease {} ({e}): {}", kv.key, kv.value));
+            let public_ip = v["PublicIP"].as_str().expect("PublicIP");
+            let mac = v["BackendData"]["VtepMAC"].as_str().expect("VtepMAC");
+            let gw = subnet_addr(&subnet, 0).to_string();
+            self.ns.run_ok(&[
+                "ip",
+                "route",
+                "replace",
+                &subnet,
+                "via",
+                &gw,
+                "dev",
+                "flannel.1",
+                "onlink",
+            ]);
+            self.ns.run_ok(&[
+                "ip",
+                "neigh",
+                "replace",
+                &gw,
+                "lladdr",
+                mac,
+                "dev",
+                "flannel.1",
+                "nud",
+                "permanent",
+            ]);
+            self.ns.run_ok(&[
+                "bridge",
+                "fdb",
+                "append",
+                mac,
+                "dev",
+                "flannel.1",
+                "dst",
+                public_ip,
+            ]);
+        }
+    }
+}
+
+/// MAC address of `iface` in `ns`.
+fn link_mac(ns: &NsRef, iface: &str) -> String {
+    let out = ns.run_ok(&["ip", "-j", "link", "show", "dev", iface]);
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("ip -j link: {e}: {out}"));
+    v[0]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no address for {iface} in {}: {out}", ns.name()))
+        .to_string()
+}
+
+/// A host programmed as flannel's vxlan backend does and two netd hosts
+/// share one etcd: netd programs the flannel lease (flannel.1's own MAC),
+/// and the flannel host's container and each netd container ping each
+/// other and exchange verified TCP both ways, through netd's own
+/// encapsulation and decapsulation.
+#[test]
+fn flannel_vxlan_host_interoperates() {
+    require_root();
+    const FLANNEL: usize = 2;
+    const FLANNEL_SUBNET: &str = "10.244.200.0/24";
+    let mut cluster = Cluster::new(3, "tc");
+    let container = cluster.topo.add_container(FLANNEL);
+    // Leased before netd starts, so no netd host can take it.
+    let flannel = FlannelHost::program(
+        cluster.host(FLANNEL),
+        cluster.topo.etcd(),
+        FLANNEL_SUBNET,
+        &container.handle(),
+    );
+    assert_ne!(
+        flannel.vtep_mac,
+        vtep_mac(flannel.public_ip),
+        "flannel.1 happens to have netd's derived MAC: the test would prove less"
+    );
+    cluster.start(0);
+    cluster.start(1);
+    let n0 = cluster.attach(0);
+    let n1 = cluster.attach(1);
+    converge(&cluster, &[0, 1]);
+    flannel.add_peers(cluster.topo.etcd());
+
+    // netd's maps hold the flannel lease with flannel.1's MAC.
+    for h in [0, 1] {
+        let status = cluster.status(h);
+        let peer = status["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .find(|p| p["subnet"] == FLANNEL_SUBNET)
+            .unwrap_or_else(|| panic!("host {h}: no peer {FLANNEL_SUBNET}: {status}"))
+            .clone();
+        assert_eq!(
+            peer["public_ip"],
+            flannel.public_ip.to_string(),
+            "host {h}: {peer}"
+        );
+        assert_eq!(
+            peer["vtep_mac"],
+            flannel.vtep_mac.as_str(),
+            "host {h}: {peer}"
+        );
+        assert_eq!(peer["mode"], "vxlan", "host {h}: {peer}");
+    }
+
+    let flannel_c = &flannel.container;
+    let mut port = 5300;
+    for n in [n0, n1] {
+        let c = cluster.container(n);
+        let h = c.host;
+        let before = counters_of(&cluster, &[h]);
+        assert_ping(
+            flannel_c,
+            c.ip,
+            3,
+            &format!("flannel container -> netd container {}", c.ip),
+        );
+        assert_ping(
+            &c.ns,
+            flannel.container_ip,
+            3,
+            &format!("netd container {} -> flannel container", c.ip),
+        );
+        let what = format!("flannel container -> netd container {}", c.ip);
+        tcp_ok(flannel_c, &c.ns, c.ip, port, &what);
+        let what = format!("netd container {} -> flannel container", c.ip);
+        tcp_ok(&c.ns, flannel_c, flannel.container_ip, port + 1, &what);
+        port += 2;
+        let after = counters_of(&cluster, &[h]);
+        let why = format!("pings and TCP with the flannel host via host {h}");
+        // 3 requests and 3 replies each way at least, plus the transfers.
+        assert_grew(h, &before[&h], &after[&h], "encapsulated", 6, &why);
+        assert_grew(h, &before[&h], &after[&h], "decapsulated", 6, &why);
+        let drops = delta(&before[&h], &after[&h], "drop_unknown_peer")
+            + delta(&before[&h], &after[&h], "drop_bad_vni")
+            + delta(&before[&h], &after[&h], "drop_malformed");
+        assert_eq!(
+            drops, 0,
+            "host {h} dropped flannel's VXLAN: {:?}",
+            after[&h]
+        );
+    }
+    // The flannel host's kernel decapsulated netd's frames: its flannel.1
+    // received them (and sent the replies).
+    let stats = flannel
+        .ns
+        .run_ok(&["ip", "-j", "-s", "link", "show", "dev", "flannel.1"]);
+    let v: Value = serde_json::from_str(&stats).expect("ip -j -s link");
+    let rx = v[0]["stats64"]["rx"]["packets"].as_u64().unwrap_or(0);
+    let tx = v[0]["stats64"]["tx"]["packets"].as_u64().unwrap_or(0);
+    assert!(rx >= 12 && tx >= 12, "flannel.1 rx {rx} tx {tx}: {stats}");
+    eprintln!("flannel.1: rx {rx} tx {tx} packets");
+    // Also netd to netd still works next to the flannel host.
+    ping_both_ways(&cluster, n0, n1);
+}
