@@ -865,6 +865,12 @@ fn host_gw_ignores_peers_behind_a_router() {
 
 // ------------------------------------------------ flannel interop
 
+/// Runs a command line (split on whitespace) in `ns`; returns stdout.
+fn sh(ns: &NsRef, cmd: &str) -> String {
+    let argv: Vec<&str> = cmd.split_whitespace().collect();
+    ns.run_ok(&argv)
+}
+
 /// A host running no netd, set up exactly as flannel's vxlan backend sets
 /// up a node, from the same etcd: see [`FlannelHost::program`].
 struct FlannelHost {
@@ -899,28 +905,16 @@ impl FlannelHost {
     fn program(host: &Host, etcd: &Etcd, subnet: &str, container: &NsRef) -> Self {
         let ns = host.ns().handle();
         let ip = host.ip();
-        let local = ip.to_string();
-        let flannel_ip = format!("{}/32", subnet_addr(subnet, 0));
-        ns.run_ok(&[
-            "ip",
-            "link",
-            "add",
-            "flannel.1",
-            "type",
-            "vxlan",
-            "id",
-            "1",
-            "dstport",
-            "8472",
-            "local",
-            &local,
-            "dev",
-            "eth0",
-            "nolearning",
-        ]);
-        ns.run_ok(&["ip", "link", "set", "flannel.1", "mtu", "1450"]);
-        ns.run_ok(&["ip", "link", "set", "flannel.1", "up"]);
-        ns.run_ok(&["ip", "addr", "add", &flannel_ip, "dev", "flannel.1"]);
+        let net0 = subnet_addr(subnet, 0);
+        sh(
+            &ns,
+            &format!(
+                "ip link add flannel.1 type vxlan id 1 dstport 8472 local {ip} dev eth0 nolearning"
+            ),
+        );
+        sh(&ns, "ip link set flannel.1 mtu 1450");
+        sh(&ns, "ip link set flannel.1 up");
+        sh(&ns, &format!("ip addr add {net0}/32 dev flannel.1"));
         let vtep_mac = link_mac(&ns, "flannel.1");
 
         let key = format!("{PREFIX}/subnets/{}", subnet.replacen('/', "-", 1));
@@ -934,37 +928,23 @@ impl FlannelHost {
         let gw = subnet_addr(subnet, 1);
         let container_ip = subnet_addr(subnet, 2);
         ns.sysctl("net.ipv4.ip_forward", "1");
-        ns.run_ok(&["ip", "link", "add", "cni0", "mtu", "1450", "type", "bridge"]);
-        ns.run_ok(&["ip", "addr", "add", &format!("{gw}/24"), "dev", "cni0"]);
-        ns.run_ok(&["ip", "link", "set", "cni0", "up"]);
-        ns.run_ok(&[
-            "ip",
-            "link",
-            "add",
-            "vethfl0",
-            "mtu",
-            "1450",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "mtu",
-            "1450",
-            "netns",
-            container.name(),
-        ]);
-        ns.run_ok(&["ip", "link", "set", "vethfl0", "master", "cni0", "up"]);
-        container.run_ok(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{container_ip}/24"),
-            "dev",
-            "eth0",
-        ]);
-        container.run_ok(&["ip", "link", "set", "eth0", "up"]);
-        container.run_ok(&["ip", "route", "add", "default", "via", &gw.to_string()]);
+        sh(&ns, "ip link add cni0 mtu 1450 type bridge");
+        sh(&ns, &format!("ip addr add {gw}/24 dev cni0"));
+        sh(&ns, "ip link set cni0 up");
+        sh(
+            &ns,
+            &format!(
+                "ip link add vethfl0 mtu 1450 type veth peer name eth0 mtu 1450 netns {}",
+                container.name()
+            ),
+        );
+        sh(&ns, "ip link set vethfl0 master cni0 up");
+        sh(
+            container,
+            &format!("ip addr add {container_ip}/24 dev eth0"),
+        );
+        sh(container, "ip link set eth0 up");
+        sh(container, &format!("ip route add default via {gw}"));
         FlannelHost {
             ns,
             public_ip: ip,
@@ -979,7 +959,11 @@ impl FlannelHost {
     /// does on a lease event: a route to the subnet via its `.0` on-link on
     /// `flannel.1`, a permanent neighbour entry for that `.0` with the
     /// peer's VtepMAC, and an FDB entry sending that MAC to its PublicIP.
-    fn add_peers(&self, etcd: &Etcd) {
+    ///
+    /// With `direct_routing` (the backend's DirectRouting), a peer whose
+    /// PublicIP the kernel routes without a gateway gets a plain route
+    /// `<subnet> via <PublicIP> dev eth0` instead.
+    fn add_peers(&self, etcd: &Etcd, direct_routing: bool) {
         for kv in etcd.get_prefix(&format!("{PREFIX}/subnets/")) {
             let subnet = kv.key.rsplit('/').next().unwrap().replacen('-', "/", 1);
             if subnet == self.subnet {
@@ -988,42 +972,45 @@ impl FlannelHost {
             let v: Value = serde_json::from_str(&kv.value)
                 .unwrap_or_else(|e| panic!("lease {} ({e}): {}", kv.key, kv.value));
             let public_ip = v["PublicIP"].as_str().expect("PublicIP");
+            if direct_routing && self.directly_connected(public_ip) {
+                sh(
+                    &self.ns,
+                    &format!("ip route replace {subnet} via {public_ip} dev eth0"),
+                );
+                continue;
+            }
             let mac = v["BackendData"]["VtepMAC"].as_str().expect("VtepMAC");
-            let gw = subnet_addr(&subnet, 0).to_string();
-            self.ns.run_ok(&[
-                "ip",
-                "route",
-                "replace",
-                &subnet,
-                "via",
-                &gw,
-                "dev",
-                "flannel.1",
-                "onlink",
-            ]);
-            self.ns.run_ok(&[
-                "ip",
-                "neigh",
-                "replace",
-                &gw,
-                "lladdr",
-                mac,
-                "dev",
-                "flannel.1",
-                "nud",
-                "permanent",
-            ]);
-            self.ns.run_ok(&[
-                "bridge",
-                "fdb",
-                "append",
-                mac,
-                "dev",
-                "flannel.1",
-                "dst",
-                public_ip,
-            ]);
+            let net0 = subnet_addr(&subnet, 0);
+            let ns = &self.ns;
+            sh(
+                ns,
+                &format!("ip route replace {subnet} via {net0} dev flannel.1 onlink"),
+            );
+            sh(
+                ns,
+                &format!("ip neigh replace {net0} lladdr {mac} dev flannel.1 nud permanent"),
+            );
+            sh(
+                ns,
+                &format!("bridge fdb append {mac} dev flannel.1 dst {public_ip}"),
+            );
         }
+    }
+
+    /// flanneld's DirectRouting test: the route to `ip` has no gateway.
+    fn directly_connected(&self, ip: &str) -> bool {
+        let out = sh(&self.ns, &format!("ip -j route get {ip}"));
+        let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        v[0].get("gateway").is_none()
+    }
+
+    /// Packets `flannel.1` received and sent so far.
+    fn vxlan_packets(&self) -> (u64, u64) {
+        let out = sh(&self.ns, "ip -j -s link show dev flannel.1");
+        let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        let stats = &v[0]["stats64"];
+        let n = |dir: &str| stats[dir]["packets"].as_u64().unwrap_or(0);
+        (n("rx"), n("tx"))
     }
 }
 
@@ -1037,25 +1024,32 @@ fn link_mac(ns: &NsRef, iface: &str) -> String {
         .to_string()
 }
 
-/// A host programmed as flannel's vxlan backend does and two netd hosts
-/// share one etcd: netd programs the flannel lease (flannel.1's own MAC),
-/// and the flannel host's container and each netd container ping each
-/// other and exchange verified TCP both ways, through netd's own
-/// encapsulation and decapsulation.
-#[test]
-fn flannel_vxlan_host_interoperates() {
-    require_root();
-    const FLANNEL: usize = 2;
-    const FLANNEL_SUBNET: &str = "10.244.200.0/24";
-    let mut cluster = Cluster::new(3, "tc");
+/// The flannel host's subnet in the interop tests (free: leased before any
+/// netd host starts).
+const FLANNEL_SUBNET: &str = "10.244.200.0/24";
+/// Host index of the flannel host.
+const FLANNEL: usize = 2;
+
+/// A 3-host cluster whose network config has `init_flags`: host 2 is a
+/// flannel host (with its container), hosts 0 and 1 run netd with one
+/// container each (containers 0 and 1), all leases converged and the
+/// flannel host programmed with the netd leases.
+fn flannel_and_netd(init_flags: &[&str], direct_routing: bool) -> (Cluster, FlannelHost) {
+    let mut cluster = Cluster::on_topology(Topology::new(3), "tc");
+    let endpoint = cluster.topo.etcd_endpoint();
+    let mut init = vec!["network", "init", "--etcd-endpoints", &endpoint];
+    init.extend(["--network", NETWORK]);
+    init.extend(init_flags);
+    cluster.netd_ok(0, &init);
     let container = cluster.topo.add_container(FLANNEL);
-    // Leased before netd starts, so no netd host can take it.
     let flannel = FlannelHost::program(
         cluster.host(FLANNEL),
         cluster.topo.etcd(),
         FLANNEL_SUBNET,
         &container.handle(),
     );
+    // The topology deletes the namespace; the handle is all we need.
+    std::mem::forget(container);
     assert_ne!(
         flannel.vtep_mac,
         vtep_mac(flannel.public_ip),
@@ -1063,81 +1057,131 @@ fn flannel_vxlan_host_interoperates() {
     );
     cluster.start(0);
     cluster.start(1);
-    let n0 = cluster.attach(0);
-    let n1 = cluster.attach(1);
+    cluster.attach(0);
+    cluster.attach(1);
     converge(&cluster, &[0, 1]);
-    flannel.add_peers(cluster.topo.etcd());
+    flannel.add_peers(cluster.topo.etcd(), direct_routing);
+    (cluster, flannel)
+}
 
-    // netd's maps hold the flannel lease with flannel.1's MAC.
+/// Asserts host `h`'s map holds the flannel lease, with flannel.1's MAC.
+fn assert_flannel_peer(cluster: &Cluster, h: usize, flannel: &FlannelHost, mode: &str) {
+    let status = cluster.status(h);
+    let peer = status["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .find(|p| p["subnet"] == flannel.subnet.as_str())
+        .unwrap_or_else(|| panic!("host {h}: no peer {}: {status}", flannel.subnet))
+        .clone();
+    let want = serde_json::json!({
+        "subnet": flannel.subnet,
+        "public_ip": flannel.public_ip.to_string(),
+        "vtep_mac": flannel.vtep_mac,
+        "mode": mode,
+    });
+    assert_eq!(peer, want, "host {h}'s entry for the flannel host");
+}
+
+/// Pings (3 each way) and verified TCP (both ways) between the flannel
+/// host's container and netd container `n`; returns the netd host's
+/// counters before and after.
+fn exchange_with_flannel(
+    cluster: &Cluster,
+    flannel: &FlannelHost,
+    n: usize,
+    port: u16,
+) -> (Counters, Counters) {
+    let c = cluster.container(n);
+    let fc = &flannel.container;
+    let before = cluster.counters(c.host);
+    let to_netd = format!("flannel container -> netd container {}", c.ip);
+    let to_flannel = format!("netd container {} -> flannel container", c.ip);
+    assert_ping(fc, c.ip, 3, &to_netd);
+    assert_ping(&c.ns, flannel.container_ip, 3, &to_flannel);
+    tcp_ok(fc, &c.ns, c.ip, port, &to_netd);
+    tcp_ok(&c.ns, fc, flannel.container_ip, port + 1, &to_flannel);
+    (before, cluster.counters(c.host))
+}
+
+/// A host programmed as flannel's vxlan backend does and two netd hosts
+/// share one etcd: netd programs the flannel lease (flannel.1's own MAC),
+/// and the flannel host's container and each netd container ping each
+/// other and exchange verified TCP both ways, through netd's own
+/// encapsulation and decapsulation and the flannel host's kernel VXLAN.
+#[test]
+fn flannel_vxlan_host_interoperates() {
+    require_root();
+    let (cluster, flannel) = flannel_and_netd(&[], false);
     for h in [0, 1] {
-        let status = cluster.status(h);
-        let peer = status["peers"]
-            .as_array()
-            .expect("peers")
-            .iter()
-            .find(|p| p["subnet"] == FLANNEL_SUBNET)
-            .unwrap_or_else(|| panic!("host {h}: no peer {FLANNEL_SUBNET}: {status}"))
-            .clone();
-        assert_eq!(
-            peer["public_ip"],
-            flannel.public_ip.to_string(),
-            "host {h}: {peer}"
-        );
-        assert_eq!(
-            peer["vtep_mac"],
-            flannel.vtep_mac.as_str(),
-            "host {h}: {peer}"
-        );
-        assert_eq!(peer["mode"], "vxlan", "host {h}: {peer}");
+        assert_flannel_peer(&cluster, h, &flannel, "vxlan");
     }
-
-    let flannel_c = &flannel.container;
-    let mut port = 5300;
-    for n in [n0, n1] {
-        let c = cluster.container(n);
-        let h = c.host;
-        let before = counters_of(&cluster, &[h]);
-        assert_ping(
-            flannel_c,
-            c.ip,
-            3,
-            &format!("flannel container -> netd container {}", c.ip),
-        );
-        assert_ping(
-            &c.ns,
-            flannel.container_ip,
-            3,
-            &format!("netd container {} -> flannel container", c.ip),
-        );
-        let what = format!("flannel container -> netd container {}", c.ip);
-        tcp_ok(flannel_c, &c.ns, c.ip, port, &what);
-        let what = format!("netd container {} -> flannel container", c.ip);
-        tcp_ok(&c.ns, flannel_c, flannel.container_ip, port + 1, &what);
-        port += 2;
-        let after = counters_of(&cluster, &[h]);
+    let (rx0, tx0) = flannel.vxlan_packets();
+    for (n, port) in [(0, 5300), (1, 5302)] {
+        let h = cluster.container(n).host;
+        let (before, after) = exchange_with_flannel(&cluster, &flannel, n, port);
         let why = format!("pings and TCP with the flannel host via host {h}");
         // 3 requests and 3 replies each way at least, plus the transfers.
-        assert_grew(h, &before[&h], &after[&h], "encapsulated", 6, &why);
-        assert_grew(h, &before[&h], &after[&h], "decapsulated", 6, &why);
-        let drops = delta(&before[&h], &after[&h], "drop_unknown_peer")
-            + delta(&before[&h], &after[&h], "drop_bad_vni")
-            + delta(&before[&h], &after[&h], "drop_malformed");
-        assert_eq!(
-            drops, 0,
-            "host {h} dropped flannel's VXLAN: {:?}",
-            after[&h]
+        assert_grew(h, &before, &after, "encapsulated", 6, &why);
+        assert_grew(h, &before, &after, "decapsulated", 6, &why);
+        for drop in ["drop_unknown_peer", "drop_bad_vni", "drop_malformed"] {
+            assert_eq!(
+                delta(&before, &after, drop),
+                0,
+                "host {h} dropped flannel's VXLAN ({drop}): {after:?}"
+            );
+        }
+    }
+    // The flannel host's kernel decapsulated netd's frames on flannel.1
+    // and sent its replies there.
+    let (rx, tx) = flannel.vxlan_packets();
+    assert!(
+        rx - rx0 >= 12 && tx - tx0 >= 12,
+        "flannel.1 rx {rx0} -> {rx}, tx {tx0} -> {tx}"
+    );
+    eprintln!("flannel.1: rx {} tx {} packets", rx - rx0, tx - tx0);
+    // And netd to netd still works next to the flannel host.
+    ping_both_ways(&cluster, 0, 1);
+}
+
+/// The same with the backend's DirectRouting on both sides (hosts on one
+/// segment): the flannel host routes to the netd hosts' subnets via their
+/// addresses on eth0, netd marks the flannel host "direct", and traffic
+/// flows both ways without encapsulation on either side.
+#[test]
+fn flannel_direct_routing_host_interoperates() {
+    require_root();
+    let (cluster, flannel) = flannel_and_netd(&["--direct-routing"], true);
+    for h in [0, 1] {
+        assert_flannel_peer(&cluster, h, &flannel, "direct");
+        let subnet = cluster.subnet(h);
+        let route = sh(&flannel.ns, &format!("ip route show {subnet}"));
+        let via = format!("via {} dev eth0", host_ip(h));
+        assert!(
+            route.contains(&via),
+            "flannel host's route to {subnet}: {route:?}, expected {via}"
         );
     }
-    // The flannel host's kernel decapsulated netd's frames: its flannel.1
-    // received them (and sent the replies).
-    let stats = flannel
-        .ns
-        .run_ok(&["ip", "-j", "-s", "link", "show", "dev", "flannel.1"]);
-    let v: Value = serde_json::from_str(&stats).expect("ip -j -s link");
-    let rx = v[0]["stats64"]["rx"]["packets"].as_u64().unwrap_or(0);
-    let tx = v[0]["stats64"]["tx"]["packets"].as_u64().unwrap_or(0);
-    assert!(rx >= 12 && tx >= 12, "flannel.1 rx {rx} tx {tx}: {stats}");
-    eprintln!("flannel.1: rx {rx} tx {tx} packets");
-    // Also netd to netd still works next to the flannel host.
-    ping_both_ways(&cluster, n0, n1);
+    let (rx0, tx0) = flannel.vxlan_packets();
+    for (n, port) in [(0, 5310), (1, 5312)] {
+        let h = cluster.container(n).host;
+        let (before, after) = exchange_with_flannel(&cluster, &flannel, n, port);
+        let why = format!("direct pings and TCP with the flannel host via host {h}");
+        assert_grew(h, &before, &after, "routed_direct", 6, &why);
+        assert_grew(h, &before, &after, "underlay_delivered", 6, &why);
+        for unchanged in ["encapsulated", "decapsulated"] {
+            assert_eq!(
+                delta(&before, &after, unchanged),
+                0,
+                "host {h}: {unchanged} moved talking to a direct flannel peer: \
+                 {before:?} -> {after:?}"
+            );
+        }
+    }
+    let (rx, tx) = flannel.vxlan_packets();
+    assert_eq!(
+        (rx - rx0, tx - tx0),
+        (0, 0),
+        "flannel.1 carried traffic although every peer is direct"
+    );
 }
