@@ -209,7 +209,8 @@ fn assert_daemon_refused(
     let errors: Vec<&str> = log.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(errors.len(), 1, "{ctx}\nexpected one `error: ...` line");
     assert!(
-        !log.to_lowercase().contains("retrying"),
+        !log.lines()
+            .any(|l| l.contains(" WARN ") && l.contains("etcd at")),
         "{ctx}\nretried a permanent error"
     );
     let lower = errors[0].to_lowercase();
@@ -426,6 +427,57 @@ fn etcd_tls_with_client_certificates() {
         "{:?}",
         cluster.etcd_leases()
     );
+    ping_both_ways(&cluster, a, b);
+
+    // Unreachable is not refused: with the right certificates but a port
+    // nobody listens on, the daemon waits for etcd, logging warnings.
+    let wrong_port = format!("https://{SWITCH_IP}:2999");
+    let mut run: Vec<String> = node2.clone();
+    run.extend(["run", "--etcd-endpoints", &wrong_port, "--iface", "eth0"].map(String::from));
+    run.extend(tls.iter().map(|s| s.to_string()));
+    let mut waiting = host2.start_netd(&run);
+    waiting.wait_for_log("WARN", CONVERGE);
+    assert!(
+        !poll_until(Duration::from_secs(3), || !waiting.is_running()),
+        "netd run gave up on an unreachable etcd over TLS; log:\n{}",
+        waiting.log()
+    );
+    let warnings = |log: &str| {
+        strip_ansi(log)
+            .lines()
+            .filter(|l| l.contains(" WARN ") && l.contains(&wrong_port))
+            .count()
+    };
+    wait_for(
+        "repeated warnings about the unreachable etcd",
+        CONVERGE,
+        || warnings(&waiting.log()) >= 2,
+    );
+    waiting.assert_running();
+    waiting.stop();
+
+    // An outage of the TLS etcd is an outage, not a refusal: the daemons
+    // stay up, report it, keep forwarding, and reconnect over TLS.
+    cluster.topo.etcd_mut().stop();
+    for h in [0, 1] {
+        wait_for(
+            &format!("host {h} to see etcd unreachable"),
+            CONVERGE,
+            || cluster.status(h)["state"]["etcd"]["reachable"] == false,
+        );
+    }
+    ping_both_ways(&cluster, a, b);
+    cluster.topo.etcd_mut().restart();
+    for h in [0, 1] {
+        wait_for(&format!("host {h} to reach etcd again"), CONVERGE, || {
+            cluster.status(h)["state"]["etcd"]["reachable"] == true
+        });
+        cluster.daemons[h]
+            .as_mut()
+            .expect("daemon")
+            .assert_running();
+    }
+    converge(&cluster, &[0, 1]);
     ping_both_ways(&cluster, a, b);
 }
 
@@ -1184,4 +1236,101 @@ fn flannel_direct_routing_host_interoperates() {
         (0, 0),
         "flannel.1 carried traffic although every peer is direct"
     );
+}
+
+/// With etcd's authentication on, an etcd restart (which forgets every
+/// auth token it issued) is an outage like any other: the daemons log in
+/// again, keep renewing their leases and go on following etcd.
+#[test]
+fn etcd_password_auth_survives_an_etcd_restart() {
+    require_root();
+    const TTL: u64 = 10;
+    let mut cluster = Cluster::on_topology(Topology::new(2), "tc");
+    cluster.topo.etcd_mut().enable_auth("root", PASSWORD);
+    let endpoint = cluster.topo.etcd_endpoint();
+    let with_password = [("NETD_ETCD_PASSWORD", PASSWORD)];
+    let mut init: Vec<String> = cluster.node_args(0);
+    init.extend(
+        [
+            "network",
+            "init",
+            "--etcd-endpoints",
+            &endpoint,
+            "--etcd-username",
+            "root",
+            "--network",
+            NETWORK,
+        ]
+        .map(String::from),
+    );
+    let init: Vec<&str> = init.iter().map(String::as_str).collect();
+    let out = cluster.host(0).netd_with_env(&init, &with_password);
+    assert!(
+        out.status.success(),
+        "network init with user and password: {}",
+        netd_tests::util::output_text(&out)
+    );
+    // A short lease TTL, so that renewals matter within the test.
+    let ttl = TTL.to_string();
+    cluster.run_args(&["--etcd-username", "root", "--lease-ttl", &ttl]);
+    cluster.start_with_env(0, &with_password);
+    cluster.start_with_env(1, &with_password);
+    let a = cluster.attach(0);
+    let b = cluster.attach(1);
+    converge(&cluster, &[0, 1]);
+    let leases_before = cluster.etcd_leases();
+
+    let restarted = Instant::now();
+    cluster.topo.etcd_mut().restart();
+    let etcd = cluster.topo.etcd();
+    let ghost = Ipv4Addr::new(198, 18, 0, 99);
+    let ghost_key = format!("{PREFIX}/subnets/10.244.250.0-24");
+    let ghost_value = format!(
+        r#"{{"PublicIP":"{ghost}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
+        vtep_mac(ghost)
+    );
+    etcd.put(&ghost_key, &ghost_value);
+    let mut problems = Vec::new();
+    let has_ghost = |c: &Cluster, h: usize| c.peers(h).contains_key("10.244.250.0/24");
+    poll_until(CONVERGE, || {
+        has_ghost(&cluster, 0) && has_ghost(&cluster, 1)
+    });
+    for h in [0, 1] {
+        if !has_ghost(&cluster, h) {
+            problems.push(format!(
+                "host {h} did not program a lease written after etcd restarted \
+                 (waited {CONVERGE:?}); its status says etcd is {}",
+                cluster.status(h)["state"]["etcd"]
+            ));
+        }
+        cluster.daemons[h]
+            .as_mut()
+            .expect("daemon")
+            .assert_running();
+    }
+    // Past two lease TTLs after the restart, both leases are still held:
+    // renewed with a fresh token.
+    let settle = Duration::from_secs(2 * TTL);
+    std::thread::sleep(settle.saturating_sub(restarted.elapsed()));
+    etcd.del(&ghost_key);
+    let leases_after = cluster.etcd_leases();
+    if leases_after != leases_before {
+        problems.push(format!(
+            "{:?} after etcd restarted, the hosts' leases ({TTL} s TTL) are \
+             {leases_after:?}, were {leases_before:?}",
+            restarted.elapsed()
+        ));
+    }
+    if !problems.is_empty() {
+        let logs: Vec<String> = (0..2)
+            .map(|h| {
+                let log = strip_ansi(&cluster.daemons[h].as_ref().unwrap().log());
+                let tail: Vec<&str> = log.lines().rev().take(4).collect();
+                format!("host {h} log, last lines:\n{}", tail.join("\n"))
+            })
+            .collect();
+        panic!("{}\n{}", problems.join("\n"), logs.join("\n"));
+    }
+    converge(&cluster, &[0, 1]);
+    ping_both_ways(&cluster, a, b);
 }
