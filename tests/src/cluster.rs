@@ -283,3 +283,32 @@ impl Cluster {
         self.daemons[i].as_ref().expect("daemon started").pid()
     }
 }
+
+/// Daemons that talk to other etcd endpoints than the topology's etcd, e.g.
+/// every member of a [`crate::etcd::EtcdCluster`] (the topology may then
+/// have been built without an etcd of its own).
+impl Cluster {
+    /// Like [`Cluster::spawn`], with `--etcd-endpoints endpoints`.
+    pub fn spawn_with_endpoints(&self, i: usize, endpoints: &str) -> Daemon {
+        let mut args = self.node_args(i);
+        args.extend([
+            "run".into(),
+            "--etcd-endpoints".into(),
+            endpoints.into(),
+            "--iface".into(),
+            crate::topology::HOST_IFACE.into(),
+            "--decap".into(),
+            self.decap.clone(),
+        ]);
+        args.extend(self.extra_args.iter().cloned());
+        let _ = std::fs::remove_file(self.host(i).run_dir().join("state.json"));
+        self.host(i).start_netd(args)
+    }
+
+    /// Like [`Cluster::start`], with `--etcd-endpoints endpoints`.
+    pub fn start_with_endpoints(&mut self, i: usize, endpoints: &str) {
+        let daemon = self.spawn_with_endpoints(i, endpoints);
+        self.daemons[i] = Some(daemon);
+        self.wait_ready(i);
+    }
+}

@@ -1,4 +1,5 @@
-//! A single-member etcd inside a network namespace, plus `etcdctl` helpers.
+//! A single-member etcd inside a network namespace, plus `etcdctl` helpers;
+//! and a multi-member cluster ([`EtcdCluster`]).
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -42,6 +43,9 @@ pub struct Etcd {
     tls: Option<EtcdTls>,
     /// Credentials etcdctl passes once auth is on (see [`Etcd::enable_auth`]).
     user: Option<(String, String)>,
+    /// Membership of a multi-member cluster (see [`EtcdCluster`]); `None`:
+    /// a cluster of one.
+    membership: Option<Membership>,
     dir: TempDir,
 }
 
@@ -64,6 +68,7 @@ impl Etcd {
             name: format!("etcd-{}", unique_name()),
             tls,
             user: None,
+            membership: None,
             dir,
         };
         etcd.launch();
@@ -227,18 +232,27 @@ impl Etcd {
     }
 
     fn launch(&mut self) {
+        self.spawn_process();
+        self.wait_healthy();
+    }
+
+    /// Starts the etcd process without waiting for it to be healthy (a
+    /// cluster member is not until a quorum runs).
+    fn spawn_process(&mut self) {
         let mut daemon = Daemon::start(&self.ns, "etcd", self.args(), &self.log_path());
         // Its log is noise in unrelated failures; start-up failures show it.
         daemon.dump_log_on_panic(false);
         self.daemon = Some(daemon);
-        self.wait_healthy();
     }
 
     fn args(&self) -> Vec<String> {
         let client = self.endpoint();
         let peer = format!("http://{}:{PEER_PORT}", self.ip);
         let data_dir = self.data_dir().to_string_lossy().into_owned();
-        let cluster = format!("{}={peer}", self.name);
+        let (cluster, token) = match &self.membership {
+            Some(m) => (m.initial_cluster.clone(), m.token.clone()),
+            None => (format!("{}={peer}", self.name), self.name.clone()),
+        };
         [
             ("--name", self.name.as_str()),
             ("--data-dir", &data_dir),
@@ -247,7 +261,7 @@ impl Etcd {
             ("--listen-peer-urls", &peer),
             ("--initial-advertise-peer-urls", &peer),
             ("--initial-cluster", &cluster),
-            ("--initial-cluster-token", &self.name),
+            ("--initial-cluster-token", &token),
             ("--initial-cluster-state", "new"),
         ]
         .iter()
@@ -389,6 +403,197 @@ impl Etcd {
         }
         args
     }
+}
+
+/// How a member joins a multi-member cluster.
+#[derive(Clone, Debug)]
+struct Membership {
+    /// `--initial-cluster`: `m1=http://IP1:2380,…`.
+    initial_cluster: String,
+    /// `--initial-cluster-token`, unique per cluster.
+    token: String,
+}
+
+/// Whether a member runs, and single-member helpers for cluster members.
+impl Etcd {
+    /// Whether the etcd process was started and not stopped since (see
+    /// [`Etcd::stop`], [`Etcd::restart`]).
+    pub fn is_running(&self) -> bool {
+        self.daemon.is_some()
+    }
+
+    /// `etcdctl endpoint status` of this member (its own endpoint only):
+    /// its member id and the id of the leader it knows, if any.
+    pub fn member_status(&self) -> Option<(u64, u64)> {
+        let out = self.etcdctl(&[
+            "--dial-timeout=1s",
+            "--command-timeout=2s",
+            "-w",
+            "json",
+            "endpoint",
+            "status",
+        ]);
+        if !out.status.success() {
+            return None;
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        let status = &v.as_array()?.first()?["Status"];
+        let id = status["header"]["member_id"].as_u64()?;
+        let leader = status["leader"].as_u64()?;
+        Some((id, leader))
+    }
+}
+
+/// A multi-member etcd cluster on the underlay switch: member `i` runs in
+/// its own namespace, whose `eth0` (address `ips[i]`/24) is a port of the
+/// switch bridge, as a host's is.
+///
+/// ```text
+///   switch ns:  br0 ── vm<last octet> <-> eth0  member ns: 198.18.0.251/24 (etcd :2379, :2380)
+/// ```
+///
+/// Dropping it stops every member, then deletes the namespaces.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    // Before `namespaces`: members stop before their namespaces go.
+    members: Vec<Etcd>,
+    namespaces: Vec<crate::netns::NetNs>,
+    switch: NsRef,
+}
+
+impl EtcdCluster {
+    /// Starts one member per address in `ips` (on the switch's /24), each
+    /// in a new namespace plugged into `bridge` of the `switch` namespace,
+    /// and waits until every member is healthy.
+    pub fn start(switch: &NsRef, bridge: &str, ips: &[Ipv4Addr]) -> Self {
+        assert!(!ips.is_empty(), "an etcd cluster needs members");
+        let token = format!("etcd-cluster-{}", unique_name());
+        let initial_cluster = ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| format!("m{}=http://{ip}:{PEER_PORT}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = EtcdCluster {
+            members: Vec::new(),
+            namespaces: Vec::new(),
+            switch: switch.clone(),
+        };
+        for (i, &ip) in ips.iter().enumerate() {
+            let ns = cluster.plug_member_ns(bridge, ip);
+            let dir = tempfile::Builder::new()
+                .prefix("netd-etcd-")
+                .tempdir()
+                .expect("create etcd temp dir");
+            cluster.members.push(Etcd {
+                daemon: None,
+                ns: ns.handle(),
+                ip,
+                name: format!("m{}", i + 1),
+                tls: None,
+                user: None,
+                membership: Some(Membership {
+                    initial_cluster: initial_cluster.clone(),
+                    token: token.clone(),
+                }),
+                dir,
+            });
+            cluster.namespaces.push(ns);
+        }
+        // All at once: no member is healthy before a quorum runs.
+        for member in &mut cluster.members {
+            member.spawn_process();
+        }
+        for member in &mut cluster.members {
+            member.wait_healthy();
+        }
+        cluster
+    }
+
+    /// A namespace whose `eth0` (`ip`/24) is a port of `bridge`.
+    fn plug_member_ns(&self, bridge: &str, ip: Ipv4Addr) -> crate::netns::NetNs {
+        let ns = crate::netns::NetNs::new();
+        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
+        ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
+        let port = member_port(ip);
+        // Created from the switch side so nothing touches the root namespace.
+        self.switch.run_ok(&[
+            "ip", "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+            ns.name(),
+        ]);
+        self.switch
+            .run_ok(&["ip", "link", "set", &port, "master", bridge, "up"]);
+        let addr = format!("{ip}/24");
+        ns.run_ok(&["ip", "addr", "add", &addr, "dev", "eth0"]);
+        ns.run_ok(&["ip", "link", "set", "eth0", "up"]);
+        ns
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    pub fn member(&self, i: usize) -> &Etcd {
+        &self.members[i]
+    }
+
+    /// Mutable access, for [`Etcd::stop`] / [`Etcd::restart`] of one member.
+    pub fn member_mut(&mut self, i: usize) -> &mut Etcd {
+        &mut self.members[i]
+    }
+
+    /// Every member's client URL, comma-separated (for `--etcd-endpoints`).
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(Etcd::endpoint)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A running member to send requests through (any member serves the
+    /// whole key space while a quorum runs). Panics if none runs.
+    pub fn client(&self) -> &Etcd {
+        self.members
+            .iter()
+            .find(|m| m.is_running())
+            .expect("no etcd member is running")
+    }
+
+    /// Index of the current leader, as the running members report it
+    /// (`None` while there is none or they disagree).
+    pub fn leader(&self) -> Option<usize> {
+        let statuses: Vec<(usize, u64, u64)> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.is_running())
+            .filter_map(|(i, m)| m.member_status().map(|(id, leader)| (i, id, leader)))
+            .collect();
+        let leader = statuses.first()?.2;
+        if leader == 0 || statuses.iter().any(|s| s.2 != leader) {
+            return None;
+        }
+        statuses.iter().find(|s| s.1 == leader).map(|s| s.0)
+    }
+
+    /// Connects (`up`) or disconnects member `i`'s switch port: a member
+    /// cut off this way neither answers nor closes its connections.
+    pub fn set_member_link(&self, i: usize, up: bool) {
+        let state = if up { "up" } else { "down" };
+        let port = member_port(self.members[i].ip);
+        self.switch.run_ok(&["ip", "link", "set", &port, state]);
+    }
+}
+
+/// Name of a member's port on the switch bridge: `vm` + the address's last
+/// octet (host ports are `vh<index>`).
+fn member_port(ip: Ipv4Addr) -> String {
+    format!("vm{}", ip.octets()[3])
 }
 
 impl Drop for Etcd {

@@ -1,0 +1,578 @@
+//! Faults around a running cluster: a daemon killed and restarted under
+//! live traffic, an upgrade to a new map layout, an etcd outage, and an etcd
+//! member lost from a 3-member cluster.
+//!
+//! The data plane must not notice any of them: pings every 10 ms lose
+//! nothing and a TCP stream carries on, while the control plane reports the
+//! fault and recovers. Waits are generous (the machine is small and shared);
+//! the figures measured are printed (`--nocapture`) rather than asserted.
+
+use std::fs::File;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail, ensure};
+use netd_tests::cluster::{NETWORK, PREFIX};
+use netd_tests::etcd::EtcdCluster;
+use netd_tests::traffic::Pattern;
+use netd_tests::{
+    Cluster, Etcd, NsRef, SWITCH_IP, Topology, ping_stats, poll_until, require_root, wait_for,
+};
+use serde_json::Value;
+
+/// How long maps may take to converge and paths to start working.
+const CONVERGE: Duration = Duration::from_secs(30);
+/// Interval of the loss-detecting pings.
+const PING_INTERVAL: &str = "0.01";
+/// A lease nobody holds, as flannel writes it (no host answers at its IP).
+const FAKE_SUBNET: &str = "10.244.250.0/24";
+const FAKE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
+/// A second fake lease, removed while a daemon is down.
+const DOOMED_SUBNET: &str = "10.244.251.0/24";
+const DOOMED_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 98);
+
+// ---------------------------------------------------------------- etcd data
+
+/// `10.244.7.0/24` → `/netd/network/subnets/10.244.7.0-24`.
+fn lease_key(subnet: &str) -> String {
+    format!("{PREFIX}/subnets/{}", subnet.replacen('/', "-", 1))
+}
+
+/// A valid lease value as flannel (and netd) writes it.
+fn lease_value(public_ip: Ipv4Addr) -> String {
+    let [a, b, c, d] = public_ip.octets();
+    format!(
+        r#"{{"PublicIP":"{public_ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"0e:6e:{a:02x}:{b:02x}:{c:02x}:{d:02x}"}}}}"#
+    )
+}
+
+/// Valid leases in `etcd`: subnet → PublicIP (as [`Cluster::etcd_leases`],
+/// for any etcd).
+fn leases_in(etcd: &Etcd) -> std::collections::BTreeMap<String, String> {
+    etcd.get_prefix(&format!("{PREFIX}/subnets/"))
+        .into_iter()
+        .filter_map(|kv| {
+            let key = kv.key.rsplit('/').next()?.replacen('-', "/", 1);
+            let value: Value = serde_json::from_str(&kv.value).ok()?;
+            Some((key, value["PublicIP"].as_str()?.to_string()))
+        })
+        .collect()
+}
+
+/// Waits until host `i`'s map holds exactly the other leases in `etcd`.
+fn wait_peers_match(cluster: &Cluster, etcd: &Etcd, i: usize, timeout: Duration) {
+    let own = cluster.subnet(i);
+    wait_for(&format!("host {i} map equal to etcd"), timeout, || {
+        let mut want = leases_in(etcd);
+        want.remove(&own);
+        cluster.peers(i) == want
+    });
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
+
+/// `s` without ANSI escape sequences (the daemon's log may be coloured).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.next() == Some('[') {
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Host `i`'s daemon log (every run under the current guard), uncoloured.
+fn daemon_log(cluster: &Cluster, i: usize) -> String {
+    strip_ansi(&cluster.daemons[i].as_ref().expect("daemon started").log())
+}
+
+// ---------------------------------------------------------------- ping
+
+/// `ping -i 0.01 -c COUNT` running in a container, output to a file; killed
+/// on drop.
+struct PingRun {
+    child: Child,
+    out: tempfile::NamedTempFile,
+    what: String,
+}
+
+/// What a [`PingRun`] saw.
+#[derive(Debug)]
+struct PingResult {
+    transmitted: u32,
+    received: u32,
+    /// Sequence numbers (1-based) without a reply.
+    missing: Vec<u32>,
+    output: String,
+}
+
+impl PingResult {
+    fn lost(&self) -> u32 {
+        self.transmitted.saturating_sub(self.received)
+    }
+}
+
+impl PingRun {
+    /// Starts `count` echo requests from `from` to `ip`, 10 ms apart.
+    fn start(from: &NsRef, ip: Ipv4Addr, count: u32) -> Self {
+        let out = tempfile::NamedTempFile::new().expect("ping output file");
+        let stdout = out.reopen().expect("reopen ping output");
+        let stderr = stdout.try_clone().expect("clone ping output fd");
+        let child = from
+            .command("ping")
+            .args(["-n", "-D", "-W", "2", "-i", PING_INTERVAL, "-c"])
+            .arg(count.to_string())
+            .arg(ip.to_string())
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run ping (install iputils-ping): {e}"));
+        PingRun {
+            child,
+            out,
+            what: format!("ping {ip} from {}", from.name()),
+        }
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait ping").is_none()
+    }
+
+    /// Waits for ping to finish (at most `timeout`) and parses its output.
+    fn finish(mut self, timeout: Duration) -> PingResult {
+        let done = poll_until(timeout, || !self.is_running());
+        let output = std::fs::read_to_string(self.out.path()).unwrap_or_default();
+        assert!(done, "{} still running after {timeout:?}:\n{output}", self.what);
+        let summary = output
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or_else(|| panic!("{}: no summary in its output:\n{output}", self.what));
+        let mut fields = summary
+            .split(',')
+            .map(|f| f.split_whitespace().next().and_then(|n| n.parse().ok()));
+        let transmitted: u32 = fields.next().flatten().expect("transmitted count");
+        let received: u32 = fields.next().flatten().expect("received count");
+        let answered: std::collections::BTreeSet<u32> = output
+            .lines()
+            .filter(|l| l.contains("bytes from"))
+            .filter_map(|l| {
+                let seq = l.split("icmp_seq=").nth(1)?;
+                seq.split_whitespace().next()?.parse().ok()
+            })
+            .collect();
+        let missing = (1..=transmitted).filter(|s| !answered.contains(s)).collect();
+        PingResult {
+            transmitted,
+            received,
+            missing,
+            output,
+        }
+    }
+}
+
+impl Drop for PingRun {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Asserts a finished ping run lost nothing; prints what it saw.
+fn assert_no_loss(result: &PingResult, what: &str) {
+    eprintln!(
+        "{what}: {} echo requests every 10 ms, {} answered, {} lost",
+        result.transmitted,
+        result.received,
+        result.lost()
+    );
+    let tail: Vec<&str> = result.output.lines().rev().take(4).collect();
+    assert!(
+        result.transmitted > 0 && result.lost() == 0 && result.missing.is_empty(),
+        "{what}: pings lost: {} of {} (sequence numbers without reply: {:?});\n\
+         summary: {tail:?}",
+        result.lost(),
+        result.transmitted,
+        result.missing
+    );
+}
+
+/// Pings between containers `a` and `b` both ways (a few, 200 ms apart).
+fn assert_ping_both_ways(cluster: &Cluster, a: usize, b: usize) {
+    for (from, to) in [(a, b), (b, a)] {
+        let (cf, ct) = (cluster.container(from), cluster.container(to));
+        let mut stats = ping_stats(&cf.ns.handle(), ct.ip, 3);
+        // The first echo may wait for ARP on a fresh path; retry once.
+        if !stats.all_received() {
+            stats = ping_stats(&cf.ns.handle(), ct.ip, 3);
+        }
+        assert!(
+            stats.all_received(),
+            "ping {} (host {}) -> {} (host {}) failed:\n{}",
+            cf.ip,
+            cf.host,
+            ct.ip,
+            ct.host,
+            stats.output
+        );
+    }
+}
+
+// ---------------------------------------------------------------- TCP stream
+
+/// Seed of the byte pattern a [`TcpStream`] carries.
+const STREAM_SEED: u64 = 0x5eed_f417_0000_0001;
+/// Per-read/write and connect timeout of the stream: a stall this long is a
+/// failure (a reset fails at once).
+const STREAM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One TCP connection across hosts carrying a paced, verified byte stream
+/// until [`Stream::finish`].
+struct Stream {
+    stop: Arc<AtomicBool>,
+    received: Arc<AtomicU64>,
+    sender: JoinHandle<Result<u64>>,
+    receiver: JoinHandle<Result<u64>>,
+}
+
+impl Stream {
+    /// Connects from `from` to a listener on `dst` in `to` and sends about
+    /// `rate` bytes per second until told to stop.
+    fn start(from: &NsRef, to: &NsRef, dst: SocketAddr, rate: u64) -> Self {
+        let received = Arc::new(AtomicU64::new(0));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let receiver = {
+            let received = received.clone();
+            to.spawn_thread(move || stream_receive(dst.port(), ready_tx, &received))
+        };
+        ready_rx
+            .recv_timeout(STREAM_TIMEOUT)
+            .expect("stream listener never became ready")
+            .expect("stream listener");
+        let stop = Arc::new(AtomicBool::new(false));
+        let sender = {
+            let stop = stop.clone();
+            from.spawn_thread(move || stream_send(dst, rate, &stop))
+        };
+        Stream {
+            stop,
+            received,
+            sender,
+            receiver,
+        }
+    }
+
+    /// Verified bytes received so far.
+    fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Stops sending, waits for the receiver to see EOF; returns the bytes
+    /// sent and received (verified against the pattern), or the error
+    /// either side hit (a reset, a stall, corruption).
+    fn finish(self) -> Result<(u64, u64)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let sent = self
+            .sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("sender panicked"))?;
+        let received = self
+            .receiver
+            .join()
+            .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
+        let received = received.context("receiver")?;
+        let sent = sent.context("sender")?;
+        Ok((sent, received))
+    }
+}
+
+fn stream_send(dst: SocketAddr, rate: u64, stop: &AtomicBool) -> Result<u64> {
+    let mut stream = TcpStream::connect_timeout(&dst, STREAM_TIMEOUT).context("connect")?;
+    stream.set_write_timeout(Some(STREAM_TIMEOUT))?;
+    stream.set_read_timeout(Some(STREAM_TIMEOUT))?;
+    let mut pattern = Pattern::new(STREAM_SEED);
+    let mut buf = vec![0u8; 32 * 1024];
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        pattern.fill(&mut buf);
+        stream
+            .write_all(&buf)
+            .with_context(|| format!("write after {sent} bytes"))?;
+        sent += buf.len() as u64;
+        // Paced: ahead of `rate`, sleep the difference.
+        let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+        if let Some(ahead) = due.checked_sub(started.elapsed()) {
+            thread::sleep(ahead);
+        }
+    }
+    stream.shutdown(Shutdown::Write).context("shutdown")?;
+    // The receiver closes once it has read everything.
+    let mut rest = Vec::new();
+    stream
+        .read_to_end(&mut rest)
+        .context("wait for receiver close")?;
+    Ok(sent)
+}
+
+fn stream_receive(port: u16, ready: mpsc::Sender<Result<()>>, received: &AtomicU64) -> Result<u64> {
+    let listener = match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(anyhow::anyhow!("bind port {port}: {e}")));
+            bail!("bind port {port}: {e}");
+        }
+    };
+    listener.set_nonblocking(true)?;
+    let _ = ready.send(Ok(()));
+    let deadline = Instant::now() + STREAM_TIMEOUT;
+    let mut stream = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => return Err(e).context("accept"),
+        }
+    };
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(STREAM_TIMEOUT))?;
+    let mut pattern = Pattern::new(STREAM_SEED);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut want = vec![0u8; 64 * 1024];
+    let mut count = 0u64;
+    loop {
+        let n = stream
+            .read(&mut buf)
+            .with_context(|| format!("read after {count} bytes"))?;
+        if n == 0 {
+            return Ok(count);
+        }
+        pattern.fill(&mut want[..n]);
+        if let Some(i) = (0..n).find(|&i| buf[i] != want[i]) {
+            bail!("corrupted data at offset {}", count + i as u64);
+        }
+        count += n as u64;
+        received.store(count, Ordering::Relaxed);
+    }
+}
+
+// ---------------------------------------------------------------- attachments
+
+/// Runs `argv` in `ns`, panics on failure, returns stdout parsed as JSON.
+fn json_in(ns: &NsRef, argv: &[&str]) -> Value {
+    let out = ns.run_ok(argv);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{argv:?}: bad JSON ({e}): {out}"))
+}
+
+/// Id of the BPF program of the TC ingress filter on `dev` in `ns`
+/// (`tc -j filter show`), `None` if there is none.
+fn tc_prog_id(ns: &NsRef, dev: &str) -> Option<u64> {
+    let filters = json_in(ns, &["tc", "-j", "filter", "show", "dev", dev, "ingress"]);
+    let ids: Vec<u64> = filters
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["options"]["prog"]["id"].as_u64())
+        .collect();
+    assert!(ids.len() <= 1, "several BPF filters on {dev}: {filters}");
+    ids.first().copied()
+}
+
+/// Id of the XDP program on `dev` in `ns` (`ip -j link show`), if any.
+fn xdp_prog_id(ns: &NsRef, dev: &str) -> Option<u64> {
+    let links = json_in(ns, &["ip", "-j", "link", "show", "dev", dev]);
+    let xdp = &links[0]["xdp"];
+    xdp["prog"]["id"].as_u64().or_else(|| {
+        xdp["attached"]
+            .as_array()?
+            .iter()
+            .find_map(|a| a["prog"]["id"].as_u64())
+    })
+}
+
+/// Whether a BPF program with this id still exists in the kernel.
+fn prog_exists(id: u64) -> bool {
+    Command::new("bpftool")
+        .args(["prog", "show", "id", &id.to_string()])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run bpftool (install bpftool): {e}"))
+        .status
+        .success()
+}
+
+/// Host-side veth names of host `i`'s containers, from netd's records.
+fn host_veths(cluster: &Cluster, i: usize) -> Vec<String> {
+    let dir = cluster.host(i).run_dir().join("endpoints");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .map(|e| {
+            let record: Value = serde_json::from_slice(&std::fs::read(e.path()).unwrap())
+                .unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
+            record["host_ifname"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no host_ifname in {record}"))
+                .to_string()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// Program ids behind every attachment of host `i`: (where, id).
+fn attachments(cluster: &Cluster, i: usize) -> Vec<(String, Option<u64>)> {
+    let ns = cluster.host(i).ns().handle();
+    let mut all: Vec<(String, Option<u64>)> = host_veths(cluster, i)
+        .into_iter()
+        .map(|veth| {
+            let id = tc_prog_id(&ns, &veth);
+            (format!("tc ingress {veth}"), id)
+        })
+        .collect();
+    all.push(("tc ingress eth0".into(), tc_prog_id(&ns, "eth0")));
+    all.push(("xdp eth0".into(), xdp_prog_id(&ns, "eth0")));
+    all
+}
+
+/// Entries of a pinned map, through bpftool (bpffs is global).
+fn pinned_map_len(path: &Path) -> usize {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run bpftool (install bpftool): {e}"));
+    assert!(
+        out.status.success(),
+        "bpftool map dump {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    v.as_array().map_or(0, Vec::len)
+}
+
+// ================================================================ tests
+
+// 1. kill -9 and restart under live traffic.
+#[test]
+fn restart_under_traffic_is_invisible() {
+    require_root();
+    let mut cluster = Cluster::up(2, "tc");
+    let c0 = cluster.attach(0);
+    let c1 = cluster.attach(1);
+    for i in 0..2 {
+        cluster.wait_peers_match_etcd(i, CONVERGE);
+    }
+    assert_ping_both_ways(&cluster, c0, c1);
+    let etcd = cluster.topo.etcd();
+    // A lease that will be deleted while host 1's daemon is down.
+    etcd.put(&lease_key(DOOMED_SUBNET), &lease_value(DOOMED_IP));
+    wait_for("host 1 to program the doomed lease", CONVERGE, || {
+        cluster.peers(1).contains_key(DOOMED_SUBNET)
+    });
+    let subnet = cluster.subnet(1);
+    let before = attachments(&cluster, 1);
+    assert!(
+        before.iter().filter(|(w, _)| w.starts_with("tc")).all(|(_, id)| id.is_some()),
+        "host 1 lacks a TC program: {before:?}"
+    );
+
+    let (from, to) = (cluster.container(c0), cluster.container(c1));
+    let dst = SocketAddr::from((to.ip, 5201));
+    let stream = Stream::start(&from.ns.handle(), &to.ns.handle(), dst, 8 << 20);
+    // 800 requests: 8 s at the nominal rate, well past the restart.
+    let mut ping = PingRun::start(&from.ns.handle(), to.ip, 800);
+    thread::sleep(Duration::from_secs(1));
+    let at_kill = stream.received();
+    assert!(at_kill > 0, "the TCP stream carried nothing before the kill");
+
+    let status = cluster.daemons[1].as_mut().unwrap().kill();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "{status}"
+    );
+    etcd.del(&lease_key(DOOMED_SUBNET));
+    etcd.put(&lease_key(FAKE_SUBNET), &lease_value(FAKE_IP));
+    thread::sleep(Duration::from_millis(1500));
+    let while_down = stream.received() - at_kill;
+    assert!(
+        while_down > 0,
+        "the TCP stream stalled while host 1's daemon was down"
+    );
+
+    let restarting = Instant::now();
+    cluster.start(1);
+    let ready = Instant::now();
+    // The leases changed while it was down are in its map right away.
+    wait_for(
+        "the restarted daemon to reflect the leases changed while it was down",
+        Duration::from_secs(3),
+        || {
+            let peers = cluster.peers(1);
+            peers.get(FAKE_SUBNET).map(String::as_str) == Some(&FAKE_IP.to_string())
+                && !peers.contains_key(DOOMED_SUBNET)
+        },
+    );
+    let resynced = ready.elapsed();
+    let restarted_log = daemon_log(&cluster, 1);
+    assert!(
+        ping.is_running(),
+        "ping finished before the restart was over: raise its count"
+    );
+    let ping = ping.finish(Duration::from_secs(60));
+    let (sent, received) = stream
+        .finish()
+        .unwrap_or_else(|e| panic!("TCP stream across the restart failed: {e:#}"));
+    eprintln!(
+        "restart: ready {:?} after start; map resynced {resynced:?} after ready; \
+         TCP {sent} bytes sent, {received} received ({while_down} while the daemon was down)",
+        ready - restarting
+    );
+    assert_eq!(sent, received, "TCP stream: bytes sent != received");
+    assert_no_loss(&ping, "kill -9 and restart of host 1");
+
+    assert_eq!(cluster.subnet(1), subnet, "host 1 changed subnet on restart");
+    let after = attachments(&cluster, 1);
+    assert_eq!(
+        before, after,
+        "program ids behind host 1's attachments changed across a same-build restart"
+    );
+    // The guard of the restarted daemon logs this run only.
+    assert!(
+        restarted_log.contains("reusing pinned data path")
+            && !restarted_log.contains("loaded and pinned data path"),
+        "the restarted daemon did not reuse the pinned data path; log:\n{restarted_log}"
+    );
+    let leases = cluster.etcd_leases();
+    assert_eq!(
+        leases.get(&subnet).map(String::as_str),
+        Some(cluster.host(1).ip().to_string().as_str()),
+        "host 1's lease in etcd: {leases:?}"
+    );
+    cluster.wait_peers_match_etcd(1, CONVERGE);
+    cluster.daemons[1].as_mut().unwrap().assert_running();
+}
