@@ -869,9 +869,84 @@ fn overlay_mtu_is_learnt_tcp_never_stalls_and_oversized_df_is_answered_or_counte
     assert_ping(&cluster, a, b, 2);
 }
 
+/// A container that raised its MTU to 1500 sends 1500-byte packets without
+/// DF: a router would fragment them (as the kernel does before a flannel
+/// vxlan device of MTU 1450). netd must deliver them somehow or drop and
+/// count them; it must not count them as encapsulated and hand the
+/// underlay a 1550-byte frame it cannot send.
+#[test]
+fn oversized_non_df_from_a_raised_mtu_is_delivered_or_counted() {
+    require_root();
+    let mut cluster = Cluster::up(2, "tc");
+    let a = cluster.attach(0);
+    let b = cluster.attach(1);
+    cluster.wait_peers_match_etcd(0, CONVERGE);
+    cluster.wait_peers_match_etcd(1, CONVERGE);
+    assert_ping(&cluster, a, b, 2);
+    let (ca, cb) = (cluster.container(a), cluster.container(b));
+    let na = ca.ns.handle();
+    na.run_ok(&["ip", "link", "set", "eth0", "mtu", "1500"]);
+    let underlay = cluster.host(0).ns().handle();
+    let (h0, h1) = (counters(&cluster, 0), counters(&cluster, 1));
+    let tx0 = link_json(&underlay, "eth0", true)["stats64"]["tx"].clone();
+    let big = ping_args(&na, &["-M", "dont", "-s", "1472", "-c", "3", "-i", "0.3", "-W", "1"], cb.ip);
+    let (g0, g1) = (counters(&cluster, 0), counters(&cluster, 1));
+    let tx1 = link_json(&underlay, "eth0", true)["stats64"]["tx"].clone();
+    let evidence = format!(
+        "1500-byte non-DF ping from {} (eth0 MTU raised to 1500) to {}:\n{}\n\
+         host 0 counters changed {:?}\nhost 1 counters changed {:?}\n\
+         host 0 underlay eth0 tx before {tx0}\nafter {tx1}",
+        ca.ip,
+        cb.ip,
+        big.output,
+        changed(&h0, &g0),
+        changed(&h1, &g1)
+    );
+    eprintln!("non-DF: {evidence}");
+    assert_eq!(big.transmitted, 3, "{evidence}");
+    if big.received != big.transmitted {
+        let dropped: u64 = g0
+            .keys()
+            .filter(|k| k.starts_with("drop_") || k.as_str() == "frag_needed")
+            .map(|k| delta(&h0, &g0, k))
+            .sum();
+        assert!(
+            dropped == u64::from(big.transmitted) && delta(&h0, &g0, "encapsulated") == 0,
+            "oversized non-DF packets were neither delivered nor dropped and counted by \
+             netd (counted as encapsulated, then lost on the underlay?)\n{evidence}"
+        );
+    }
+    na.run_ok(&["ip", "link", "set", "eth0", "mtu", "1450"]);
+    assert_ping(&cluster, a, b, 2);
+}
+
 // ---------------------------------------------------------------------------
 // 3. Live spoofing
 // ---------------------------------------------------------------------------
+
+/// Pings `dst` five times from container namespace `from` (on host 0)
+/// with extra ping `args`, and asserts that all five were dropped by host
+/// 0 as spoofed: no reply, no encapsulation, no local delivery.
+fn assert_spoof_dropped(cluster: &Cluster, from: &NsRef, args: &[&str], dst: Ipv4Addr, what: &str) {
+    let (h0, h1) = (counters(cluster, 0), counters(cluster, 1));
+    let mut argv = args.to_vec();
+    argv.extend(["-c", "5", "-i", "0.2", "-W", "1"]);
+    let spoofed = ping_args(from, &argv, dst);
+    let (g0, g1) = (counters(cluster, 0), counters(cluster, 1));
+    let why = format!(
+        "{what}: ping {args:?} {dst}:\n{}\nhost 0 changed {:?}, host 1 changed {:?}",
+        spoofed.output,
+        changed(&h0, &g0),
+        changed(&h1, &g1)
+    );
+    assert_eq!(spoofed.transmitted, 5, "{why}");
+    assert_eq!(spoofed.received, 0, "spoofed packets got replies\n{why}");
+    assert_eq!(delta(&h0, &g0, "drop_spoofed"), 5, "one drop_spoofed per packet sent\n{why}");
+    for forwarded in ["encapsulated", "local_delivered", "routed_direct"] {
+        assert_eq!(delta(&h0, &g0, forwarded), 0, "{why}");
+    }
+    assert_eq!(delta(&h1, &g1, "decapsulated"), 0, "{why}");
+}
 
 #[test]
 fn live_spoofed_address_and_mac_are_dropped_and_counted() {
@@ -879,35 +954,22 @@ fn live_spoofed_address_and_mac_are_dropped_and_counted() {
     let mut cluster = Cluster::up(2, "tc");
     let a = cluster.attach(0);
     let b = cluster.attach(1);
+    let c = cluster.attach(0);
     cluster.wait_peers_match_etcd(0, CONVERGE);
     cluster.wait_peers_match_etcd(1, CONVERGE);
     assert_ping(&cluster, a, b, 3);
-    let (ca, cb) = (cluster.container(a), cluster.container(b));
+    assert_ping(&cluster, a, c, 3);
+    let (ca, cb, cc) = (cluster.container(a), cluster.container(b), cluster.container(c));
     let na = ca.ns.handle();
     let [x, y, z, _] = ca.ip.octets();
     let alias = Ipv4Addr::new(x, y, z, 77);
-    let count = "5";
+    let alias_arg = alias.to_string();
 
-    // A second address inside the container: used as a source, dropped.
+    // A second address inside the container: used as a source, dropped,
+    // towards a remote container and towards one on the same host.
     na.run_ok(&["ip", "addr", "add", &format!("{alias}/32"), "dev", "eth0"]);
-    let (h0, h1) = (counters(&cluster, 0), counters(&cluster, 1));
-    let spoofed = ping_args(
-        &na,
-        &["-I", &alias.to_string(), "-c", count, "-i", "0.2", "-W", "1"],
-        cb.ip,
-    );
-    let (g0, g1) = (counters(&cluster, 0), counters(&cluster, 1));
-    let why = format!(
-        "ping -I {alias}:\n{}\nhost 0 changed {:?}, host 1 changed {:?}",
-        spoofed.output,
-        changed(&h0, &g0),
-        changed(&h1, &g1)
-    );
-    assert_eq!(spoofed.transmitted, 5, "{why}");
-    assert_eq!(spoofed.received, 0, "a spoofed source got replies\n{why}");
-    assert_eq!(delta(&h0, &g0, "drop_spoofed"), 5, "{why}");
-    assert_eq!(delta(&h0, &g0, "encapsulated"), 0, "{why}");
-    assert_eq!(delta(&h1, &g1, "decapsulated"), 0, "{why}");
+    assert_spoof_dropped(&cluster, &na, &["-I", &alias_arg], cb.ip, "alias, remote");
+    assert_spoof_dropped(&cluster, &na, &["-I", &alias_arg], cc.ip, "alias, local");
     // Its own address still works while the alias is there.
     assert_ping(&cluster, a, b, 3);
     na.run_ok(&["ip", "addr", "del", &format!("{alias}/32"), "dev", "eth0"]);
@@ -918,26 +980,15 @@ fn live_spoofed_address_and_mac_are_dropped_and_counted() {
         .expect("eth0 MAC")
         .to_string();
     na.run_ok(&["ip", "link", "set", "eth0", "address", "02:00:00:00:00:99"]);
-    let (h0, h1) = (counters(&cluster, 0), counters(&cluster, 1));
-    let spoofed = ping_args(&na, &["-c", count, "-i", "0.2", "-W", "1"], cb.ip);
-    let (g0, g1) = (counters(&cluster, 0), counters(&cluster, 1));
-    let why = format!(
-        "ping with MAC 02:00:00:00:00:99 (own {mac}):\n{}\nhost 0 changed {:?}, host 1 changed {:?}",
-        spoofed.output,
-        changed(&h0, &g0),
-        changed(&h1, &g1)
-    );
-    assert_eq!(spoofed.transmitted, 5, "{why}");
-    assert_eq!(spoofed.received, 0, "a spoofed MAC got replies\n{why}");
-    assert_eq!(delta(&h0, &g0, "drop_spoofed"), 5, "{why}");
-    assert_eq!(delta(&h0, &g0, "encapsulated"), 0, "{why}");
-    assert_eq!(delta(&h1, &g1, "decapsulated"), 0, "{why}");
+    assert_spoof_dropped(&cluster, &na, &[], cb.ip, "MAC 02:00:00:00:00:99, remote");
+    assert_spoof_dropped(&cluster, &na, &[], cc.ip, "MAC 02:00:00:00:00:99, local");
 
     // Its own MAC back: traffic flows again, nothing more is dropped.
     na.run_ok(&["ip", "link", "set", "eth0", "address", &mac]);
     let h0 = counters(&cluster, 0);
     assert_ping(&cluster, a, b, 5);
     assert_ping(&cluster, b, a, 5);
+    assert_ping(&cluster, a, c, 5);
     let g0 = counters(&cluster, 0);
     assert_eq!(delta(&h0, &g0, "drop_spoofed"), 0, "{:?}", changed(&h0, &g0));
 }
