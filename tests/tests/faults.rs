@@ -576,3 +576,162 @@ fn restart_under_traffic_is_invisible() {
     cluster.wait_peers_match_etcd(1, CONVERGE);
     cluster.daemons[1].as_mut().unwrap().assert_running();
 }
+
+/// Id of the program pinned at `path` (`bpftool prog show pinned`).
+fn pinned_prog_id(path: &Path) -> u64 {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show", "pinned"])
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run bpftool (install bpftool): {e}"));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bpftool prog show pinned {}: {e}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    v["id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no id for {}: {v}", path.display()))
+}
+
+/// Stops host `host`'s daemon, lets `simulate` turn its pins into those of
+/// an older map layout, and starts it again while container `remote`
+/// pings container `local` (on `host`) every 10 ms. Checks the data path
+/// kept forwarding while the daemon was down, and that afterwards every
+/// attachment runs the newly pinned programs, whose fresh maps hold the
+/// endpoints and the peers. Returns the pings lost during the upgrade.
+fn upgrade(
+    cluster: &mut Cluster,
+    host: usize,
+    local: usize,
+    remote: usize,
+    simulate: impl FnOnce(&Path),
+) -> u32 {
+    let pin = cluster.host(host).pin_path().to_path_buf();
+    let before = attachments(cluster, host);
+    assert!(
+        before.iter().all(|(_, id)| id.is_some()),
+        "host {host} lacks an attachment (xdp decap: XDP and TC on eth0): {before:?}"
+    );
+    assert_eq!(
+        cluster.stop(host).code(),
+        Some(0),
+        "SIGTERM exit of host {host}"
+    );
+    simulate(&pin);
+    // The attached programs hold the old maps: forwarding goes on.
+    assert_ping_both_ways(cluster, local, remote);
+
+    let (from, to) = (cluster.container(remote), cluster.container(local));
+    let ping = PingRun::start(&from.ns.handle(), to.ip, 400);
+    cluster.start(host);
+    let log = daemon_log(cluster, host);
+    assert!(
+        log.contains("loaded and pinned data path"),
+        "host {host} did not load new programs into the missing layout dir; log:\n{log}"
+    );
+    // Endpoints restored into the new ENDPOINTS map, peers from etcd.
+    wait_for(
+        &format!("host {host}'s container reachable after the upgrade"),
+        CONVERGE,
+        || {
+            let (a, b) = (cluster.container(remote), cluster.container(local));
+            ping_stats(&a.ns.handle(), b.ip, 1).all_received()
+        },
+    );
+    assert_ping_both_ways(cluster, local, remote);
+    cluster.wait_peers_match_etcd(host, CONVERGE);
+    let endpoints = pinned_map_len(&pin.join("v1/ENDPOINTS"));
+    let containers = cluster
+        .containers
+        .iter()
+        .filter(|c| c.host == host)
+        .count();
+    assert_eq!(
+        endpoints, containers,
+        "host {host}'s new ENDPOINTS map vs its containers"
+    );
+
+    let after = attachments(cluster, host);
+    let new_ids = [
+        pinned_prog_id(&pin.join("v1/prog_from_container")),
+        pinned_prog_id(&pin.join("v1/prog_tc_from_underlay")),
+        pinned_prog_id(&pin.join("v1/prog_xdp_from_underlay")),
+    ];
+    for ((what, old), (what_after, new)) in before.iter().zip(&after) {
+        assert_eq!(what, what_after);
+        let (old, new) = (old.unwrap(), new.unwrap_or_else(|| panic!("{what}: detached")));
+        assert_ne!(old, new, "{what} still runs the old program {old}");
+        assert!(
+            new_ids.contains(&new),
+            "{what} runs program {new}, none of the newly pinned {new_ids:?}"
+        );
+    }
+    // Nothing holds the old programs (and their maps) any more.
+    for (what, old) in &before {
+        let old = old.unwrap();
+        wait_for(
+            &format!("the old program {old} ({what}) to be freed"),
+            CONVERGE,
+            || !prog_exists(old),
+        );
+    }
+    let result = ping.finish(Duration::from_secs(60));
+    if result.lost() > 0 {
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                ["pinned data path", "endpoints restored", "subnet lease acquired", "kernel subnet map updated", "netd running"]
+                    .iter()
+                    .any(|n| l.contains(n))
+            })
+            .collect();
+        eprintln!("upgrade of host {host}: daemon timeline:\n{}", lines.join("\n"));
+        let missing: Vec<&str> = result.missing.iter().filter_map(|s| {
+            let next = format!("icmp_seq={} ", s + 1);
+            result.output.lines().find(|l| l.contains(&next))
+        }).collect();
+        eprintln!("replies after each lost one: {missing:?}");
+    }
+    eprintln!(
+        "upgrade of host {host}: {} of {} pings lost (missing sequence numbers {:?})",
+        result.lost(),
+        result.transmitted,
+        result.missing
+    );
+    result.lost()
+}
+
+// 2. An upgrade to a new map layout, simulated: the daemon finds no pins of
+// its layout and must rebuild the data path behind live attachments.
+#[test]
+fn upgrade_to_new_map_layout_rebuilds_the_data_path() {
+    require_root();
+    let mut cluster = Cluster::up(2, "xdp");
+    let c0 = cluster.attach(0);
+    let c1 = cluster.attach(1);
+    for i in 0..2 {
+        cluster.wait_peers_match_etcd(i, CONVERGE);
+    }
+    assert_ping_both_ways(&cluster, c0, c1);
+
+    // Host 1: its layout's pins are gone altogether.
+    let lost_rm = upgrade(&mut cluster, 1, c1, c0, |pin| {
+        std::fs::remove_dir_all(pin.join("v1")).expect("rm -rf v1");
+    });
+    // Host 0: the pins are those of an older layout (v0), which the new
+    // daemon unpins once its own are in place.
+    let lost_mv = upgrade(&mut cluster, 0, c0, c1, |pin| {
+        std::fs::rename(pin.join("v1"), pin.join("v0")).expect("mv v1 v0 on bpffs");
+    });
+    assert!(
+        !cluster.host(0).pin_path().join("v0").exists(),
+        "host 0 left the older layout's pins behind"
+    );
+    eprintln!("upgrade: pings lost: {lost_rm} (pins removed), {lost_mv} (older layout)");
+    for i in 0..2 {
+        cluster.daemons[i].as_mut().unwrap().assert_running();
+    }
+}
