@@ -33,6 +33,8 @@ const CONVERGE: Duration = Duration::from_secs(30);
 const FAIL_FAST: Duration = Duration::from_secs(30);
 /// Bytes of each verified TCP transfer.
 const TCP_BYTES: usize = 2 << 20;
+/// Words of which an error about etcd's authentication names one.
+const AUTH_HINTS: [&str; 5] = ["auth", "password", "user", "credential", "permission"];
 /// The etcd password of the user/password test: it must appear in no
 /// command line and no log.
 const PASSWORD: &str = "Pw-netd-interop-7731";
@@ -494,21 +496,20 @@ fn etcd_user_and_password() {
     let with_password = [("NETD_ETCD_PASSWORD", PASSWORD)];
 
     // Without credentials etcd refuses to write the config.
-    let out = cluster.netd(
-        0,
-        &[
-            "network",
-            "init",
-            "--etcd-endpoints",
-            &endpoint,
-            "--network",
-            NETWORK,
-        ],
-    );
-    assert!(
-        !out.status.success(),
-        "network init without credentials succeeded against etcd with auth on: {}",
-        String::from_utf8_lossy(&out.stdout)
+    let init_anon = [
+        "network",
+        "init",
+        "--etcd-endpoints",
+        &endpoint,
+        "--network",
+        NETWORK,
+    ];
+    let (out, elapsed) = timed_netd(cluster.host(0), &init_anon, &[]);
+    assert_one_clear_error(
+        &out,
+        elapsed,
+        "network init without credentials",
+        &AUTH_HINTS,
     );
 
     let mut init: Vec<String> = cluster.node_args(0);
@@ -585,7 +586,6 @@ fn etcd_user_and_password() {
 
     // A wrong password: refused by the CLI and by the daemon (host 2).
     let wrong = [("NETD_ETCD_PASSWORD", "not-the-password")];
-    let auth_hints = ["auth", "password", "user", "credential", "permission"];
     let host2 = cluster.host(2);
     let show = [
         "network",
@@ -600,7 +600,7 @@ fn etcd_user_and_password() {
         &out,
         elapsed,
         "network show with a wrong password",
-        &auth_hints,
+        &AUTH_HINTS,
     );
     let mut run: Vec<String> = cluster.node_args(2);
     run.extend(
@@ -621,7 +621,7 @@ fn etcd_user_and_password() {
         &mut daemon,
         started,
         "netd run with a wrong password",
-        &auth_hints,
+        &AUTH_HINTS,
     );
     eprintln!("netd run with a wrong password: {line}");
     assert_eq!(
@@ -1236,6 +1236,29 @@ fn flannel_direct_routing_host_interoperates() {
         (0, 0),
         "flannel.1 carried traffic although every peer is direct"
     );
+}
+
+/// With etcd's authentication on, a daemon started without any
+/// credentials is refused like one without a client certificate: one
+/// clear error and a non-zero exit, not an endless wait.
+#[test]
+fn etcd_auth_without_credentials_is_refused() {
+    require_root();
+    let mut topo = Topology::new(1);
+    topo.etcd_mut().enable_auth("root", PASSWORD);
+    let cluster = Cluster::on_topology(topo, "tc");
+    let endpoint = cluster.topo.etcd_endpoint();
+    let mut run: Vec<String> = cluster.node_args(0);
+    run.extend(["run", "--etcd-endpoints", &endpoint, "--iface", "eth0"].map(String::from));
+    let started = Instant::now();
+    let mut daemon = cluster.host(0).start_netd(&run);
+    let line = assert_daemon_refused(
+        &mut daemon,
+        started,
+        "netd run without credentials against etcd with auth on",
+        &AUTH_HINTS,
+    );
+    eprintln!("netd run without credentials: {line}");
 }
 
 /// With etcd's authentication on, an etcd restart (which forgets every
