@@ -735,3 +735,158 @@ fn upgrade_to_new_map_layout_rebuilds_the_data_path() {
         cluster.daemons[i].as_mut().unwrap().assert_running();
     }
 }
+
+/// `state.etcd` of host `i`'s status: (reachable, since, last_error).
+fn etcd_health(cluster: &Cluster, i: usize) -> (bool, u64, String) {
+    let status = cluster.status(i);
+    let etcd = &status["state"]["etcd"];
+    (
+        etcd["reachable"]
+            .as_bool()
+            .unwrap_or_else(|| panic!("no state.etcd.reachable in {status}")),
+        etcd["since"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no state.etcd.since in {status}")),
+        etcd["last_error"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// Host `i`'s etcd lease id, from its state.
+fn state_lease_id(cluster: &Cluster, i: usize) -> i64 {
+    cluster.status(i)["state"]["lease_id"]
+        .as_i64()
+        .expect("lease_id in state")
+}
+
+/// Asserts host `i` holds `subnet` in `etcd`: the key carries its public
+/// IP and is bound to the etcd lease its state names, which is alive.
+fn assert_holds(cluster: &Cluster, etcd: &Etcd, i: usize, subnet: &str) {
+    assert_eq!(cluster.subnet(i), subnet, "host {i} changed subnet");
+    let kv = etcd
+        .get_kv(&lease_key(subnet))
+        .unwrap_or_else(|| panic!("host {i}'s lease {subnet} is gone from etcd"));
+    let value: Value = serde_json::from_str(&kv.value).expect("lease value is JSON");
+    assert_eq!(
+        value["PublicIP"].as_str(),
+        Some(cluster.host(i).ip().to_string().as_str()),
+        "host {i}'s lease {subnet}: {}",
+        kv.value
+    );
+    let lease = state_lease_id(cluster, i);
+    assert_eq!(kv.lease, lease, "host {i}'s key is bound to another lease than its state names");
+    assert!(
+        etcd.lease_ttl(lease).is_some(),
+        "host {i}'s etcd lease {lease:x} is not alive"
+    );
+}
+
+// 3. etcd stopped for longer than the lease TTL: forwarding goes on, the
+// status says since when etcd is unreachable, and on its return the daemon
+// keeps its subnet and follows etcd again.
+#[test]
+fn etcd_outage_keeps_forwarding_and_recovers() {
+    require_root();
+    const TTL: u64 = 6;
+    const OUTAGE: Duration = Duration::from_secs(8);
+    let mut cluster = Cluster::new(2, "tc");
+    cluster.run_args(&["--lease-ttl", &TTL.to_string()]);
+    cluster.start(0);
+    cluster.start(1);
+    let c0 = cluster.attach(0);
+    let c1 = cluster.attach(1);
+    for i in 0..2 {
+        cluster.wait_peers_match_etcd(i, CONVERGE);
+    }
+    assert_ping_both_ways(&cluster, c0, c1);
+    let subnets = [cluster.subnet(0), cluster.subnet(1)];
+    let leases_before = [state_lease_id(&cluster, 0), state_lease_id(&cluster, 1)];
+    for i in 0..2 {
+        assert_eq!(etcd_health(&cluster, i).0, true, "host {i} before the outage");
+    }
+
+    let (from, to) = (cluster.container(c0), cluster.container(c1));
+    // 1000 requests: 10 s at the nominal rate, the outage and a bit more.
+    let ping = PingRun::start(&from.ns.handle(), to.ip, 1000);
+    thread::sleep(Duration::from_millis(300));
+    let stopped_unix = unix_now();
+    let stopped = Instant::now();
+    cluster.topo.etcd_mut().stop();
+    let mut noticed = Vec::new();
+    for i in 0..2 {
+        wait_for(
+            &format!("host {i} to report etcd unreachable"),
+            Duration::from_secs(TTL * 3),
+            || !etcd_health(&cluster, i).0,
+        );
+        noticed.push(stopped.elapsed());
+        let (_, since, error) = etcd_health(&cluster, i);
+        let now = unix_now();
+        assert!(
+            since <= now && since + 1 >= stopped_unix,
+            "host {i}: unreachable since {since}, etcd stopped at {stopped_unix}, now {now}"
+        );
+        assert!(!error.is_empty(), "host {i}: unreachable without last_error");
+        cluster.daemons[i].as_mut().unwrap().assert_running();
+    }
+    // `since` is when it first failed: it stays put during the outage.
+    let since_first: Vec<u64> = (0..2).map(|i| etcd_health(&cluster, i).1).collect();
+    thread::sleep(OUTAGE.saturating_sub(stopped.elapsed()));
+    for i in 0..2 {
+        let (reachable, since, _) = etcd_health(&cluster, i);
+        assert!(!reachable, "host {i} says etcd reachable while it is stopped");
+        assert_eq!(since, since_first[i], "host {i}: `since` moved during the outage");
+        cluster.daemons[i].as_mut().unwrap().assert_running();
+    }
+
+    cluster.topo.etcd_mut().restart();
+    let returned = Instant::now();
+    let mut recovered = Vec::new();
+    for i in 0..2 {
+        wait_for(
+            &format!("host {i} to report etcd reachable again"),
+            CONVERGE,
+            || etcd_health(&cluster, i).0,
+        );
+        recovered.push(returned.elapsed());
+    }
+    let etcd = cluster.topo.etcd();
+    etcd.put(&lease_key(FAKE_SUBNET), &lease_value(FAKE_IP));
+    let put = Instant::now();
+    for i in 0..2 {
+        wait_for(
+            &format!("host {i} to program a lease put after etcd returned"),
+            CONVERGE,
+            || cluster.peers(i).contains_key(FAKE_SUBNET),
+        );
+    }
+    let programmed = put.elapsed();
+    let result = ping.finish(Duration::from_secs(60));
+
+    let leases_after = [state_lease_id(&cluster, 0), state_lease_id(&cluster, 1)];
+    eprintln!(
+        "etcd outage of {OUTAGE:?} (TTL {TTL} s): unreachable shown after {noticed:?}, \
+         reachable again {recovered:?} after etcd's restart, a new lease programmed \
+         {programmed:?} after its put; etcd leases {} (before {leases_before:x?}, after {leases_after:x?})",
+        if leases_before == leases_after {
+            "kept (etcd extends leases on restart)"
+        } else {
+            "re-acquired"
+        }
+    );
+    assert_no_loss(&result, "etcd outage");
+    for i in 0..2 {
+        assert_holds(&cluster, etcd, i, &subnets[i]);
+    }
+    // The leases are renewed, not just carried over by etcd's restart:
+    // past a TTL later they are still held.
+    thread::sleep(Duration::from_secs(TTL + 1));
+    for i in 0..2 {
+        assert_holds(&cluster, etcd, i, &subnets[i]);
+        cluster.daemons[i].as_mut().unwrap().assert_running();
+    }
+    etcd.del(&lease_key(FAKE_SUBNET));
+    for i in 0..2 {
+        cluster.wait_peers_match_etcd(i, CONVERGE);
+    }
+    assert_ping_both_ways(&cluster, c0, c1);
+}
