@@ -123,6 +123,24 @@ fn link_json(ns: &NsRef, iface: &str, stats: bool) -> Value {
     v[0].clone()
 }
 
+/// `s` without ANSI escape sequences (the daemon's log may be coloured).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+        } else if chars.next() == Some('[') {
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
 /// `bpftool -j map dump pinned PATH`, parsed. bpffs is global, so this runs
 /// from the test's own namespace.
 fn bpftool_dump(path: &Path) -> Vec<Value> {
@@ -616,7 +634,7 @@ fn churn_soak_keeps_maps_exact_traffic_lossless_and_daemon_bounded() {
 
     let log_warnings: Vec<String> = (0..2)
         .flat_map(|i| {
-            let log = cluster.daemons[i].as_ref().unwrap().log();
+            let log = strip_ansi(&cluster.daemons[i].as_ref().unwrap().log());
             log.lines()
                 .filter(|l| l.contains("WARN") || l.contains("ERROR"))
                 .map(|l| format!("host {i}: {l}"))
@@ -1015,4 +1033,41 @@ fn live_spoofed_address_and_mac_are_dropped_and_counted() {
     assert_ping(&cluster, a, c, 5);
     let g0 = counters(&cluster, 0);
     assert_eq!(delta(&h0, &g0, "drop_spoofed"), 0, "{:?}", changed(&h0, &g0));
+}
+
+
+// ---------------------------------------------------------------------------
+// 4. Clean stop
+// ---------------------------------------------------------------------------
+
+/// SIGTERM with a healthy etcd: exit 0, nothing logged as a warning, and
+/// the state left for `netd status` does not claim etcd is unreachable.
+#[test]
+fn sigterm_with_healthy_etcd_is_quiet_and_leaves_etcd_reachable_in_state() {
+    require_root();
+    let mut cluster = Cluster::up(2, "tc");
+    cluster.wait_peers_match_etcd(0, CONVERGE);
+    cluster.wait_peers_match_etcd(1, CONVERGE);
+    assert!(cluster.topo.etcd().is_healthy());
+    let mut problems = Vec::new();
+    for i in 0..2 {
+        let status = cluster.stop(i);
+        assert_eq!(status.code(), Some(0), "host {i}: SIGTERM exit {status}");
+        let log = strip_ansi(&cluster.daemons[i].as_ref().unwrap().log());
+        let warnings: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect();
+        if !warnings.is_empty() {
+            problems.push(format!("host {i} logged on SIGTERM: {warnings:?}"));
+        }
+        let state = cluster.status(i)["state"].clone();
+        if state["etcd"]["reachable"] != true {
+            problems.push(format!(
+                "host {i}: after a clean stop `netd status` says etcd is unreachable: {}",
+                state["etcd"]
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
