@@ -632,6 +632,131 @@ fn etcd_user_and_password() {
     );
 }
 
+/// With etcd's authentication on, a daemon started without any
+/// credentials is refused like one without a client certificate: one
+/// clear error and a non-zero exit, not an endless wait.
+#[test]
+fn etcd_auth_without_credentials_is_refused() {
+    require_root();
+    let mut topo = Topology::new(1);
+    topo.etcd_mut().enable_auth("root", PASSWORD);
+    let cluster = Cluster::on_topology(topo, "tc");
+    let endpoint = cluster.topo.etcd_endpoint();
+    let mut run: Vec<String> = cluster.node_args(0);
+    run.extend(["run", "--etcd-endpoints", &endpoint, "--iface", "eth0"].map(String::from));
+    let started = Instant::now();
+    let mut daemon = cluster.host(0).start_netd(&run);
+    let line = assert_daemon_refused(
+        &mut daemon,
+        started,
+        "netd run without credentials against etcd with auth on",
+        &AUTH_HINTS,
+    );
+    eprintln!("netd run without credentials: {line}");
+}
+
+/// With etcd's authentication on, an etcd restart (which forgets every
+/// auth token it issued) is an outage like any other: the daemons log in
+/// again, keep renewing their leases and go on following etcd.
+#[test]
+fn etcd_password_auth_survives_an_etcd_restart() {
+    require_root();
+    const TTL: u64 = 10;
+    let mut cluster = Cluster::on_topology(Topology::new(2), "tc");
+    cluster.topo.etcd_mut().enable_auth("root", PASSWORD);
+    let endpoint = cluster.topo.etcd_endpoint();
+    let with_password = [("NETD_ETCD_PASSWORD", PASSWORD)];
+    let mut init: Vec<String> = cluster.node_args(0);
+    init.extend(
+        [
+            "network",
+            "init",
+            "--etcd-endpoints",
+            &endpoint,
+            "--etcd-username",
+            "root",
+            "--network",
+            NETWORK,
+        ]
+        .map(String::from),
+    );
+    let init: Vec<&str> = init.iter().map(String::as_str).collect();
+    let out = cluster.host(0).netd_with_env(&init, &with_password);
+    assert!(
+        out.status.success(),
+        "network init with user and password: {}",
+        netd_tests::util::output_text(&out)
+    );
+    // A short lease TTL, so that renewals matter within the test.
+    let ttl = TTL.to_string();
+    cluster.run_args(&["--etcd-username", "root", "--lease-ttl", &ttl]);
+    cluster.start_with_env(0, &with_password);
+    cluster.start_with_env(1, &with_password);
+    let a = cluster.attach(0);
+    let b = cluster.attach(1);
+    converge(&cluster, &[0, 1]);
+    let leases_before = cluster.etcd_leases();
+
+    let restarted = Instant::now();
+    cluster.topo.etcd_mut().restart();
+    let etcd = cluster.topo.etcd();
+    let ghost = Ipv4Addr::new(198, 18, 0, 99);
+    // A subnet no host holds (they pick theirs at random).
+    let ghost_subnet = (2..=254u8)
+        .map(|x| format!("10.244.{x}.0/24"))
+        .find(|s| !leases_before.contains_key(s))
+        .expect("a free subnet");
+    let ghost_key = format!("{PREFIX}/subnets/{}", ghost_subnet.replacen('/', "-", 1));
+    let ghost_value = format!(
+        r#"{{"PublicIP":"{ghost}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
+        vtep_mac(ghost)
+    );
+    etcd.put(&ghost_key, &ghost_value);
+    let mut problems = Vec::new();
+    let has_ghost = |c: &Cluster, h: usize| c.peers(h).contains_key(&ghost_subnet);
+    poll_until(CONVERGE, || {
+        has_ghost(&cluster, 0) && has_ghost(&cluster, 1)
+    });
+    for h in [0, 1] {
+        if !has_ghost(&cluster, h) {
+            problems.push(format!(
+                "host {h} did not program a lease written after etcd restarted \
+                 (waited {CONVERGE:?}); its status says etcd is {}",
+                cluster.status(h)["state"]["etcd"]
+            ));
+        }
+        cluster.daemons[h]
+            .as_mut()
+            .expect("daemon")
+            .assert_running();
+    }
+    // Past two lease TTLs after the restart, both leases are still held:
+    // renewed with a fresh token.
+    let settle = Duration::from_secs(2 * TTL);
+    std::thread::sleep(settle.saturating_sub(restarted.elapsed()));
+    etcd.del(&ghost_key);
+    let leases_after = cluster.etcd_leases();
+    if leases_after != leases_before {
+        problems.push(format!(
+            "{:?} after etcd restarted, the hosts' leases ({TTL} s TTL) are \
+             {leases_after:?}, were {leases_before:?}",
+            restarted.elapsed()
+        ));
+    }
+    if !problems.is_empty() {
+        let logs: Vec<String> = (0..2)
+            .map(|h| {
+                let log = strip_ansi(&cluster.daemons[h].as_ref().unwrap().log());
+                let tail: Vec<&str> = log.lines().rev().take(4).collect();
+                format!("host {h} log, last lines:\n{}", tail.join("\n"))
+            })
+            .collect();
+        panic!("{}\n{}", problems.join("\n"), logs.join("\n"));
+    }
+    converge(&cluster, &[0, 1]);
+    ping_both_ways(&cluster, a, b);
+}
+
 // ---------------------------------------------------- direct routing
 
 /// Three hosts on two L2 segments joined by the switch namespace as a
@@ -930,51 +1055,76 @@ struct FlannelHost {
     public_ip: Ipv4Addr,
     /// The host's lease, `a.b.c.0/24`.
     subnet: String,
-    /// MAC of `flannel.1`, published as the lease's VtepMAC.
-    vtep_mac: String,
+    /// MAC of `flannel.1`, published as the lease's VtepMAC (vxlan only).
+    vtep_mac: Option<String>,
+    backend: FlannelBackend,
     /// The container on `cni0`: namespace and address.
     container: NsRef,
     container_ip: Ipv4Addr,
 }
 
+/// Which flannel backend a [`FlannelHost`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FlannelBackend {
+    /// `vxlan`: every peer through `flannel.1`.
+    Vxlan,
+    /// `vxlan` with `DirectRouting`: peers on eth0's own subnet routed
+    /// directly, the others through `flannel.1`.
+    VxlanDirectRouting,
+    /// `host-gw`: every peer routed directly.
+    HostGw,
+}
+
 impl FlannelHost {
-    /// Programs `host` as a flannel (vxlan backend) node holding `subnet`
-    /// (a free `a.b.c.0/24` of the network), the way flanneld and the
-    /// flannel CNI plugin do, so that a cluster can be migrated from
-    /// flannel to netd one host at a time:
+    /// Programs `host` as a flannel node holding `subnet` (a free
+    /// `a.b.c.0/24` of the network), the way flanneld and the flannel CNI
+    /// plugin do, so that a cluster can be migrated from flannel to netd
+    /// one host at a time:
     ///
-    /// - `flannel.1`: `ip link add flannel.1 type vxlan id 1 dstport 8472
-    ///   local <host ip> dev eth0 nolearning`, MTU 1450 (eth0's minus 50),
-    ///   up, with `<subnet>.0/32`;
+    /// - vxlan backends: `flannel.1`: `ip link add flannel.1 type vxlan id
+    ///   1 dstport 8472 local <host ip> dev eth0 nolearning`, MTU 1450
+    ///   (eth0's minus 50), up, with `<subnet>.0/32`;
     /// - the lease `<prefix>/subnets/a.b.c.0-24` =
-    ///   `{"PublicIP":..,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":<flannel.1's MAC>}}`,
-    ///   bound to an etcd lease as flanneld's are;
+    ///   `{"PublicIP":..,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":<flannel.1's MAC>}}`
+    ///   (host-gw: `{"PublicIP":..,"BackendType":"host-gw"}`), bound to an
+    ///   etcd lease as flanneld's are;
     /// - `cni0`, a bridge with `<subnet>.1/24` (MTU 1450), `container` on
     ///   it as `<subnet>.2/24` with a default route via `.1`;
     ///   `ip_forward=1`.
     ///
     /// Peers are added by [`FlannelHost::add_peers`].
-    fn program(host: &Host, etcd: &Etcd, subnet: &str, container: &NsRef) -> Self {
+    fn program(
+        host: &Host,
+        etcd: &Etcd,
+        subnet: &str,
+        container: &NsRef,
+        backend: FlannelBackend,
+    ) -> Self {
         let ns = host.ns().handle();
         let ip = host.ip();
         let net0 = subnet_addr(subnet, 0);
-        sh(
-            &ns,
-            &format!(
-                "ip link add flannel.1 type vxlan id 1 dstport 8472 local {ip} dev eth0 nolearning"
-            ),
-        );
-        sh(&ns, "ip link set flannel.1 mtu 1450");
-        sh(&ns, "ip link set flannel.1 up");
-        sh(&ns, &format!("ip addr add {net0}/32 dev flannel.1"));
-        let vtep_mac = link_mac(&ns, "flannel.1");
-
+        let value = if backend == FlannelBackend::HostGw {
+            format!(r#"{{"PublicIP":"{ip}","BackendType":"host-gw"}}"#)
+        } else {
+            sh(
+                &ns,
+                &format!(
+                    "ip link add flannel.1 type vxlan id 1 dstport 8472 local {ip} dev eth0 \
+                     nolearning"
+                ),
+            );
+            sh(&ns, "ip link set flannel.1 mtu 1450");
+            sh(&ns, "ip link set flannel.1 up");
+            sh(&ns, &format!("ip addr add {net0}/32 dev flannel.1"));
+            let mac = link_mac(&ns, "flannel.1");
+            format!(
+                r#"{{"PublicIP":"{ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
+            )
+        };
         let key = format!("{PREFIX}/subnets/{}", subnet.replacen('/', "-", 1));
-        let value = format!(
-            r#"{{"PublicIP":"{ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{vtep_mac}"}}}}"#
-        );
         let lease = etcd.lease_grant(600);
         etcd.put_with_lease(&key, &value, lease);
+        let vtep_mac = (backend != FlannelBackend::HostGw).then(|| link_mac(&ns, "flannel.1"));
 
         // What the flannel CNI plugin (bridge) does for a pod.
         let gw = subnet_addr(subnet, 1);
@@ -1002,6 +1152,7 @@ impl FlannelHost {
             public_ip: ip,
             subnet: subnet.to_string(),
             vtep_mac,
+            backend,
             container: container.clone(),
             container_ip,
         }
@@ -1012,10 +1163,10 @@ impl FlannelHost {
     /// `flannel.1`, a permanent neighbour entry for that `.0` with the
     /// peer's VtepMAC, and an FDB entry sending that MAC to its PublicIP.
     ///
-    /// With `direct_routing` (the backend's DirectRouting), a peer whose
-    /// PublicIP the kernel routes without a gateway gets a plain route
+    /// With DirectRouting, a peer whose PublicIP the kernel routes without
+    /// a gateway, and with host-gw every peer, gets a plain route
     /// `<subnet> via <PublicIP> dev eth0` instead.
-    fn add_peers(&self, etcd: &Etcd, direct_routing: bool) {
+    fn add_peers(&self, etcd: &Etcd) {
         for kv in etcd.get_prefix(&format!("{PREFIX}/subnets/")) {
             let subnet = kv.key.rsplit('/').next().unwrap().replacen('-', "/", 1);
             if subnet == self.subnet {
@@ -1024,7 +1175,12 @@ impl FlannelHost {
             let v: Value = serde_json::from_str(&kv.value)
                 .unwrap_or_else(|e| panic!("lease {} ({e}): {}", kv.key, kv.value));
             let public_ip = v["PublicIP"].as_str().expect("PublicIP");
-            if direct_routing && self.directly_connected(public_ip) {
+            let direct = match self.backend {
+                FlannelBackend::Vxlan => false,
+                FlannelBackend::VxlanDirectRouting => self.directly_connected(public_ip),
+                FlannelBackend::HostGw => true,
+            };
+            if direct {
                 sh(
                     &self.ns,
                     &format!("ip route replace {subnet} via {public_ip} dev eth0"),
@@ -1086,7 +1242,7 @@ const FLANNEL: usize = 2;
 /// flannel host (with its container), hosts 0 and 1 run netd with one
 /// container each (containers 0 and 1), all leases converged and the
 /// flannel host programmed with the netd leases.
-fn flannel_and_netd(init_flags: &[&str], direct_routing: bool) -> (Cluster, FlannelHost) {
+fn flannel_and_netd(init_flags: &[&str], backend: FlannelBackend) -> (Cluster, FlannelHost) {
     let mut cluster = Cluster::on_topology(Topology::new(3), "tc");
     let endpoint = cluster.topo.etcd_endpoint();
     let mut init = vec!["network", "init", "--etcd-endpoints", &endpoint];
@@ -1099,12 +1255,13 @@ fn flannel_and_netd(init_flags: &[&str], direct_routing: bool) -> (Cluster, Flan
         cluster.topo.etcd(),
         FLANNEL_SUBNET,
         &container.handle(),
+        backend,
     );
     // The topology deletes the namespace; the handle is all we need.
     std::mem::forget(container);
     assert_ne!(
         flannel.vtep_mac,
-        vtep_mac(flannel.public_ip),
+        Some(vtep_mac(flannel.public_ip)),
         "flannel.1 happens to have netd's derived MAC: the test would prove less"
     );
     cluster.start(0);
@@ -1112,7 +1269,7 @@ fn flannel_and_netd(init_flags: &[&str], direct_routing: bool) -> (Cluster, Flan
     cluster.attach(0);
     cluster.attach(1);
     converge(&cluster, &[0, 1]);
-    flannel.add_peers(cluster.topo.etcd(), direct_routing);
+    flannel.add_peers(cluster.topo.etcd());
     (cluster, flannel)
 }
 
@@ -1126,12 +1283,18 @@ fn assert_flannel_peer(cluster: &Cluster, h: usize, flannel: &FlannelHost, mode:
         .find(|p| p["subnet"] == flannel.subnet.as_str())
         .unwrap_or_else(|| panic!("host {h}: no peer {}: {status}", flannel.subnet))
         .clone();
-    let want = serde_json::json!({
+    let mut want = serde_json::json!({
         "subnet": flannel.subnet,
         "public_ip": flannel.public_ip.to_string(),
         "vtep_mac": flannel.vtep_mac,
         "mode": mode,
     });
+    let mut peer = peer;
+    if flannel.vtep_mac.is_none() {
+        // host-gw leases have no VTEP; whatever netd shows there is unused.
+        want.as_object_mut().unwrap().remove("vtep_mac");
+        peer.as_object_mut().unwrap().remove("vtep_mac");
+    }
     assert_eq!(peer, want, "host {h}'s entry for the flannel host");
 }
 
@@ -1164,7 +1327,7 @@ fn exchange_with_flannel(
 #[test]
 fn flannel_vxlan_host_interoperates() {
     require_root();
-    let (cluster, flannel) = flannel_and_netd(&[], false);
+    let (cluster, flannel) = flannel_and_netd(&[], FlannelBackend::Vxlan);
     for h in [0, 1] {
         assert_flannel_peer(&cluster, h, &flannel, "vxlan");
     }
@@ -1196,16 +1359,13 @@ fn flannel_vxlan_host_interoperates() {
     ping_both_ways(&cluster, 0, 1);
 }
 
-/// The same with the backend's DirectRouting on both sides (hosts on one
+/// Direct routing between the flannel host and the netd hosts (one
 /// segment): the flannel host routes to the netd hosts' subnets via their
 /// addresses on eth0, netd marks the flannel host "direct", and traffic
 /// flows both ways without encapsulation on either side.
-#[test]
-fn flannel_direct_routing_host_interoperates() {
-    require_root();
-    let (cluster, flannel) = flannel_and_netd(&["--direct-routing"], true);
+fn flannel_direct(cluster: &Cluster, flannel: &FlannelHost, first_port: u16) {
     for h in [0, 1] {
-        assert_flannel_peer(&cluster, h, &flannel, "direct");
+        assert_flannel_peer(cluster, h, flannel, "direct");
         let subnet = cluster.subnet(h);
         let route = sh(&flannel.ns, &format!("ip route show {subnet}"));
         let via = format!("via {} dev eth0", host_ip(h));
@@ -1214,10 +1374,10 @@ fn flannel_direct_routing_host_interoperates() {
             "flannel host's route to {subnet}: {route:?}, expected {via}"
         );
     }
-    let (rx0, tx0) = flannel.vxlan_packets();
-    for (n, port) in [(0, 5310), (1, 5312)] {
+    let vxlan_before = flannel.vtep_mac.as_ref().map(|_| flannel.vxlan_packets());
+    for (n, port) in [(0, first_port), (1, first_port + 2)] {
         let h = cluster.container(n).host;
-        let (before, after) = exchange_with_flannel(&cluster, &flannel, n, port);
+        let (before, after) = exchange_with_flannel(cluster, flannel, n, port);
         let why = format!("direct pings and TCP with the flannel host via host {h}");
         assert_grew(h, &before, &after, "routed_direct", 6, &why);
         assert_grew(h, &before, &after, "underlay_delivered", 6, &why);
@@ -1230,130 +1390,33 @@ fn flannel_direct_routing_host_interoperates() {
             );
         }
     }
-    let (rx, tx) = flannel.vxlan_packets();
-    assert_eq!(
-        (rx - rx0, tx - tx0),
-        (0, 0),
-        "flannel.1 carried traffic although every peer is direct"
-    );
+    if let Some((rx0, tx0)) = vxlan_before {
+        let (rx, tx) = flannel.vxlan_packets();
+        assert_eq!(
+            (rx - rx0, tx - tx0),
+            (0, 0),
+            "flannel.1 carried traffic although every peer is direct"
+        );
+    }
 }
 
-/// With etcd's authentication on, a daemon started without any
-/// credentials is refused like one without a client certificate: one
-/// clear error and a non-zero exit, not an endless wait.
+/// flannel's vxlan backend with DirectRouting next to netd with
+/// `--direct-routing`, all hosts on one segment: direct both ways.
 #[test]
-fn etcd_auth_without_credentials_is_refused() {
+fn flannel_direct_routing_host_interoperates() {
     require_root();
-    let mut topo = Topology::new(1);
-    topo.etcd_mut().enable_auth("root", PASSWORD);
-    let cluster = Cluster::on_topology(topo, "tc");
-    let endpoint = cluster.topo.etcd_endpoint();
-    let mut run: Vec<String> = cluster.node_args(0);
-    run.extend(["run", "--etcd-endpoints", &endpoint, "--iface", "eth0"].map(String::from));
-    let started = Instant::now();
-    let mut daemon = cluster.host(0).start_netd(&run);
-    let line = assert_daemon_refused(
-        &mut daemon,
-        started,
-        "netd run without credentials against etcd with auth on",
-        &AUTH_HINTS,
-    );
-    eprintln!("netd run without credentials: {line}");
+    let (cluster, flannel) =
+        flannel_and_netd(&["--direct-routing"], FlannelBackend::VxlanDirectRouting);
+    flannel_direct(&cluster, &flannel, 5310);
 }
 
-/// With etcd's authentication on, an etcd restart (which forgets every
-/// auth token it issued) is an outage like any other: the daemons log in
-/// again, keep renewing their leases and go on following etcd.
+/// flannel's host-gw backend next to netd with `--backend host-gw`: netd
+/// takes the flannel host's host-gw lease (no BackendData) as a direct
+/// peer, and traffic flows both ways without encapsulation.
 #[test]
-fn etcd_password_auth_survives_an_etcd_restart() {
+fn flannel_host_gw_host_interoperates() {
     require_root();
-    const TTL: u64 = 10;
-    let mut cluster = Cluster::on_topology(Topology::new(2), "tc");
-    cluster.topo.etcd_mut().enable_auth("root", PASSWORD);
-    let endpoint = cluster.topo.etcd_endpoint();
-    let with_password = [("NETD_ETCD_PASSWORD", PASSWORD)];
-    let mut init: Vec<String> = cluster.node_args(0);
-    init.extend(
-        [
-            "network",
-            "init",
-            "--etcd-endpoints",
-            &endpoint,
-            "--etcd-username",
-            "root",
-            "--network",
-            NETWORK,
-        ]
-        .map(String::from),
-    );
-    let init: Vec<&str> = init.iter().map(String::as_str).collect();
-    let out = cluster.host(0).netd_with_env(&init, &with_password);
-    assert!(
-        out.status.success(),
-        "network init with user and password: {}",
-        netd_tests::util::output_text(&out)
-    );
-    // A short lease TTL, so that renewals matter within the test.
-    let ttl = TTL.to_string();
-    cluster.run_args(&["--etcd-username", "root", "--lease-ttl", &ttl]);
-    cluster.start_with_env(0, &with_password);
-    cluster.start_with_env(1, &with_password);
-    let a = cluster.attach(0);
-    let b = cluster.attach(1);
-    converge(&cluster, &[0, 1]);
-    let leases_before = cluster.etcd_leases();
-
-    let restarted = Instant::now();
-    cluster.topo.etcd_mut().restart();
-    let etcd = cluster.topo.etcd();
-    let ghost = Ipv4Addr::new(198, 18, 0, 99);
-    let ghost_key = format!("{PREFIX}/subnets/10.244.250.0-24");
-    let ghost_value = format!(
-        r#"{{"PublicIP":"{ghost}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
-        vtep_mac(ghost)
-    );
-    etcd.put(&ghost_key, &ghost_value);
-    let mut problems = Vec::new();
-    let has_ghost = |c: &Cluster, h: usize| c.peers(h).contains_key("10.244.250.0/24");
-    poll_until(CONVERGE, || {
-        has_ghost(&cluster, 0) && has_ghost(&cluster, 1)
-    });
-    for h in [0, 1] {
-        if !has_ghost(&cluster, h) {
-            problems.push(format!(
-                "host {h} did not program a lease written after etcd restarted \
-                 (waited {CONVERGE:?}); its status says etcd is {}",
-                cluster.status(h)["state"]["etcd"]
-            ));
-        }
-        cluster.daemons[h]
-            .as_mut()
-            .expect("daemon")
-            .assert_running();
-    }
-    // Past two lease TTLs after the restart, both leases are still held:
-    // renewed with a fresh token.
-    let settle = Duration::from_secs(2 * TTL);
-    std::thread::sleep(settle.saturating_sub(restarted.elapsed()));
-    etcd.del(&ghost_key);
-    let leases_after = cluster.etcd_leases();
-    if leases_after != leases_before {
-        problems.push(format!(
-            "{:?} after etcd restarted, the hosts' leases ({TTL} s TTL) are \
-             {leases_after:?}, were {leases_before:?}",
-            restarted.elapsed()
-        ));
-    }
-    if !problems.is_empty() {
-        let logs: Vec<String> = (0..2)
-            .map(|h| {
-                let log = strip_ansi(&cluster.daemons[h].as_ref().unwrap().log());
-                let tail: Vec<&str> = log.lines().rev().take(4).collect();
-                format!("host {h} log, last lines:\n{}", tail.join("\n"))
-            })
-            .collect();
-        panic!("{}\n{}", problems.join("\n"), logs.join("\n"));
-    }
-    converge(&cluster, &[0, 1]);
-    ping_both_ways(&cluster, a, b);
+    let (cluster, flannel) = flannel_and_netd(&["--backend", "host-gw"], FlannelBackend::HostGw);
+    flannel_direct(&cluster, &flannel, 5320);
+    ping_both_ways(&cluster, 0, 1);
 }
