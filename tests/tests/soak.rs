@@ -1,8 +1,8 @@
 //! Long-running and edge-of-the-envelope behaviour: lease churn under live
 //! traffic (maps stay equal to etcd, no packet lost, no fd or memory
 //! growth), the overlay MTU (1450 inside, learnt by senders, never a TCP
-//! stall, oversized DF packets answered or counted) and live spoofing from
-//! inside a running container.
+//! stall, oversized packets answered or counted, never lost silently), live
+//! spoofing from inside a running container, and a quiet clean stop.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{Read, Write};
