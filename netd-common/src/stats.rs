@@ -56,8 +56,11 @@ counters! {
     /// Too big for the tunnel with DF set: dropped, and an ICMP
     /// fragmentation-needed sent back to the container.
     FragNeeded = 16 => "frag_needed",
+    /// Dropped: too big for the tunnel without DF; the kernel programs
+    /// cannot fragment (only a container that raised its MTU sends these).
+    DropTooBig = 17 => "drop_too_big",
 }
 
 impl Counter {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
 }

@@ -60,8 +60,12 @@ pub fn from_container(ctx: &TcContext) -> i32 {
         if peer.mode == PeerMode::Direct as u8 {
             return route_direct(cfg, &peer);
         }
-        if too_big(ctx, cfg, ip) {
-            return send_frag_needed(ctx, cfg);
+        if too_big(ctx, cfg) {
+            if dont_fragment(ip) {
+                return send_frag_needed(ctx, cfg);
+            }
+            count(Counter::DropTooBig);
+            return TC_ACT_SHOT as i32;
         }
         return encapsulate(ctx, cfg, &peer);
     }
@@ -91,21 +95,29 @@ fn deliver_local(eth: *mut EthHdr, ep: &Endpoint) -> i32 {
     unsafe { bpf_redirect_peer(ep.ifindex, 0) as i32 }
 }
 
-/// A packet with DF set that would not fit the underlay once encapsulated
-/// (a container that raised its own MTU); for a GSO packet, its segments.
+/// Whether the packet (for a GSO packet, each segment) would not fit the
+/// underlay once encapsulated: only a container that raised its own MTU
+/// sends such packets.
 #[inline(always)]
-fn too_big(ctx: &TcContext, cfg: &NodeConfig, ip: *const Ipv4Hdr) -> bool {
-    let df = u16::from_be(unsafe { (*ip).frag_off }) & IP_DF != 0;
-    if !df || cfg.inner_mtu == 0 {
+fn too_big(ctx: &TcContext, cfg: &NodeConfig) -> bool {
+    if cfg.inner_mtu == 0 {
         return false;
     }
     let gso_size = unsafe { (*ctx.skb.skb).gso_size } as usize;
     let len = if gso_size == 0 {
         ctx.len() as usize - ETH_HLEN
     } else {
-        gso_size + segment_headers(ctx, ip)
+        match ptr_at::<Ipv4Hdr>(ctx.data(), ctx.data_end(), ETH_HLEN) {
+            Some(ip) => gso_size + segment_headers(ctx, ip),
+            None => return false,
+        }
     };
     len > cfg.inner_mtu as usize
+}
+
+#[inline(always)]
+fn dont_fragment(ip: *const Ipv4Hdr) -> bool {
+    u16::from_be(unsafe { (*ip).frag_off }) & IP_DF != 0
 }
 
 /// IPv4 plus TCP (or UDP) header bytes in front of each GSO segment.

@@ -201,6 +201,9 @@ pub async fn run(
             &state,
         )
         .await;
+        if let Ok(()) = result {
+            return;
+        }
         if let Err(e) = result {
             warn!("subnet sync interrupted: {e:#}; resyncing");
             state.send_if_modified(|s| {
@@ -263,7 +266,10 @@ async fn sync_once(
                 apply(view, *own.borrow(), &leases, maps, rejections, "watch")?;
             }
             changed = own.changed() => {
-                changed?;
+                // The daemon is shutting down: not an etcd problem.
+                if changed.is_err() {
+                    return Ok(());
+                }
                 apply(view, *own.borrow(), &leases, maps, rejections, "own lease")?;
             }
         }

@@ -164,7 +164,7 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
     let (state_tx, state_rx) = watch::channel(initial);
     tokio::spawn(publish_state(run_dir.to_path_buf(), state_rx));
 
-    let (_own_tx, own_rx) = watch::channel(Own {
+    let (own_tx, own_rx) = watch::channel(Own {
         subnet: held.subnet,
         public_ip,
     });
@@ -199,6 +199,8 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
             return Err(err);
         }
     }
+    // Closing the channel tells the sync task to stop quietly.
+    drop(own_tx);
     Ok(())
 }
 
