@@ -278,7 +278,10 @@ fn assert_maps_equal_etcd(cluster: &Cluster, what: &str) -> (Vec<usize>, Duratio
             };
             false
         });
-        assert!(ok, "{what}: host {i}'s maps != etcd after {CONVERGE:?}: {mismatch}");
+        assert!(
+            ok,
+            "{what}: host {i}'s maps != etcd after {CONVERGE:?}: {mismatch}"
+        );
         sizes.push(size);
     }
     (sizes, started.elapsed())
@@ -652,7 +655,12 @@ fn churn_soak_keeps_maps_exact_traffic_lossless_and_daemon_bounded() {
     for h in 0..2 {
         eprintln!(
             "soak: host {h} daemon pid {}: fds {} -> {}, RSS {} KiB -> {} KiB (peak sampled {} KiB)",
-            pids[h], before[h].0, after[h].0, before[h].1, after[h].1, peak_rss[h].max(after[h].1)
+            pids[h],
+            before[h].0,
+            after[h].0,
+            before[h].1,
+            after[h].1,
+            peak_rss[h].max(after[h].1)
         );
     }
     eprintln!(
@@ -663,7 +671,10 @@ fn churn_soak_keeps_maps_exact_traffic_lossless_and_daemon_bounded() {
         sent - received
     );
 
-    assert!(sent >= 1000, "too few pings sent ({sent}): the ping loop did not run");
+    assert!(
+        sent >= 1000,
+        "too few pings sent ({sent}): the ping loop did not run"
+    );
     assert_eq!(
         received,
         sent,
@@ -759,7 +770,11 @@ fn overlay_mtu_is_learnt_tcp_never_stalls_and_oversized_df_is_answered_or_counte
     // (a) 1450-byte DF packets cross; 1451 bytes fail at the sender, which
     // knows the MTU.
     for (from, dst) in [(&na, cb.ip), (&nb, ca.ip)] {
-        let fit = ping_args(from, &["-M", "do", "-s", "1422", "-c", "3", "-i", "0.2", "-W", "2"], dst);
+        let fit = ping_args(
+            from,
+            &["-M", "do", "-s", "1422", "-c", "3", "-i", "0.2", "-W", "2"],
+            dst,
+        );
         assert!(
             fit.all_received(),
             "1450-byte DF pings to {dst} were not all answered:\n{}",
@@ -768,9 +783,7 @@ fn overlay_mtu_is_learnt_tcp_never_stalls_and_oversized_df_is_answered_or_counte
         let over = ping_args(from, &["-M", "do", "-s", "1423", "-c", "1", "-W", "1"], dst);
         let text = over.output.to_lowercase();
         assert!(
-            over.received == 0
-                && text.contains("message too long")
-                && text.contains("mtu=1450"),
+            over.received == 0 && text.contains("message too long") && text.contains("mtu=1450"),
             "a 1451-byte DF ping to {dst} should fail locally with 'message too long, mtu=1450':\n{}",
             over.output
         );
@@ -800,13 +813,27 @@ fn overlay_mtu_is_learnt_tcp_never_stalls_and_oversized_df_is_answered_or_counte
     let mut cap = Capture::start(&na, "eth0", "icmp");
     // tshark says "Capturing" a little before packets are really captured.
     thread::sleep(Duration::from_millis(500));
-    let big = ping_args(&na, &["-M", "do", "-s", "1472", "-c", "3", "-i", "0.3", "-W", "1"], cb.ip);
-    let after_learning =
-        ping_args(&na, &["-M", "do", "-s", "1472", "-c", "1", "-W", "1"], cb.ip);
+    let big = ping_args(
+        &na,
+        &["-M", "do", "-s", "1472", "-c", "3", "-i", "0.3", "-W", "1"],
+        cb.ip,
+    );
+    let after_learning = ping_args(
+        &na,
+        &["-M", "do", "-s", "1472", "-c", "1", "-W", "1"],
+        cb.ip,
+    );
     // Fields of the outer headers only: an ICMP error also quotes the
     // packet it answers, whose fields tshark appends after a comma.
     let rows: Vec<Vec<String>> = cap
-        .rows(&["ip.src", "ip.dst", "ip.len", "icmp.type", "icmp.code", "icmp.mtu"])
+        .rows(&[
+            "ip.src",
+            "ip.dst",
+            "ip.len",
+            "icmp.type",
+            "icmp.code",
+            "icmp.mtu",
+        ])
         .into_iter()
         .map(|r| {
             r.iter()
@@ -860,8 +887,14 @@ fn overlay_mtu_is_learnt_tcp_never_stalls_and_oversized_df_is_answered_or_counte
         eth0_before["stats64"]["tx"],
         eth0_after["stats64"]["tx"],
     );
-    assert_eq!(big.received, 0, "a 1500-byte packet crossed a 1450 overlay?\n{evidence}");
-    assert!(requests >= 1, "no 1500-byte echo request left A's eth0\n{evidence}");
+    assert_eq!(
+        big.received, 0,
+        "a 1500-byte packet crossed a 1450 overlay?\n{evidence}"
+    );
+    assert!(
+        requests >= 1,
+        "no 1500-byte echo request left A's eth0\n{evidence}"
+    );
     assert_eq!(
         delta(&h1, &g1, "decapsulated"),
         0,
@@ -931,7 +964,13 @@ fn oversized_non_df_from_a_raised_mtu_is_delivered_or_counted() {
     let underlay = cluster.host(0).ns().handle();
     let (h0, h1) = (counters(&cluster, 0), counters(&cluster, 1));
     let tx0 = link_json(&underlay, "eth0", true)["stats64"]["tx"].clone();
-    let big = ping_args(&na, &["-M", "dont", "-s", "1472", "-c", "3", "-i", "0.3", "-W", "1"], cb.ip);
+    let big = ping_args(
+        &na,
+        &[
+            "-M", "dont", "-s", "1472", "-c", "3", "-i", "0.3", "-W", "1",
+        ],
+        cb.ip,
+    );
     let (g0, g1) = (counters(&cluster, 0), counters(&cluster, 1));
     let tx1 = link_json(&underlay, "eth0", true)["stats64"]["tx"].clone();
     let evidence = format!(
@@ -983,7 +1022,11 @@ fn assert_spoof_dropped(cluster: &Cluster, from: &NsRef, args: &[&str], dst: Ipv
     );
     assert_eq!(spoofed.transmitted, 5, "{why}");
     assert_eq!(spoofed.received, 0, "spoofed packets got replies\n{why}");
-    assert_eq!(delta(&h0, &g0, "drop_spoofed"), 5, "one drop_spoofed per packet sent\n{why}");
+    assert_eq!(
+        delta(&h0, &g0, "drop_spoofed"),
+        5,
+        "one drop_spoofed per packet sent\n{why}"
+    );
     for forwarded in ["encapsulated", "local_delivered", "routed_direct"] {
         assert_eq!(delta(&h0, &g0, forwarded), 0, "{why}");
     }
@@ -1001,7 +1044,11 @@ fn live_spoofed_address_and_mac_are_dropped_and_counted() {
     cluster.wait_peers_match_etcd(1, CONVERGE);
     assert_ping(&cluster, a, b, 3);
     assert_ping(&cluster, a, c, 3);
-    let (ca, cb, cc) = (cluster.container(a), cluster.container(b), cluster.container(c));
+    let (ca, cb, cc) = (
+        cluster.container(a),
+        cluster.container(b),
+        cluster.container(c),
+    );
     let na = ca.ns.handle();
     let [x, y, z, _] = ca.ip.octets();
     let alias = Ipv4Addr::new(x, y, z, 77);
@@ -1032,9 +1079,13 @@ fn live_spoofed_address_and_mac_are_dropped_and_counted() {
     assert_ping(&cluster, b, a, 5);
     assert_ping(&cluster, a, c, 5);
     let g0 = counters(&cluster, 0);
-    assert_eq!(delta(&h0, &g0, "drop_spoofed"), 0, "{:?}", changed(&h0, &g0));
+    assert_eq!(
+        delta(&h0, &g0, "drop_spoofed"),
+        0,
+        "{:?}",
+        changed(&h0, &g0)
+    );
 }
-
 
 // ---------------------------------------------------------------------------
 // 4. Clean stop
