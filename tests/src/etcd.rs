@@ -518,7 +518,16 @@ impl EtcdCluster {
         let port = member_port(ip);
         // Created from the switch side so nothing touches the root namespace.
         self.switch.run_ok(&[
-            "ip", "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+            "ip",
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
             ns.name(),
         ]);
         self.switch
@@ -587,6 +596,18 @@ impl EtcdCluster {
         let state = if up { "up" } else { "down" };
         let port = member_port(self.members[i].ip);
         self.switch.run_ok(&["ip", "link", "set", &port, state]);
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        // SIGKILL: the data is thrown away, and a member that lost its
+        // peers (or the switch) can take long over a graceful stop.
+        for member in &mut self.members {
+            if let Some(mut daemon) = member.daemon.take() {
+                daemon.kill();
+            }
+        }
     }
 }
 

@@ -7,7 +7,6 @@
 //! fault and recovers. Waits are generous (the machine is small and shared);
 //! the figures measured are printed (`--nocapture`) rather than asserted.
 
-use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -17,7 +16,7 @@ use std::sync::{Arc, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 use netd_tests::cluster::{NETWORK, PREFIX};
 use netd_tests::etcd::EtcdCluster;
 use netd_tests::traffic::Pattern;
@@ -164,7 +163,11 @@ impl PingRun {
     fn finish(mut self, timeout: Duration) -> PingResult {
         let done = poll_until(timeout, || !self.is_running());
         let output = std::fs::read_to_string(self.out.path()).unwrap_or_default();
-        assert!(done, "{} still running after {timeout:?}:\n{output}", self.what);
+        assert!(
+            done,
+            "{} still running after {timeout:?}:\n{output}",
+            self.what
+        );
         let summary = output
             .lines()
             .find(|l| l.contains("packets transmitted"))
@@ -182,7 +185,9 @@ impl PingRun {
                 seq.split_whitespace().next()?.parse().ok()
             })
             .collect();
-        let missing = (1..=transmitted).filter(|s| !answered.contains(s)).collect();
+        let missing = (1..=transmitted)
+            .filter(|s| !answered.contains(s))
+            .collect();
         PingResult {
             transmitted,
             received,
@@ -496,7 +501,10 @@ fn restart_under_traffic_is_invisible() {
     let subnet = cluster.subnet(1);
     let before = attachments(&cluster, 1);
     assert!(
-        before.iter().filter(|(w, _)| w.starts_with("tc")).all(|(_, id)| id.is_some()),
+        before
+            .iter()
+            .filter(|(w, _)| w.starts_with("tc"))
+            .all(|(_, id)| id.is_some()),
         "host 1 lacks a TC program: {before:?}"
     );
 
@@ -507,7 +515,10 @@ fn restart_under_traffic_is_invisible() {
     let mut ping = PingRun::start(&from.ns.handle(), to.ip, 800);
     thread::sleep(Duration::from_secs(1));
     let at_kill = stream.received();
-    assert!(at_kill > 0, "the TCP stream carried nothing before the kill");
+    assert!(
+        at_kill > 0,
+        "the TCP stream carried nothing before the kill"
+    );
 
     let status = cluster.daemons[1].as_mut().unwrap().kill();
     assert_eq!(
@@ -555,7 +566,11 @@ fn restart_under_traffic_is_invisible() {
     assert_eq!(sent, received, "TCP stream: bytes sent != received");
     assert_no_loss(&ping, "kill -9 and restart of host 1");
 
-    assert_eq!(cluster.subnet(1), subnet, "host 1 changed subnet on restart");
+    assert_eq!(
+        cluster.subnet(1),
+        subnet,
+        "host 1 changed subnet on restart"
+    );
     let after = attachments(&cluster, 1);
     assert_eq!(
         before, after,
@@ -644,11 +659,7 @@ fn upgrade(
     assert_ping_both_ways(cluster, local, remote);
     cluster.wait_peers_match_etcd(host, CONVERGE);
     let endpoints = pinned_map_len(&pin.join("v1/ENDPOINTS"));
-    let containers = cluster
-        .containers
-        .iter()
-        .filter(|c| c.host == host)
-        .count();
+    let containers = cluster.containers.iter().filter(|c| c.host == host).count();
     assert_eq!(
         endpoints, containers,
         "host {host}'s new ENDPOINTS map vs its containers"
@@ -662,7 +673,10 @@ fn upgrade(
     ];
     for ((what, old), (what_after, new)) in before.iter().zip(&after) {
         assert_eq!(what, what_after);
-        let (old, new) = (old.unwrap(), new.unwrap_or_else(|| panic!("{what}: detached")));
+        let (old, new) = (
+            old.unwrap(),
+            new.unwrap_or_else(|| panic!("{what}: detached")),
+        );
         assert_ne!(old, new, "{what} still runs the old program {old}");
         assert!(
             new_ids.contains(&new),
@@ -683,16 +697,29 @@ fn upgrade(
         let lines: Vec<&str> = log
             .lines()
             .filter(|l| {
-                ["pinned data path", "endpoints restored", "subnet lease acquired", "kernel subnet map updated", "netd running"]
-                    .iter()
-                    .any(|n| l.contains(n))
+                [
+                    "pinned data path",
+                    "endpoints restored",
+                    "subnet lease acquired",
+                    "kernel subnet map updated",
+                    "netd running",
+                ]
+                .iter()
+                .any(|n| l.contains(n))
             })
             .collect();
-        eprintln!("upgrade of host {host}: daemon timeline:\n{}", lines.join("\n"));
-        let missing: Vec<&str> = result.missing.iter().filter_map(|s| {
-            let next = format!("icmp_seq={} ", s + 1);
-            result.output.lines().find(|l| l.contains(&next))
-        }).collect();
+        eprintln!(
+            "upgrade of host {host}: daemon timeline:\n{}",
+            lines.join("\n")
+        );
+        let missing: Vec<&str> = result
+            .missing
+            .iter()
+            .filter_map(|s| {
+                let next = format!("icmp_seq={} ", s + 1);
+                result.output.lines().find(|l| l.contains(&next))
+            })
+            .collect();
         eprintln!("replies after each lost one: {missing:?}");
     }
     eprintln!(
@@ -773,7 +800,10 @@ fn assert_holds(cluster: &Cluster, etcd: &Etcd, i: usize, subnet: &str) {
         kv.value
     );
     let lease = state_lease_id(cluster, i);
-    assert_eq!(kv.lease, lease, "host {i}'s key is bound to another lease than its state names");
+    assert_eq!(
+        kv.lease, lease,
+        "host {i}'s key is bound to another lease than its state names"
+    );
     assert!(
         etcd.lease_ttl(lease).is_some(),
         "host {i}'s etcd lease {lease:x} is not alive"
@@ -801,7 +831,11 @@ fn etcd_outage_keeps_forwarding_and_recovers() {
     let subnets = [cluster.subnet(0), cluster.subnet(1)];
     let leases_before = [state_lease_id(&cluster, 0), state_lease_id(&cluster, 1)];
     for i in 0..2 {
-        assert_eq!(etcd_health(&cluster, i).0, true, "host {i} before the outage");
+        assert_eq!(
+            etcd_health(&cluster, i).0,
+            true,
+            "host {i} before the outage"
+        );
     }
 
     let (from, to) = (cluster.container(c0), cluster.container(c1));
@@ -825,7 +859,10 @@ fn etcd_outage_keeps_forwarding_and_recovers() {
             since <= now && since + 1 >= stopped_unix,
             "host {i}: unreachable since {since}, etcd stopped at {stopped_unix}, now {now}"
         );
-        assert!(!error.is_empty(), "host {i}: unreachable without last_error");
+        assert!(
+            !error.is_empty(),
+            "host {i}: unreachable without last_error"
+        );
         cluster.daemons[i].as_mut().unwrap().assert_running();
     }
     // `since` is when it first failed: it stays put during the outage.
@@ -833,8 +870,14 @@ fn etcd_outage_keeps_forwarding_and_recovers() {
     thread::sleep(OUTAGE.saturating_sub(stopped.elapsed()));
     for i in 0..2 {
         let (reachable, since, _) = etcd_health(&cluster, i);
-        assert!(!reachable, "host {i} says etcd reachable while it is stopped");
-        assert_eq!(since, since_first[i], "host {i}: `since` moved during the outage");
+        assert!(
+            !reachable,
+            "host {i} says etcd reachable while it is stopped"
+        );
+        assert_eq!(
+            since, since_first[i],
+            "host {i}: `since` moved during the outage"
+        );
         cluster.daemons[i].as_mut().unwrap().assert_running();
     }
 
@@ -889,4 +932,428 @@ fn etcd_outage_keeps_forwarding_and_recovers() {
         cluster.wait_peers_match_etcd(i, CONVERGE);
     }
     assert_ping_both_ways(&cluster, c0, c1);
+}
+
+/// Remote addresses of host `i`'s established TCP connections to etcd's
+/// client port (`ss` in the host namespace).
+fn etcd_connections(cluster: &Cluster, i: usize) -> Vec<Ipv4Addr> {
+    let out =
+        cluster
+            .host(i)
+            .ns()
+            .run_ok(&["ss", "-Hnt", "state", "established", "dport", "=", ":2379"]);
+    let mut ips: Vec<Ipv4Addr> = out
+        .lines()
+        .filter_map(|l| {
+            let peer = l.split_whitespace().last()?;
+            peer.rsplit_once(':')?.0.parse().ok()
+        })
+        .collect();
+    ips.sort();
+    ips
+}
+
+/// How a member is lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Loss {
+    /// The etcd process stops (SIGTERM): its connections close.
+    Stop,
+    /// Its switch port goes down: it neither answers nor closes anything.
+    Cut,
+}
+
+/// `etcdctl put` through member `m` with short timeouts; whether it worked.
+fn try_put(etcd: &EtcdCluster, m: usize, key: &str, value: &str) -> bool {
+    etcd.member(m)
+        .etcdctl(&[
+            "--dial-timeout=1s",
+            "--command-timeout=2s",
+            "put",
+            "--",
+            key,
+            value,
+        ])
+        .status
+        .success()
+}
+
+/// What losing one member did to the daemons (printed through `Debug`).
+#[derive(Debug)]
+#[allow(dead_code)]
+struct Round {
+    /// From the loss until a write through the remaining members worked
+    /// (an election when the leader went).
+    write_ok: Duration,
+    /// From the loss until both hosts had programmed a lease put right
+    /// after it, and said etcd is reachable: the reconnect time.
+    reconnected: Duration,
+    /// How long each host said etcd was unreachable, if it ever did.
+    unreachable_for: [Option<Duration>; 2],
+    pings_lost: u32,
+}
+
+/// Loses member `victim` (`how`) while container `c0` pings `c1` every
+/// 10 ms, writes lease `subnet` (public IP `ip`) through the remaining
+/// members, and waits until both hosts program it and are reachable.
+#[allow(clippy::too_many_arguments)]
+fn lose_member(
+    cluster: &Cluster,
+    etcd: &mut EtcdCluster,
+    victim: usize,
+    how: Loss,
+    c0: usize,
+    c1: usize,
+    subnet: &str,
+    ip: Ipv4Addr,
+) -> Round {
+    let (from, to) = (cluster.container(c0), cluster.container(c1));
+    let ping = PingRun::start(&from.ns.handle(), to.ip, 600);
+    thread::sleep(Duration::from_millis(200));
+    let lost = Instant::now();
+    match how {
+        Loss::Stop => etcd.member_mut(victim).stop(),
+        Loss::Cut => etcd.set_member_link(victim, false),
+    }
+    let others: Vec<usize> = (0..etcd.len()).filter(|&m| m != victim).collect();
+    let (key, value) = (lease_key(subnet), lease_value(ip));
+    wait_for(
+        "a write through the remaining etcd members",
+        CONVERGE,
+        || others.iter().any(|&m| try_put(etcd, m, &key, &value)),
+    );
+    let write_ok = lost.elapsed();
+    let mut down_since: [Option<Instant>; 2] = [None, None];
+    let mut unreachable_for: [Option<Duration>; 2] = [None, None];
+    let mut done = [false, false];
+    wait_for(
+        &format!("both hosts to follow etcd after member {victim} was lost ({how:?})"),
+        Duration::from_secs(60),
+        || {
+            for i in 0..2 {
+                let reachable = etcd_health(cluster, i).0;
+                match (reachable, down_since[i]) {
+                    (false, None) => down_since[i] = Some(Instant::now()),
+                    (true, Some(t)) => {
+                        unreachable_for[i] = Some(t.elapsed());
+                        down_since[i] = None;
+                    }
+                    _ => {}
+                }
+                done[i] = reachable && cluster.peers(i).contains_key(subnet);
+            }
+            done.iter().all(|&d| d)
+        },
+    );
+    let reconnected = lost.elapsed();
+    let result = ping.finish(Duration::from_secs(60));
+    let round = Round {
+        write_ok,
+        reconnected,
+        unreachable_for,
+        pings_lost: result.lost(),
+    };
+    eprintln!("member {victim} lost ({how:?}): {round:?}");
+    assert_no_loss(&result, &format!("loss of etcd member {victim} ({how:?})"));
+    for i in 0..2 {
+        cluster.daemons[i].as_ref().map(|_| ()).expect("daemon");
+    }
+    round
+}
+
+/// The current leader, once there is one.
+fn wait_leader(etcd: &EtcdCluster) -> usize {
+    let mut found = None;
+    wait_for("an etcd leader", CONVERGE, || {
+        found = etcd.leader();
+        found.is_some()
+    });
+    found.expect("leader")
+}
+
+/// Brings member `m` back (`how` undone) and waits until it is healthy.
+fn bring_back(etcd: &mut EtcdCluster, m: usize, how: Loss) {
+    match how {
+        Loss::Stop => etcd.member_mut(m).restart(),
+        Loss::Cut => {
+            etcd.set_member_link(m, true);
+            wait_for(&format!("member {m} healthy again"), CONVERGE, || {
+                etcd.member(m).is_healthy()
+            });
+        }
+    }
+    wait_leader(etcd);
+}
+
+// 4. A 3-member etcd cluster loses members one at a time: the leader, a
+// follower, and a leader cut off the network without closing anything.
+#[test]
+fn etcd_cluster_member_loss() {
+    require_root();
+    let member_ips = [
+        Ipv4Addr::new(198, 18, 0, 251),
+        Ipv4Addr::new(198, 18, 0, 252),
+        Ipv4Addr::new(198, 18, 0, 253),
+    ];
+    let topo = Topology::builder().hosts(2).etcd(false).build();
+    // Declared before the cluster: dropped after its daemons stop.
+    let mut etcd = EtcdCluster::start(&topo.switch().handle(), "br0", &member_ips);
+    let endpoints = etcd.endpoints();
+    let mut cluster = Cluster::on_topology(topo, "tc");
+    cluster.netd_ok(
+        0,
+        &[
+            "network",
+            "init",
+            "--etcd-endpoints",
+            &endpoints,
+            "--network",
+            NETWORK,
+        ],
+    );
+    // Long enough that the lease outlives a member cut off without a word:
+    // netd notices that only through HTTP/2 keep-alive (up to ~8 s). A lease
+    // that lapses meanwhile is the partition tests' subject.
+    cluster.run_args(&["--lease-ttl", "30"]);
+    cluster.start_with_endpoints(0, &endpoints);
+    cluster.start_with_endpoints(1, &endpoints);
+    let c0 = cluster.attach(0);
+    let c1 = cluster.attach(1);
+    for i in 0..2 {
+        wait_peers_match(&cluster, etcd.client(), i, CONVERGE);
+    }
+    assert_ping_both_ways(&cluster, c0, c1);
+    let subnets = [cluster.subnet(0), cluster.subnet(1)];
+    let leases = [state_lease_id(&cluster, 0), state_lease_id(&cluster, 1)];
+    for i in 0..2 {
+        eprintln!(
+            "host {i} talks to etcd members {:?}",
+            etcd_connections(&cluster, i)
+        );
+    }
+
+    let mut rounds = Vec::new();
+    let first = wait_leader(&etcd);
+    let follower = (first + 1) % member_ips.len();
+    let cases = [
+        (
+            first,
+            Loss::Stop,
+            "10.244.241.0/24",
+            Ipv4Addr::new(198, 18, 0, 91),
+        ),
+        (
+            follower,
+            Loss::Stop,
+            "10.244.242.0/24",
+            Ipv4Addr::new(198, 18, 0, 92),
+        ),
+    ];
+    for (victim, how, subnet, ip) in cases {
+        rounds.push(lose_member(
+            &cluster, &mut etcd, victim, how, c0, c1, subnet, ip,
+        ));
+        bring_back(&mut etcd, victim, how);
+    }
+    let cut = wait_leader(&etcd);
+    let subnet = "10.244.243.0/24";
+    rounds.push(lose_member(
+        &cluster,
+        &mut etcd,
+        cut,
+        Loss::Cut,
+        c0,
+        c1,
+        subnet,
+        Ipv4Addr::new(198, 18, 0, 93),
+    ));
+    bring_back(&mut etcd, cut, Loss::Cut);
+
+    for i in 0..2 {
+        cluster.daemons[i].as_mut().unwrap().assert_running();
+        assert_holds(&cluster, etcd.client(), i, &subnets[i]);
+        assert_eq!(
+            state_lease_id(&cluster, i),
+            leases[i],
+            "host {i} lost its etcd lease although a quorum was up all along"
+        );
+        wait_peers_match(&cluster, etcd.client(), i, CONVERGE);
+    }
+    assert_ping_both_ways(&cluster, c0, c1);
+    eprintln!(
+        "etcd member loss: reconnect times (leader stopped, follower stopped, leader cut off) {:?}",
+        rounds.iter().map(|r| r.reconnected).collect::<Vec<_>>()
+    );
+}
+
+/// Cuts host `i` off etcd only (a blackhole route to etcd's address in its
+/// namespace; the underlay to the other hosts stays up), or heals that.
+fn partition_from_etcd(cluster: &Cluster, i: usize, cut: bool) {
+    let etcd = format!("{SWITCH_IP}/32");
+    let op = if cut { "add" } else { "del" };
+    cluster
+        .host(i)
+        .ns()
+        .run_ok(&["ip", "route", op, "blackhole", &etcd]);
+}
+
+/// Two hosts with `--lease-ttl ttl`, a container on each, converged.
+fn partition_cluster(ttl: u64) -> (Cluster, usize, usize) {
+    let mut cluster = Cluster::new(2, "tc");
+    cluster.run_args(&["--lease-ttl", &ttl.to_string()]);
+    cluster.start(0);
+    cluster.start(1);
+    let c0 = cluster.attach(0);
+    let c1 = cluster.attach(1);
+    for i in 0..2 {
+        cluster.wait_peers_match_etcd(i, CONVERGE);
+    }
+    assert_ping_both_ways(&cluster, c0, c1);
+    (cluster, c0, c1)
+}
+
+/// Cuts host 1 off etcd until its lease has expired there and host 0 has
+/// forgotten it; returns host 1's subnet and its (dead) lease id.
+fn partition_until_expired(cluster: &Cluster) -> (String, i64) {
+    let subnet = cluster.subnet(1);
+    let lease = state_lease_id(cluster, 1);
+    let cut = Instant::now();
+    partition_from_etcd(cluster, 1, true);
+    wait_for(
+        "host 1 to report etcd unreachable",
+        CONVERGE,
+        || !etcd_health(cluster, 1).0,
+    );
+    let noticed = cut.elapsed();
+    let key = lease_key(&subnet);
+    wait_for(
+        "host 1's lease to expire in etcd",
+        CONVERGE,
+        || cluster.topo.etcd().get(&key).is_none(),
+    );
+    let expired = cut.elapsed();
+    wait_for("host 0 to forget host 1", CONVERGE, || {
+        !cluster.peers(0).contains_key(&subnet)
+    });
+    eprintln!(
+        "partition of host 1 from etcd: unreachable shown after {noticed:?}, \
+         lease {lease:x} expired in etcd after {expired:?}"
+    );
+    cluster.daemons[1].as_ref().expect("daemon");
+    (subnet, lease)
+}
+
+/// Lines of host `i`'s log with `needle`, for messages.
+fn log_lines(cluster: &Cluster, i: usize, needle: &str) -> String {
+    let log = daemon_log(cluster, i);
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(needle)).collect();
+    format!("{} line(s) with {needle:?}, last: {:?}", lines.len(), lines.last())
+}
+
+// 5a. A host cut off etcd for longer than its lease TTL (etcd itself up, so
+// the lease does expire): on its return it takes the same subnet back.
+#[test]
+fn partition_past_the_ttl_takes_the_same_subnet_back() {
+    require_root();
+    const TTL: u64 = 4;
+    let (mut cluster, c0, c1) = partition_cluster(TTL);
+    let (subnet, lease) = partition_until_expired(&cluster);
+
+    let healed = Instant::now();
+    partition_from_etcd(&cluster, 1, false);
+    let took_back = poll_until(Duration::from_secs(20), || {
+        let (reachable, ..) = etcd_health(&cluster, 1);
+        reachable
+            && state_lease_id(&cluster, 1) != lease
+            && cluster.topo.etcd().get(&lease_key(&subnet)).is_some()
+    });
+    let (reachable, since, error) = etcd_health(&cluster, 1);
+    assert!(
+        took_back,
+        "host 1 did not take its subnet {subnet} back within 20 s of reaching etcd again \
+         (status: reachable={reachable} since={since} last_error={error:?}; etcd subnets: {:?}; \
+         log: {})",
+        cluster.etcd_leases(),
+        log_lines(&cluster, 1, "lease renewal failed")
+    );
+    eprintln!(
+        "partition healed: subnet taken back after {:?}",
+        healed.elapsed()
+    );
+    assert_holds(&cluster, cluster.topo.etcd(), 1, &subnet);
+    cluster.daemons[1].as_mut().unwrap().assert_running();
+    for i in 0..2 {
+        cluster.wait_peers_match_etcd(i, CONVERGE);
+    }
+    assert_ping_both_ways(&cluster, c0, c1);
+}
+
+// 5b. As 5a, but another host took the subnet meanwhile: the daemon must
+// not share it; it disables its data path and exits with an error.
+#[test]
+fn partition_past_the_ttl_with_the_subnet_taken_disables_the_host() {
+    require_root();
+    const TTL: u64 = 4;
+    let (mut cluster, c0, c1) = partition_cluster(TTL);
+    let (subnet, _) = partition_until_expired(&cluster);
+    let usurper = Ipv4Addr::new(198, 18, 0, 77);
+    let key = lease_key(&subnet);
+    cluster.topo.etcd().put(&key, &lease_value(usurper));
+
+    partition_from_etcd(&cluster, 1, false);
+    let exited = cluster.daemons[1]
+        .as_mut()
+        .unwrap()
+        .wait_exit(Duration::from_secs(20));
+    let (reachable, since, error) = etcd_health(&cluster, 1);
+    let status = exited.unwrap_or_else(|| {
+        panic!(
+            "host 1 still runs 20 s after reaching etcd again, although its subnet {subnet} \
+             is now another host's (status: reachable={reachable} since={since} \
+             last_error={error:?}; log: {})",
+            log_lines(&cluster, 1, "lease renewal failed")
+        )
+    });
+    assert!(!status.success(), "host 1 exited with {status}");
+    let log = daemon_log(&cluster, 1);
+    assert!(
+        log.contains("now held by another host"),
+        "host 1 exited without saying why; log:\n{log}"
+    );
+    // It left the other host's claim alone.
+    let value: Value =
+        serde_json::from_str(&cluster.topo.etcd().get(&key).expect("usurper's lease")).unwrap();
+    assert_eq!(value["PublicIP"], usurper.to_string());
+    // Its data path is disabled: its container no longer reaches host 0's.
+    let config = pinned_config(cluster.host(1).pin_path());
+    assert_eq!(
+        config["enabled"], 0,
+        "host 1's data path still enabled: {config}"
+    );
+    let (from, to) = (cluster.container(c1), cluster.container(c0));
+    assert!(
+        !ping_stats(&from.ns.handle(), to.ip, 2).all_received(),
+        "host 1's container still reaches host 0's through a disabled data path"
+    );
+}
+
+/// Host's `CONFIG` map entry, decoded through BTF (`formatted.value`).
+fn pinned_config(pin: &Path) -> Value {
+    let path = pin.join("v1/CONFIG");
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&path)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run bpftool (install bpftool): {e}"));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bpftool map dump {}: {e}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let entry = v
+        .as_array()
+        .and_then(|a| a.first())
+        .unwrap_or_else(|| panic!("CONFIG is empty: {v}"));
+    entry["formatted"]["value"].clone()
 }
