@@ -31,6 +31,13 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("ping", "iputils-ping"),
     ("ethtool", "ethtool"),
+    // `cargo xtask bench`: ping-pong latency, and the chart's font (a path:
+    // the package has no command).
+    ("sockperf", "sockperf"),
+    (
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "fonts-dejavu-core",
+    ),
 ];
 
 /// Answer tshark's debconf question ahead of time.
@@ -59,7 +66,7 @@ fn doing(what: &str, detail: impl std::fmt::Display) {
 fn apt_packages() -> Result<()> {
     let mut missing = Vec::new();
     for &(command, package) in APT_PACKAGES {
-        match which(command) {
+        match installed(command) {
             Some(path) => ok(package, path.display()),
             None => missing.push(package),
         }
@@ -115,7 +122,7 @@ fn apt_packages() -> Result<()> {
 
     let still: Vec<&str> = APT_PACKAGES
         .iter()
-        .filter(|(command, _)| which(command).is_none())
+        .filter(|(command, _)| installed(command).is_none())
         .map(|&(command, package)| {
             println!("  FAIL  {package}: `{command}` still not on PATH");
             package
@@ -128,6 +135,16 @@ fn apt_packages() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Where `command` is: on PATH, or itself when it is an absolute path
+/// that exists (a package that ships a file, not a command).
+fn installed(command: &str) -> Option<PathBuf> {
+    if command.starts_with('/') {
+        let path = PathBuf::from(command);
+        return path.exists().then_some(path);
+    }
+    which(command)
 }
 
 fn nightly_toolchain() -> Result<()> {
