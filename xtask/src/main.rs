@@ -2,6 +2,7 @@
 //!
 //! xtask shells out freely; every command it runs is echoed first.
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -29,6 +30,10 @@ enum Command {
     Test(test::Options),
     /// A three-host demo cluster in namespaces: cross-host pings and status.
     Demo(demo::Options),
+    /// Measure netd against flannel-style kernel VXLAN, plain routing and
+    /// the bare underlay, side by side; BPF program costs; control-plane
+    /// scale. Writes JSON, Markdown and a PNG chart.
+    Bench(bench::Options),
 }
 
 fn main() -> ExitCode {
@@ -49,5 +54,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Setup(opts) => setup::run(&opts),
         Command::Test(opts) => test::run(&opts),
         Command::Demo(opts) => demo::run(&opts),
+        Command::Bench(opts) => bench::run(&opts),
     }
 }

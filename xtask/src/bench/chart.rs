@@ -1,0 +1,175 @@
+//! `bench.png`: one small bar chart per key figure, a bar per mode (the
+//! median) with a whisker from min to max.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow};
+use plotters::coord::ranged1d::SegmentValue;
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+use super::report::{FIGURES, Figure, figure_stats};
+use super::results::Results;
+use super::testbed::Mode;
+
+/// Read at run time (fonts-dejavu-core, which setup installs), so xtask
+/// itself compiles on a machine without it.
+const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+const FONT_NAME: &str = "sans-serif";
+
+/// The panels: (workload, metric) of [`FIGURES`], and a title that fits.
+const PANELS: &[(&str, &str, &str)] = &[
+    ("tcp-1", "gbps", "TCP 1 stream, Gbit/s"),
+    ("tcp-4", "gbps", "TCP 4 streams, Gbit/s"),
+    ("udp-64", "kpps", "UDP 64 B delivered, kpps"),
+    ("udp-1400", "kpps", "UDP 1400 B delivered, kpps"),
+    ("rr", "rr_per_s", "TCP RR 64 B, transactions/s"),
+    ("rr", "p50_us", "RR round trip p50, µs"),
+    ("rr", "p99_us", "RR round trip p99, µs"),
+    ("tcp-1", "cpu_s_per_gbit", "CPU cores per Gbit/s, TCP 1"),
+];
+const SIZE: (u32, u32) = (1200, 640);
+
+pub fn load_font() -> Result<&'static [u8]> {
+    let bytes = std::fs::read(FONT)
+        .with_context(|| format!("read {FONT} (install fonts-dejavu-core: `cargo xtask setup`)"))?;
+    Ok(Box::leak(bytes.into_boxed_slice()))
+}
+
+fn color(mode: Mode) -> RGBColor {
+    match mode {
+        Mode::Bare => RGBColor(150, 150, 150),
+        Mode::Routed => RGBColor(60, 110, 200),
+        Mode::KernelVxlan => RGBColor(230, 140, 40),
+        Mode::NetdTc => RGBColor(40, 160, 80),
+        Mode::NetdXdp => RGBColor(20, 100, 50),
+    }
+}
+
+fn short_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Bare => "bare",
+        Mode::Routed => "routed",
+        Mode::KernelVxlan => "k-vxlan",
+        Mode::NetdTc => "netd-tc",
+        Mode::NetdXdp => "netd-xdp",
+    }
+}
+
+pub fn draw(path: &Path, results: &Results, font: &'static [u8]) -> Result<()> {
+    plotters::style::register_font(FONT_NAME, FontStyle::Normal, font)
+        .map_err(|_| anyhow!("{FONT} is not a usable font"))?;
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let m = &results.meta.machine;
+    let title = format!(
+        "netd vs kernel VXLAN, routing, bare underlay — {} cores, kernel {}, {} × {} s",
+        m.cores, m.kernel, results.meta.reps, results.meta.seconds
+    );
+    let (head, body) = root.split_vertically(36);
+    head.draw_text(&title, &(FONT_NAME, 20).into_font().color(&BLACK), (12, 8))
+        .map_err(err)?;
+    let modes: Vec<Mode> = results.modes.iter().map(|m| m.mode).collect();
+    for (area, (workload, metric, title)) in body.split_evenly((2, 4)).iter().zip(PANELS) {
+        let Some(f) = FIGURES
+            .iter()
+            .find(|f| f.workload == *workload && f.metric == *metric)
+        else {
+            continue;
+        };
+        panel(area, results, &modes, f, title)?;
+    }
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
+    anyhow!("plotters: {e:?}")
+}
+
+fn panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    results: &Results,
+    modes: &[Mode],
+    f: &Figure,
+    title: &str,
+) -> Result<()> {
+    let stats: Vec<_> = modes.iter().map(|&m| figure_stats(results, m, f)).collect();
+    let top = stats
+        .iter()
+        .flatten()
+        .map(|s| s.max)
+        .fold(0.0_f64, f64::max)
+        .max(1e-9)
+        * 1.2;
+    // A segmented 0..k range has k + 1 slots.
+    let last = (modes.len() as u32).saturating_sub(1);
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, (FONT_NAME, 14))
+        .margin(8)
+        .x_label_area_size(22)
+        .y_label_area_size(46)
+        .build_cartesian_2d((0..last).into_segmented(), 0.0..top)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .light_line_style(TRANSPARENT)
+        .y_labels(6)
+        .x_labels(modes.len())
+        .x_label_formatter(&|x| match x {
+            SegmentValue::CenterOf(i) => modes
+                .get(*i as usize)
+                .map_or("", |m| short_name(*m))
+                .to_string(),
+            _ => String::new(),
+        })
+        .label_style((FONT_NAME, 11))
+        .draw()
+        .map_err(err)?;
+    for (i, (mode, st)) in modes.iter().zip(&stats).enumerate() {
+        let Some(st) = st else { continue };
+        let i = i as u32;
+        let mut bar = Rectangle::new(
+            [
+                (SegmentValue::Exact(i), 0.0),
+                (SegmentValue::Exact(i + 1), st.median),
+            ],
+            color(*mode).filled(),
+        );
+        bar.set_margin(0, 0, 8, 8);
+        chart.draw_series(std::iter::once(bar)).map_err(err)?;
+        let whisker = PathElement::new(
+            vec![
+                (SegmentValue::CenterOf(i), st.min),
+                (SegmentValue::CenterOf(i), st.max),
+            ],
+            BLACK.stroke_width(2),
+        );
+        chart.draw_series(std::iter::once(whisker)).map_err(err)?;
+        let label = Text::new(
+            value_label(st.median),
+            (
+                SegmentValue::CenterOf(i),
+                st.max.max(st.median) + top * 0.02,
+            ),
+            (FONT_NAME, 11)
+                .into_font()
+                .color(&BLACK)
+                .pos(Pos::new(HPos::Center, VPos::Bottom)),
+        );
+        chart.draw_series(std::iter::once(label)).map_err(err)?;
+    }
+    Ok(())
+}
+
+fn value_label(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}

@@ -1,0 +1,422 @@
+//! `cargo xtask bench`: netd's data plane side by side with flannel-style
+//! kernel VXLAN, plain routing (flannel host-gw) and the bare underlay, all
+//! in one run on the same namespace testbed; the BPF programs' cost per
+//! packet with BPF_PROG_TEST_RUN; and the control plane at thousands of
+//! leases against the testbed's etcd. Writes every sample as JSON, a
+//! Markdown report and a PNG chart.
+//!
+//! Nothing here asserts a timing: the machine is shared and noisy. A run
+//! fails only when a mode moved no traffic or a figure is missing.
+
+mod bpf_map;
+mod chart;
+mod control_plane;
+mod cpu;
+mod etcd_http;
+mod progress;
+mod progrun;
+mod report;
+mod results;
+mod testbed;
+mod workloads;
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use netd_tests::NsRef;
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, killpg, sigaction};
+use nix::unistd::Pid;
+
+use crate::{setup, util};
+use progress::Progress;
+use results::{ModeResult, Results};
+use testbed::{Mode, Testbed};
+use workloads::Workload;
+
+#[derive(Args)]
+pub struct Options {
+    /// A short run for CI: one 1-second repetition per workload and 200
+    /// leases; checks only that every mode moved traffic and that every
+    /// figure was produced.
+    #[arg(long)]
+    quick: bool,
+    /// Directory for bench.json, report.md and bench.png.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Data-plane modes to measure, comma separated (default: all of
+    /// bare,routed,kernel-vxlan,netd-vxlan-tc,netd-vxlan-xdp).
+    #[arg(long, value_delimiter = ',', value_parser = Mode::parse)]
+    modes: Option<Vec<Mode>>,
+    /// Repetitions of each workload (default 3; 1 with --quick).
+    #[arg(long)]
+    reps: Option<u32>,
+    /// Seconds each measured run lasts (default 5; 1 with --quick).
+    #[arg(long)]
+    seconds: Option<u32>,
+    /// Simulated remote leases for the control-plane runs, comma separated
+    /// (default 1000,5000,10000; 200 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    leases: Option<Vec<usize>>,
+    /// Skip the control-plane runs.
+    #[arg(long)]
+    no_control_plane: bool,
+    /// Skip the data-plane modes (and the BPF program runs).
+    #[arg(long)]
+    no_data_plane: bool,
+    /// Do not run `cargo xtask setup` first.
+    #[arg(long)]
+    skip_setup: bool,
+}
+
+/// What one invocation measures, with the defaults filled in.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub quick: bool,
+    pub modes: Vec<Mode>,
+    pub reps: u32,
+    pub seconds: u32,
+    /// Seconds iperf3 runs before it starts counting (slow start, ARP).
+    pub omit: u32,
+    pub lease_counts: Vec<usize>,
+    /// Joins (and as many revocations) per control-plane run.
+    pub joins: usize,
+    pub joins_per_sec: f64,
+    /// `repeat` of the BPF_PROG_TEST_RUN loop, and how many single runs.
+    pub prog_repeat: u32,
+    pub prog_single_runs: u32,
+}
+
+impl Plan {
+    fn from(opts: &Options) -> Self {
+        let quick = opts.quick;
+        Plan {
+            quick,
+            modes: match (&opts.modes, opts.no_data_plane) {
+                (_, true) => Vec::new(),
+                (Some(modes), _) => modes.clone(),
+                (None, _) => Mode::ALL.to_vec(),
+            },
+            reps: opts.reps.unwrap_or(if quick { 1 } else { 3 }).max(1),
+            seconds: opts.seconds.unwrap_or(if quick { 1 } else { 5 }).max(1),
+            omit: if quick { 0 } else { 1 },
+            lease_counts: match (&opts.leases, opts.no_control_plane) {
+                (_, true) => Vec::new(),
+                (Some(list), _) => list.clone(),
+                (None, _) if quick => vec![200],
+                (None, _) => vec![1000, 5000, 10000],
+            },
+            joins: if quick { 10 } else { 200 },
+            joins_per_sec: 20.0,
+            prog_repeat: if quick { 10_000 } else { 1_000_000 },
+            prog_single_runs: if quick { 5 } else { 100 },
+        }
+    }
+}
+
+/// Programs the bench runs, each with the Debian package that has it.
+const TOOLS: &[(&str, &str)] = &[
+    ("iperf3", "iperf3"),
+    ("sockperf", "sockperf"),
+    ("taskset", "util-linux"),
+    ("bpftool", "bpftool"),
+    ("ethtool", "ethtool"),
+    ("ip", "iproute2"),
+    ("bridge", "iproute2"),
+    ("ss", "iproute2"),
+    ("etcd", "etcd-server"),
+    ("etcdctl", "etcd-client"),
+];
+
+pub fn run(opts: &Options) -> Result<()> {
+    if !util::is_root() {
+        bail!(
+            "`cargo xtask bench` must run as root: it creates network namespaces and loads eBPF programs"
+        );
+    }
+    if !opts.skip_setup {
+        setup::run(&setup::Options::default())?;
+    }
+    check_tools()?;
+    let font = chart::load_font()?;
+    println!("==> build netd");
+    util::run(util::cargo().args(["build", "--release", "-p", "netd"]))?;
+    let netd_bin = util::target_dir().join("release").join("netd");
+    // SAFETY: single-threaded here; the test infrastructure reads it later.
+    unsafe { std::env::set_var("NETD_BIN", &netd_bin) };
+    watch_signals()?;
+
+    let plan = Plan::from(opts);
+    let out = util::workspace_root().join(&opts.out);
+    std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    let mut results = Results::new(&plan, std::env::args().skip(1).collect());
+    let mut progress = Progress::new(&plan);
+    println!(
+        "==> bench: modes {}, {} × {}s per workload{}; about {} in all",
+        plan.modes
+            .iter()
+            .map(|m| m.name())
+            .collect::<Vec<_>>()
+            .join(","),
+        plan.reps,
+        plan.seconds,
+        if plan.quick { " (quick)" } else { "" },
+        progress::clock(progress.total())
+    );
+
+    let outcome = measure(&plan, &out, &mut progress, &mut results);
+    results.finish();
+    report::write(&out, &results, font)?;
+    println!("==> results in {}", out.display());
+    outcome?;
+    let missing = report::missing_figures(&plan, &results);
+    if !missing.is_empty() {
+        bail!(
+            "{} figure(s) missing or zero:\n  {}",
+            missing.len(),
+            missing.join("\n  ")
+        );
+    }
+    println!("==> every mode moved traffic and every figure was produced");
+    Ok(())
+}
+
+/// Every mode, then the control plane; stops early only when interrupted.
+fn measure(plan: &Plan, out: &Path, progress: &mut Progress, results: &mut Results) -> Result<()> {
+    for (i, &mode) in plan.modes.iter().enumerate() {
+        check_interrupt()?;
+        progress.step(
+            &format!(
+                "mode {} ({}/{}): build testbed",
+                mode.name(),
+                i + 1,
+                plan.modes.len()
+            ),
+            progress::SETUP_SECS,
+        );
+        let result = guarded(mode.name(), || measure_mode(plan, mode, progress, i));
+        match result {
+            Ok(r) => results.modes.push(r),
+            Err(e) if interrupted() => return Err(e),
+            Err(e) => {
+                eprintln!("!!  mode {}: {e:#}", mode.name());
+                results.modes.push(ModeResult::failed(mode, &e));
+            }
+        }
+    }
+    for &count in &plan.lease_counts {
+        check_interrupt()?;
+        progress.step(
+            &format!("control plane: {count} leases"),
+            progress::control_plane_secs(plan, count),
+        );
+        match guarded("control plane", || control_plane::run(plan, count, out)) {
+            Ok(r) => results.control_plane.push(r),
+            Err(e) if interrupted() => return Err(e),
+            Err(e) => {
+                eprintln!("!!  control plane at {count} leases: {e:#}");
+                results
+                    .errors
+                    .push(format!("control plane at {count} leases: {e:#}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One mode on a fresh testbed, torn down before returning.
+fn measure_mode(
+    plan: &Plan,
+    mode: Mode,
+    progress: &mut Progress,
+    index: usize,
+) -> Result<ModeResult> {
+    let started = Instant::now();
+    let tb = Testbed::build(mode)?;
+    let mut result = ModeResult::new(mode, started.elapsed(), tb.describe_path()?);
+    println!(
+        "    {} → {} ({}), path MTU {}",
+        tb.client.name(),
+        tb.server_ip,
+        mode.description(),
+        tb.path_mtu()
+    );
+    for workload in Workload::ALL {
+        for rep in 1..=plan.reps {
+            check_interrupt()?;
+            progress.step(
+                &format!(
+                    "mode {} ({}/{}): {} rep {rep}/{}",
+                    mode.name(),
+                    index + 1,
+                    plan.modes.len(),
+                    workload.name(),
+                    plan.reps
+                ),
+                progress::run_secs(plan),
+            );
+            match workloads::run(&tb, workload, rep, plan) {
+                Ok(sample) => {
+                    println!("      {}", sample.summary());
+                    result.samples.push(sample);
+                }
+                Err(e) if interrupted() => return Err(e),
+                Err(e) => {
+                    eprintln!("!!  {} {}: {e:#}", mode.name(), workload.name());
+                    result
+                        .errors
+                        .push(format!("{} rep {rep}: {e:#}", workload.name()));
+                }
+            }
+        }
+    }
+    if progrun::runs_in(plan, mode) {
+        progress.step(
+            "BPF_PROG_TEST_RUN micro-costs",
+            progress::progrun_secs(plan),
+        );
+        match progrun::run(&tb, plan) {
+            Ok(p) => result.progrun = Some(p),
+            Err(e) if interrupted() => return Err(e),
+            Err(e) => result.errors.push(format!("progrun: {e:#}")),
+        }
+    }
+    drop(tb);
+    Ok(result)
+}
+
+/// Runs `f`, turning a panic of the test infrastructure (which panics on
+/// any failed setup command) into an error; guards clean up as it unwinds.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            Err(anyhow!("{what} panicked: {msg}"))
+        }
+    }
+}
+
+fn check_tools() -> Result<()> {
+    let missing: Vec<String> = TOOLS
+        .iter()
+        .filter(|(cmd, _)| util::which(cmd).is_none())
+        .map(|(cmd, pkg)| format!("{cmd} ({pkg})"))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "missing tools: {}; run `cargo xtask setup`",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
+}
+
+pub fn check_interrupt() -> Result<()> {
+    if interrupted() {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// SIGINT/SIGTERM only set a flag: every step checks it and returns an
+/// error, so the namespace guards run as the stack unwinds. A handler, not
+/// a blocked mask: children inherit the mask (and would ignore the SIGTERM
+/// that stops them), while handlers are reset by exec.
+fn watch_signals() -> Result<()> {
+    extern "C" fn on_signal(_: libc::c_int) {
+        if INTERRUPTED.swap(true, Ordering::Relaxed) {
+            const MSG: &[u8] = b"==> interrupted again: still removing the testbed, please wait\n";
+            // SAFETY: write(2) is async-signal-safe; MSG is a static buffer.
+            unsafe { libc::write(2, MSG.as_ptr().cast(), MSG.len()) };
+        } else {
+            const MSG: &[u8] = b"==> interrupted: stopping and removing the testbed\n";
+            // SAFETY: as above.
+            unsafe { libc::write(2, MSG.as_ptr().cast(), MSG.len()) };
+        }
+    }
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only touches an atomic and calls write(2).
+        unsafe { sigaction(sig, &action) }?;
+    }
+    Ok(())
+}
+
+/// Runs `cmd` (in its own process group) to completion, killing the group
+/// after `timeout` or on interrupt. Fails unless it exits 0.
+pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Result<Output> {
+    use std::os::unix::process::CommandExt as _;
+    let line = format!("{cmd:?}");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd.spawn().with_context(|| format!("cannot run {line}"))?;
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() > deadline || interrupted() {
+            let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = Output {
+        status: status.unwrap_or_default(),
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
+    match status {
+        None if interrupted() => bail!("interrupted: {line}"),
+        None => bail!("{line} still running after {timeout:?}; killed"),
+        Some(s) if !s.success() => bail!(
+            "{line} failed ({s}): {}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Some(_) => Ok(out),
+    }
+}
+
+fn drain(pipe: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut buf);
+        }
+        buf
+    })
+}
+
+/// Runs a short configuration command (`ip`, `bridge`, `ethtool`) in `ns`.
+pub fn sh(ns: &NsRef, argv: &[&str]) -> Result<String> {
+    let mut cmd = ns.command(argv[0]);
+    cmd.args(&argv[1..]);
+    let out = run_bounded(cmd, Duration::from_secs(30))
+        .with_context(|| format!("[{}] {}", ns.name(), argv.join(" ")))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

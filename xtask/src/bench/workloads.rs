@@ -1,0 +1,357 @@
+//! The data-plane workloads, each one bounded run from the client
+//! namespace to a server started for it in the server namespace.
+//!
+//! Client and server are pinned to different cores (iperf3 -A, taskset),
+//! so the two ends do not share a core with each other; the kernel's
+//! packet work lands where the softirqs run, which is why CPU cost is read
+//! machine-wide from /proc/stat.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use netd_tests::{Daemon, NsRef};
+use serde_json::{Value, json};
+
+use super::cpu::{CpuDelta, CpuMeter};
+use super::results::Sample;
+use super::testbed::Testbed;
+use super::{Plan, run_bounded, sh};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    Tcp1,
+    Tcp4,
+    Udp64,
+    Udp1400,
+    Rr,
+}
+
+impl Workload {
+    pub const ALL: [Workload; 5] = [
+        Workload::Tcp1,
+        Workload::Tcp4,
+        Workload::Udp64,
+        Workload::Udp1400,
+        Workload::Rr,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Tcp1 => "tcp-1",
+            Workload::Tcp4 => "tcp-4",
+            Workload::Udp64 => "udp-64",
+            Workload::Udp1400 => "udp-1400",
+            Workload::Rr => "rr",
+        }
+    }
+}
+
+const IPERF_PORT: &str = "5201";
+const SOCKPERF_PORT: &str = "11111";
+const CLIENT_CPU: &str = "0";
+const SERVER_CPU: &str = "1";
+/// Request and response size of the ping-pong test.
+const RR_MSG_BYTES: &str = "64";
+/// Slack over a run's own duration before it is killed.
+const SLACK: Duration = Duration::from_secs(30);
+
+pub fn run(tb: &Testbed, w: Workload, rep: u32, plan: &Plan) -> Result<Sample> {
+    let loadavg = std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let (metrics, cpu, raw) = match w {
+        Workload::Tcp1 => iperf_tcp(tb, plan, 1)?,
+        Workload::Tcp4 => iperf_tcp(tb, plan, 4)?,
+        Workload::Udp64 => iperf_udp(tb, plan, 64)?,
+        Workload::Udp1400 => iperf_udp(tb, plan, 1400)?,
+        Workload::Rr => sockperf_rr(tb, plan)?,
+    };
+    Ok(Sample {
+        workload: w.name().to_string(),
+        rep,
+        metrics,
+        cpu,
+        loadavg,
+        raw,
+    })
+}
+
+type Measured = (BTreeMap<String, f64>, CpuDelta, Value);
+
+fn iperf_tcp(tb: &Testbed, plan: &Plan, streams: u32) -> Result<Measured> {
+    let streams = streams.to_string();
+    let (end, cpu) = iperf(tb, plan, &["-P", &streams])?;
+    let gbps = num(&end["sum_received"]["bits_per_second"])? / 1e9;
+    if gbps <= 0.0 {
+        bail!("no TCP payload received");
+    }
+    let mut m = BTreeMap::new();
+    m.insert("gbps".into(), gbps);
+    m.insert(
+        "retransmits".into(),
+        num(&end["sum_sent"]["retransmits"]).unwrap_or(f64::NAN),
+    );
+    m.insert("cpu_kernel_cores".into(), cpu.kernel_cores());
+    // Cores busy per Gbit/s, i.e. CPU-seconds per Gbit moved.
+    m.insert("cpu_s_per_gbit".into(), cpu.kernel_cores() / gbps);
+    iperf_cpu(&end, &mut m);
+    Ok((m, cpu, end))
+}
+
+fn iperf_udp(tb: &Testbed, plan: &Plan, len: u32) -> Result<Measured> {
+    let len = len.to_string();
+    // -b 0: as fast as the sender can; what arrives is the figure.
+    let (end, cpu) = iperf(tb, plan, &["-u", "-l", &len, "-b", "0"])?;
+    let recv = &end["sum_received"];
+    let delivered = num(&recv["packets"])? - num(&recv["lost_packets"]).unwrap_or(0.0);
+    let secs = num(&recv["seconds"])?;
+    if delivered <= 0.0 || secs <= 0.0 {
+        bail!("no UDP datagram received");
+    }
+    let pps = delivered / secs;
+    let sent = &end["sum_sent"];
+    let mut m = BTreeMap::new();
+    m.insert("kpps".into(), pps / 1e3);
+    m.insert(
+        "sent_kpps".into(),
+        num(&sent["packets"])? / num(&sent["seconds"])? / 1e3,
+    );
+    m.insert(
+        "lost_percent".into(),
+        num(&recv["lost_percent"]).unwrap_or(f64::NAN),
+    );
+    m.insert("gbps".into(), num(&recv["bits_per_second"])? / 1e9);
+    m.insert("cpu_kernel_cores".into(), cpu.kernel_cores());
+    m.insert("cpu_ns_per_packet".into(), cpu.kernel_cores() * 1e9 / pps);
+    iperf_cpu(&end, &mut m);
+    Ok((m, cpu, end))
+}
+
+/// iperf3's own view of its processes' CPU (user + system, per end).
+fn iperf_cpu(end: &Value, m: &mut BTreeMap<String, f64>) {
+    let cpu = &end["cpu_utilization_percent"];
+    for (key, field) in [
+        ("iperf_client_cpu_pct", "host_total"),
+        ("iperf_server_cpu_pct", "remote_total"),
+    ] {
+        if let Ok(v) = num(&cpu[field]) {
+            m.insert(key.into(), v);
+        }
+    }
+}
+
+/// One iperf3 client run against a one-off server; returns its `end`
+/// object and the machine's CPU time over the run.
+fn iperf(tb: &Testbed, plan: &Plan, extra: &[&str]) -> Result<(Value, CpuDelta)> {
+    let logs = tempfile::tempdir()?;
+    let _server = Daemon::start(
+        &tb.server,
+        "iperf3",
+        ["-s", "-1", "-p", IPERF_PORT, "-A", SERVER_CPU],
+        &logs.path().join("iperf3-server.log"),
+    );
+    wait_listening(&tb.server, IPERF_PORT)?;
+    let (secs, omit) = (plan.seconds.to_string(), plan.omit.to_string());
+    let affinity = format!("{CLIENT_CPU},{SERVER_CPU}");
+    let ip = tb.server_ip.to_string();
+    let mut cmd = tb.client.command("iperf3");
+    cmd.args([
+        "-c", &ip, "-p", IPERF_PORT, "-t", &secs, "-O", &omit, "-J", "-A", &affinity,
+    ]);
+    cmd.args(extra);
+    let timeout = Duration::from_secs(u64::from(plan.seconds + plan.omit)) + SLACK;
+    let meter = CpuMeter::start()?;
+    let out = run_bounded(cmd, timeout);
+    let cpu = meter.stop()?;
+    let out = out?;
+    let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 -J printed no JSON")?;
+    if let Some(err) = v["error"].as_str() {
+        bail!("iperf3: {err}");
+    }
+    let mut end = v["end"].clone();
+    if let Some(end) = end.as_object_mut() {
+        // Per-stream detail repeats the sums; the sums are the samples.
+        end.remove("streams");
+    }
+    Ok((end, cpu))
+}
+
+/// TCP ping-pong with one message in flight: the transaction rate and the
+/// round-trip percentiles.
+fn sockperf_rr(tb: &Testbed, plan: &Plan) -> Result<Measured> {
+    let logs = tempfile::tempdir()?;
+    let _server = Daemon::start(
+        &tb.server,
+        "taskset",
+        [
+            "-c",
+            SERVER_CPU,
+            "sockperf",
+            "sr",
+            "--tcp",
+            "-i",
+            "0.0.0.0",
+            "-p",
+            SOCKPERF_PORT,
+        ],
+        &logs.path().join("sockperf-server.log"),
+    );
+    wait_listening(&tb.server, SOCKPERF_PORT)?;
+    let ip = tb.server_ip.to_string();
+    let secs = (plan.seconds + plan.omit).to_string();
+    let mut cmd = tb.client.command("taskset");
+    cmd.args([
+        "-c",
+        CLIENT_CPU,
+        "sockperf",
+        "pp",
+        "--tcp",
+        "-i",
+        &ip,
+        "-p",
+        SOCKPERF_PORT,
+    ]);
+    cmd.args(["-t", &secs, "-m", RR_MSG_BYTES, "--full-rtt"]);
+    let timeout = Duration::from_secs(u64::from(plan.seconds + plan.omit)) + SLACK;
+    let meter = CpuMeter::start()?;
+    let out = run_bounded(cmd, timeout);
+    let cpu = meter.stop()?;
+    let out = out?;
+    let text = strip_ansi(&String::from_utf8_lossy(&[out.stdout, out.stderr].concat()));
+    let pp = parse_sockperf(&text).with_context(|| format!("sockperf output:\n{text}"))?;
+    let mut m = BTreeMap::new();
+    m.insert("rr_per_s".into(), pp.rate);
+    m.insert("avg_us".into(), pp.avg_us);
+    m.insert("p50_us".into(), pp.p50_us);
+    m.insert("p99_us".into(), pp.p99_us);
+    m.insert("p999_us".into(), pp.p999_us);
+    m.insert("cpu_kernel_cores".into(), cpu.kernel_cores());
+    m.insert("cpu_us_per_rr".into(), cpu.kernel_cores() * 1e6 / pp.rate);
+    let summary: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("RunTime") || l.contains("percentile") || l.contains("avg-rtt"))
+        .collect();
+    Ok((m, cpu, json!({ "sockperf": summary })))
+}
+
+#[derive(Debug, PartialEq)]
+struct PingPong {
+    rate: f64,
+    avg_us: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+}
+
+/// Reads sockperf's summary: the `[Valid Duration]` line (warm-up
+/// excluded), `avg-rtt` and the percentile lines.
+fn parse_sockperf(text: &str) -> Result<PingPong> {
+    let valid = text
+        .lines()
+        .find(|l| l.contains("[Valid Duration]"))
+        .context("no [Valid Duration] line")?;
+    let runtime: f64 = field_after(valid, "RunTime=")?;
+    let received: f64 = field_after(valid, "ReceivedMessages=")?;
+    if runtime <= 0.0 || received <= 0.0 {
+        bail!("no round trips completed");
+    }
+    let avg_line = text
+        .lines()
+        .find(|l| l.contains("avg-rtt="))
+        .context("no avg-rtt")?;
+    let percentile = |p: &str| -> Result<f64> {
+        let line = text
+            .lines()
+            .find(|l| l.contains(&format!("percentile {p} =")))
+            .with_context(|| format!("no percentile {p}"))?;
+        let v = line.rsplit('=').next().unwrap_or("").trim();
+        v.parse().with_context(|| format!("percentile {p}: {v:?}"))
+    };
+    Ok(PingPong {
+        rate: received / runtime,
+        avg_us: field_after(avg_line, "avg-rtt=")?,
+        p50_us: percentile("50.000")?,
+        p99_us: percentile("99.000")?,
+        p999_us: percentile("99.900")?,
+    })
+}
+
+/// The number right after `key` in `line` (up to a space, `;` or `(`).
+fn field_after(line: &str, key: &str) -> Result<f64> {
+    let rest = &line[line
+        .find(key)
+        .with_context(|| format!("no {key} in {line:?}"))?
+        + key.len()..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    rest[..end]
+        .parse()
+        .with_context(|| format!("{key} in {line:?}"))
+}
+
+/// Removes terminal colour sequences (`ESC [ … m`).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' && chars.peek() == Some(&'[') {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn num(v: &Value) -> Result<f64> {
+    v.as_f64()
+        .with_context(|| format!("expected a number, got {v}"))
+}
+
+/// Waits until something listens on TCP `port` in `ns`.
+fn wait_listening(ns: &NsRef, port: &str) -> Result<()> {
+    let filter = format!("sport = :{port}");
+    for _ in 0..250 {
+        super::check_interrupt()?;
+        if !sh(ns, &["ss", "-Hltn", &filter])?.trim().is_empty() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("nothing listens on port {port} in {} after 5 s", ns.name())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SOCKPERF: &str = "sockperf: [Total Run] RunTime=2.000 sec; Warm up time=400 msec; SentMessages=99096; ReceivedMessages=99095
+sockperf: [Valid Duration] RunTime=1.550 sec; SentMessages=69157; ReceivedMessages=69157
+sockperf: \u{1b}[2;35m====> avg-rtt=22.377 (std-dev=32.367)\u{1b}[0m
+sockperf: ---> percentile 99.900 =  309.660
+sockperf: ---> percentile 99.000 =   91.980
+sockperf: ---> percentile 50.000 =    4.724
+";
+
+    #[test]
+    fn parses_sockperf_summary() {
+        let pp = parse_sockperf(&strip_ansi(SOCKPERF)).unwrap();
+        assert!((pp.rate - 69157.0 / 1.55).abs() < 1e-6);
+        assert_eq!(
+            (pp.avg_us, pp.p50_us, pp.p99_us, pp.p999_us),
+            (22.377, 4.724, 91.98, 309.66)
+        );
+    }
+
+    #[test]
+    fn strips_colour() {
+        assert_eq!(strip_ansi("a\u{1b}[2;35mb\u{1b}[0mc"), "abc");
+    }
+}
