@@ -17,9 +17,11 @@ use etcd_client::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("etcd at {endpoints}")]
+    #[error("etcd at {endpoints}{hint}")]
     Etcd {
         endpoints: String,
+        /// What the operator may be missing, when the error suggests it.
+        hint: &'static str,
         source: etcd_client::Error,
     },
     #[error("reading {path}")]
@@ -85,9 +87,31 @@ impl Access {
             options = options.with_tls(tls);
         }
         if let Some((user, password)) = &self.user {
-            options = options.with_user(user.clone(), password.clone());
+            // etcd's tokens die with a restart of etcd: log in again then.
+            options = options
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
         }
         Ok(options)
+    }
+
+    /// With TLS, a server that requires a client certificate may just close
+    /// the connection (TLS 1.3 rejects after the handshake): say so.
+    fn hint(&self, source: &etcd_client::Error) -> &'static str {
+        let text = format!("{source:?}").to_lowercase();
+        let closed = [
+            "connection closed",
+            "canceled",
+            "broken pipe",
+            "certificate",
+        ]
+        .iter()
+        .any(|needle| text.contains(needle));
+        if self.ca_cert.is_some() && self.client_cert.is_none() && closed {
+            " (TLS without a client certificate: if etcd requires one, pass --etcd-cert and --etcd-key)"
+        } else {
+            ""
+        }
     }
 }
 
@@ -102,10 +126,9 @@ impl RegistryError {
                 [
                     "certificate",
                     "tls",
-                    "authentication",
-                    "auth failed",
+                    "authentication failed",
+                    "user name is empty",
                     "permission denied",
-                    "invalid auth",
                     "pem",
                 ]
                 .iter()
@@ -120,6 +143,7 @@ pub struct Registry {
     client: Client,
     prefix: String,
     endpoints: String,
+    access: Access,
 }
 
 impl Registry {
@@ -131,18 +155,21 @@ impl Registry {
             .await
             .map_err(|source| RegistryError::Etcd {
                 endpoints: joined.clone(),
+                hint: access.hint(&source),
                 source,
             })?;
         Ok(Registry {
             client,
             prefix: prefix.trim_end_matches('/').to_string(),
             endpoints: joined,
+            access: access.clone(),
         })
     }
 
     fn err(&self, source: etcd_client::Error) -> RegistryError {
         RegistryError::Etcd {
             endpoints: self.endpoints.clone(),
+            hint: self.access.hint(&source),
             source,
         }
     }
