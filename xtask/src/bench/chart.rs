@@ -125,6 +125,7 @@ fn panel<DB: DrawingBackend>(
                 .to_string(),
             _ => String::new(),
         })
+        .y_label_formatter(&|v| axis_label(*v))
         .label_style((FONT_NAME, 11))
         .draw()
         .map_err(err)?;
@@ -162,6 +163,16 @@ fn panel<DB: DrawingBackend>(
         chart.draw_series(std::iter::once(label)).map_err(err)?;
     }
     Ok(())
+}
+
+/// Tick labels without needless decimals: 20000, 2.5, 0.05.
+fn axis_label(v: f64) -> String {
+    if v == 0.0 || v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
 }
 
 fn value_label(v: f64) -> String {

@@ -274,11 +274,13 @@ fn measure_mode(
             }
         }
     }
-    if progrun::runs_in(plan, mode) {
-        progress.step(
-            "BPF_PROG_TEST_RUN micro-costs",
-            progress::progrun_secs(plan),
-        );
+    if mode.is_netd() {
+        let what = if progrun::runs_in(plan, mode) {
+            "BPF_PROG_TEST_RUN and live program costs"
+        } else {
+            "live program costs"
+        };
+        progress.step(what, progress::progrun_secs(plan, mode));
         match progrun::run(&tb, plan) {
             Ok(p) => result.progrun = Some(p),
             Err(e) if interrupted() => return Err(e),

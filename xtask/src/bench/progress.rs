@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use super::Plan;
+use super::testbed::Mode;
 use super::workloads::Workload;
 
 /// Building and removing a testbed, attaching containers, pings.
@@ -15,9 +16,15 @@ pub fn run_secs(plan: &Plan) -> f64 {
     f64::from(plan.seconds + plan.omit) + RUN_OVERHEAD_SECS
 }
 
-pub fn progrun_secs(plan: &Plan) -> f64 {
-    // Four frames, a loop and single runs each; bpftool starts in ~10 ms.
-    4.0 * (2.0 + f64::from(plan.prog_single_runs) * 0.02)
+/// Live costs (two workloads) in every netd mode; test runs in one.
+pub fn progrun_secs(plan: &Plan, mode: Mode) -> f64 {
+    let live = 2.0 * run_secs(plan);
+    if super::progrun::runs_in(plan, mode) {
+        // Four frames, a loop and single runs each; bpftool starts in ~10 ms.
+        live + 4.0 * (2.0 + f64::from(plan.prog_single_runs) * 0.02)
+    } else {
+        live
+    }
 }
 
 pub fn control_plane_secs(plan: &Plan, leases: usize) -> f64 {
@@ -39,8 +46,8 @@ pub struct Progress {
 impl Progress {
     pub fn new(plan: &Plan) -> Self {
         let mut total = plan.modes.len() as f64 * mode_secs(plan);
-        if plan.modes.iter().any(|&m| super::progrun::runs_in(plan, m)) {
-            total += progrun_secs(plan);
+        for &m in plan.modes.iter().filter(|m| m.is_netd()) {
+            total += progrun_secs(plan, m);
         }
         total += plan
             .lease_counts

@@ -35,7 +35,8 @@ use super::testbed::{Mode, Testbed};
 use super::workloads::{self, Workload};
 use super::{Plan, check_interrupt, run_bounded, sh};
 
-/// Runs in the first netd mode of the plan.
+/// The test runs happen in the first netd mode of the plan (the programs
+/// are the same in both); live costs are read in every netd mode.
 pub fn runs_in(plan: &Plan, mode: Mode) -> bool {
     plan.modes.iter().find(|m| m.is_netd()) == Some(&mode)
 }
@@ -96,9 +97,6 @@ struct Scene {
 }
 
 pub fn run(tb: &Testbed, plan: &Plan) -> Result<ProgRunResult> {
-    let cluster = tb.cluster().context("progrun needs a netd testbed")?;
-    let scene = scene(cluster)?;
-    let runner = Runner::new(cluster)?;
     let mut result = ProgRunResult {
         mode: tb.mode.name().to_string(),
         repeat: plan.prog_repeat,
@@ -106,6 +104,18 @@ pub fn run(tb: &Testbed, plan: &Plan) -> Result<ProgRunResult> {
         cases: Vec::new(),
         live: Vec::new(),
     };
+    if runs_in(plan, tb.mode) {
+        result.cases = test_runs(tb, plan)?;
+    }
+    result.live = live_costs(tb, plan)?;
+    Ok(result)
+}
+
+fn test_runs(tb: &Testbed, plan: &Plan) -> Result<Vec<ProgCase>> {
+    let cluster = tb.cluster().context("progrun needs a netd testbed")?;
+    let scene = scene(cluster)?;
+    let runner = Runner::new(cluster)?;
+    let mut result = Vec::new();
     let full = 1450 - 20 - 20; // a full-size segment at the containers' MTU
     let cases = [
         (
@@ -150,16 +160,15 @@ pub fn run(tb: &Testbed, plan: &Plan) -> Result<ProgRunResult> {
             case.loop_ns,
             percentile(&case.single_ns, 50.0).map_or("-".into(), |v| format!("{v:.0}"))
         );
-        result.cases.push(case);
+        result.push(case);
         let refed = format!("re-fed output of: {label}");
         let case = runner.case(prog, &refed, &out, ifindex, plan, false)?;
         println!(
             "      {prog}: {refed}: loop {:.1} ns, counters {:?}",
             case.loop_ns, case.loop_counters
         );
-        result.cases.push(case);
+        result.push(case);
     }
-    result.live = live_costs(tb, plan)?;
     Ok(result)
 }
 

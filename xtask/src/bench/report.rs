@@ -167,6 +167,9 @@ pub fn markdown(r: &Results) -> String {
     if let Some(p) = r.progrun() {
         progrun_section(&mut s, p);
     }
+    for p in r.modes.iter().filter_map(|m| m.progrun.as_ref()) {
+        live_section(&mut s, p);
+    }
     if !r.control_plane.is_empty() {
         control_plane_section(&mut s, &r.control_plane);
     }
@@ -393,6 +396,9 @@ fn progrun_section(s: &mut String, p: &ProgRunResult) {
         );
     }
     s.push('\n');
+}
+
+fn live_section(s: &mut String, p: &ProgRunResult) {
     if p.live.is_empty() {
         return;
     }
@@ -542,15 +548,17 @@ pub fn missing_figures(plan: &Plan, r: &Results) -> Vec<String> {
                 if p.cases.len() < 8 {
                     missing.push(format!("prog run: {} of 8 cases", p.cases.len()));
                 }
-                for prog in ["from_container", "_from_underlay"] {
-                    if !p
-                        .live
-                        .iter()
-                        .any(|l| l.program.contains(prog) && l.ns_per_run > 0.0)
-                    {
-                        missing.push(format!("live run time of {prog}"));
-                    }
-                }
+            }
+        }
+    }
+    for m in r.modes.iter().filter(|m| m.mode.is_netd()) {
+        for prog in ["from_container", "_from_underlay"] {
+            let live = m.progrun.as_ref().map_or(&[][..], |p| &p.live[..]);
+            if !live
+                .iter()
+                .any(|l| l.program.contains(prog) && l.ns_per_run > 0.0)
+            {
+                missing.push(format!("{}: live run time of {prog}", m.mode.name()));
             }
         }
     }

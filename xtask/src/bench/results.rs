@@ -32,8 +32,12 @@ impl Results {
         self.meta.finished_unix = unix_now();
     }
 
+    /// The mode whose BPF_PROG_TEST_RUN cases were run.
     pub fn progrun(&self) -> Option<&ProgRunResult> {
-        self.modes.iter().find_map(|m| m.progrun.as_ref())
+        self.modes
+            .iter()
+            .filter_map(|m| m.progrun.as_ref())
+            .find(|p| !p.cases.is_empty())
     }
 }
 
