@@ -1,6 +1,7 @@
 //! `bench.png`: one small bar chart per key figure, a bar per mode (the
 //! median) with a whisker from min to max.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
@@ -60,11 +61,17 @@ fn short_name(mode: Mode) -> &'static str {
 pub fn draw(path: &Path, results: &Results, font: &'static [u8]) -> Result<()> {
     plotters::style::register_font(FONT_NAME, FontStyle::Normal, font)
         .map_err(|_| anyhow!("{FONT} is not a usable font"))?;
-    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    let mut rgb = vec![0u8; (SIZE.0 * SIZE.1 * 3) as usize];
+    draw_into(&mut rgb, results)?;
+    write_indexed_png(path, &rgb)
+}
+
+fn draw_into(rgb: &mut [u8], results: &Results) -> Result<()> {
+    let root = BitMapBackend::with_buffer(rgb, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let m = &results.meta.machine;
     let title = format!(
-        "netd vs kernel VXLAN, routing, bare underlay — {} cores, kernel {}, {} × {} s",
+        "netd vs kernel VXLAN, routing, bare underlay — {} cores, kernel {}, {} × {} s; bar: median, whisker: min–max",
         m.cores, m.kernel, results.meta.reps, results.meta.seconds
     );
     let (head, body) = root.split_vertically(36);
@@ -182,5 +189,79 @@ fn value_label(v: f64) -> String {
         format!("{v:.2}")
     } else {
         format!("{v:.3}")
+    }
+}
+
+/// An 8-bit palette PNG: a few times smaller than RGB for a chart of flat
+/// colours.
+fn write_indexed_png(path: &Path, rgb: &[u8]) -> Result<()> {
+    let (palette, indices) = quantize(rgb);
+    let file = std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?,
+    );
+    let mut encoder = png::Encoder::new(file, SIZE.0, SIZE.1);
+    encoder.set_color(png::ColorType::Indexed);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.set_palette(palette.concat());
+    encoder.set_compression(png::Compression::Best);
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(&indices)?;
+    writer.finish()?;
+    Ok(())
+}
+
+/// At most 256 colours: the most frequent exactly, any others (faint
+/// anti-aliasing shades) mapped to the nearest of those.
+fn quantize(rgb: &[u8]) -> (Vec<[u8; 3]>, Vec<u8>) {
+    let mut counts: HashMap<[u8; 3], usize> = HashMap::new();
+    for px in rgb.chunks_exact(3) {
+        *counts.entry([px[0], px[1], px[2]]).or_default() += 1;
+    }
+    let mut by_count: Vec<([u8; 3], usize)> = counts.into_iter().collect();
+    by_count.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let palette: Vec<[u8; 3]> = by_count.iter().take(256).map(|(c, _)| *c).collect();
+    let index: HashMap<[u8; 3], u8> = by_count
+        .iter()
+        .map(|(c, _)| (*c, nearest(&palette, *c)))
+        .collect();
+    let indices = rgb
+        .chunks_exact(3)
+        .map(|px| index[&[px[0], px[1], px[2]]])
+        .collect();
+    (palette, indices)
+}
+
+fn nearest(palette: &[[u8; 3]], c: [u8; 3]) -> u8 {
+    let dist = |p: &[u8; 3]| -> i32 {
+        (0..3)
+            .map(|i| (i32::from(p[i]) - i32::from(c[i])).pow(2))
+            .sum()
+    };
+    (0..palette.len())
+        .min_by_key(|&i| dist(&palette[i]))
+        .unwrap_or(0) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantize_keeps_few_colours_exact_and_maps_the_rest() {
+        let mut rgb = Vec::new();
+        for i in 0..300u32 {
+            // 300 distinct greys, white the most frequent.
+            let g = (i % 256) as u8;
+            rgb.extend_from_slice(&[g, g, if i < 256 { g } else { 1 }]);
+        }
+        rgb.extend_from_slice(&[255; 30]);
+        let (palette, indices) = quantize(&rgb);
+        assert_eq!(palette.len(), 256);
+        assert_eq!(palette[0], [255, 255, 255]);
+        assert_eq!(indices.len(), rgb.len() / 3);
+        assert_eq!(
+            palette[indices[indices.len() - 1] as usize],
+            [255, 255, 255]
+        );
     }
 }

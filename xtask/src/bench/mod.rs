@@ -71,6 +71,10 @@ pub struct Options {
     /// Do not run `cargo xtask setup` first.
     #[arg(long)]
     skip_setup: bool,
+    /// Measure nothing: rewrite report.md and bench.png in --out from this
+    /// bench.json.
+    #[arg(long, value_name = "BENCH_JSON")]
+    report_from: Option<PathBuf>,
 }
 
 /// What one invocation measures, with the defaults filled in.
@@ -133,6 +137,9 @@ const TOOLS: &[(&str, &str)] = &[
 ];
 
 pub fn run(opts: &Options) -> Result<()> {
+    if let Some(json) = &opts.report_from {
+        return rewrite_report(json, &util::workspace_root().join(&opts.out));
+    }
     if !util::is_root() {
         bail!(
             "`cargo xtask bench` must run as root: it creates network namespaces and loads eBPF programs"
@@ -182,6 +189,15 @@ pub fn run(opts: &Options) -> Result<()> {
         );
     }
     println!("==> every mode moved traffic and every figure was produced");
+    Ok(())
+}
+
+fn rewrite_report(json: &Path, out: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(json).with_context(|| format!("read {}", json.display()))?;
+    let results: Results = serde_json::from_str(&text).context("parse bench.json")?;
+    std::fs::create_dir_all(out)?;
+    report::write(out, &results, chart::load_font()?)?;
+    println!("==> report.md and bench.png rewritten in {}", out.display());
     Ok(())
 }
 
