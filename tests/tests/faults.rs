@@ -1218,19 +1218,23 @@ fn partition_until_expired(cluster: &Cluster) -> (String, i64) {
     let lease = state_lease_id(cluster, 1);
     let cut = Instant::now();
     partition_from_etcd(cluster, 1, true);
-    wait_for(
-        "host 1 to report etcd unreachable",
-        CONVERGE,
-        || !etcd_health(cluster, 1).0,
-    );
-    let noticed = cut.elapsed();
+    // Both at once: which comes first is part of the story.
     let key = lease_key(&subnet);
+    let (mut noticed, mut expired) = (None, None);
     wait_for(
-        "host 1's lease to expire in etcd",
+        "host 1 to report etcd unreachable and its lease to expire in etcd",
         CONVERGE,
-        || cluster.topo.etcd().get(&key).is_none(),
+        || {
+            if noticed.is_none() && !etcd_health(cluster, 1).0 {
+                noticed = Some(cut.elapsed());
+            }
+            if expired.is_none() && cluster.topo.etcd().get(&key).is_none() {
+                expired = Some(cut.elapsed());
+            }
+            noticed.is_some() && expired.is_some()
+        },
     );
-    let expired = cut.elapsed();
+    let (noticed, expired) = (noticed.unwrap(), expired.unwrap());
     wait_for("host 0 to forget host 1", CONVERGE, || {
         !cluster.peers(0).contains_key(&subnet)
     });
@@ -1246,7 +1250,11 @@ fn partition_until_expired(cluster: &Cluster) -> (String, i64) {
 fn log_lines(cluster: &Cluster, i: usize, needle: &str) -> String {
     let log = daemon_log(cluster, i);
     let lines: Vec<&str> = log.lines().filter(|l| l.contains(needle)).collect();
-    format!("{} line(s) with {needle:?}, last: {:?}", lines.len(), lines.last())
+    format!(
+        "{} line(s) with {needle:?}, last: {:?}",
+        lines.len(),
+        lines.last()
+    )
 }
 
 // 5a. A host cut off etcd for longer than its lease TTL (etcd itself up, so
