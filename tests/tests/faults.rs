@@ -1,11 +1,17 @@
 //! Faults around a running cluster: a daemon killed and restarted under
-//! live traffic, an upgrade to a new map layout, an etcd outage, and an etcd
-//! member lost from a 3-member cluster.
+//! live traffic, an upgrade to a new map layout, an etcd outage, etcd
+//! members lost from a 3-member cluster, and a host cut off etcd for longer
+//! than its lease TTL.
 //!
-//! The data plane must not notice any of them: pings every 10 ms lose
+//! The data plane must not notice the first four: pings every 10 ms lose
 //! nothing and a TCP stream carries on, while the control plane reports the
-//! fault and recovers. Waits are generous (the machine is small and shared);
-//! the figures measured are printed (`--nocapture`) rather than asserted.
+//! fault and recovers. (The layout upgrade's pings are counted, not
+//! asserted: new programs are attached before their maps are filled.) Waits
+//! are generous (the machine is small and shared); the figures measured are
+//! printed (`--nocapture`) rather than asserted.
+
+// Hosts are numbered; loops over them index per-host arrays.
+#![allow(clippy::needless_range_loop)]
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -831,11 +837,7 @@ fn etcd_outage_keeps_forwarding_and_recovers() {
     let subnets = [cluster.subnet(0), cluster.subnet(1)];
     let leases_before = [state_lease_id(&cluster, 0), state_lease_id(&cluster, 1)];
     for i in 0..2 {
-        assert_eq!(
-            etcd_health(&cluster, i).0,
-            true,
-            "host {i} before the outage"
-        );
+        assert!(etcd_health(&cluster, i).0, "host {i} before the outage");
     }
 
     let (from, to) = (cluster.container(c0), cluster.container(c1));
