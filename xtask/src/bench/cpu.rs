@@ -66,6 +66,15 @@ fn parse_stat(stat: &str) -> Option<CpuTimes> {
     })
 }
 
+/// Cores busy (anything but idle and iowait) over `window`, machine-wide.
+pub fn busy_cores(window: std::time::Duration) -> Result<f64> {
+    let start = CpuTimes::read()?;
+    std::thread::sleep(window);
+    let d = CpuTimes::read()?.minus(&start);
+    let busy = d.user + d.nice + d.system + d.irq + d.softirq + d.steal;
+    Ok(busy as f64 / ticks_per_sec() / window.as_secs_f64())
+}
+
 /// CPU spent while a workload ran, with the wall time it ran.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CpuDelta {

@@ -210,8 +210,15 @@ fn machine_section(s: &mut String, r: &Results) {
     let _ = writeln!(s, "- netd commit: {}", r.meta.netd_commit);
     let _ = writeln!(
         s,
-        "- command: `{}`; {} repetition(s) of {} s per workload (iperf3 omits the first {} s)\n",
+        "- command: `{}`; {} repetition(s) of {} s per workload (iperf3 omits the first {} s)",
         r.meta.command, r.meta.reps, r.meta.seconds, r.meta.omit_seconds
+    );
+    let _ = writeln!(
+        s,
+        "- ratios divide medians; \"other load\" is the most cores found busy with \
+         other work just before a run of that workload (full runs wait up to 30 s for \
+         it to drop below 0.25): the machine is shared, so high values mark figures \
+         measured against competing load\n"
     );
 }
 
@@ -244,11 +251,11 @@ fn figure_table(s: &mut String, r: &Results, f: &Figure) {
     let _ = writeln!(s, "## {} ({}; {better})\n", f.title, f.unit);
     let _ = writeln!(
         s,
-        "| mode | median | min | max | n | ÷ bare | ÷ routed | ÷ kernel-vxlan |"
+        "| mode | median | min | max | n | ÷ bare | ÷ routed | ÷ kernel-vxlan | other load |"
     );
     let _ = writeln!(
         s,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     let base = |m| figure_stats(r, m, f);
     let (bare, routed, kvx) = (
@@ -261,7 +268,7 @@ fn figure_table(s: &mut String, r: &Results, f: &Figure) {
         let cell = |pick: fn(&Stats) -> f64| st.as_ref().map_or("-".into(), |x| fmt_value(pick(x)));
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             m.mode.name(),
             cell(|x| x.median),
             cell(|x| x.min),
@@ -269,10 +276,24 @@ fn figure_table(s: &mut String, r: &Results, f: &Figure) {
             st.map_or(0, |x| x.n),
             ratio(st, bare),
             ratio(st, routed),
-            ratio(st, kvx)
+            ratio(st, kvx),
+            other_load(m, f.workload)
         );
     }
     s.push('\n');
+}
+
+/// The most background load (cores busy before a run) any of the
+/// workload's runs started with.
+fn other_load(m: &ModeResult, workload: &str) -> String {
+    m.samples
+        .iter()
+        .filter(|s| s.workload == workload)
+        .map(|s| s.background_cores)
+        .fold(None, |acc: Option<f64>, x| {
+            Some(acc.map_or(x, |a| a.max(x)))
+        })
+        .map_or("-".into(), |x| format!("{x:.2}"))
 }
 
 /// The goals, each with the figure from this run and whether it is met.

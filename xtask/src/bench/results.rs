@@ -226,7 +226,12 @@ pub struct Sample {
     pub metrics: BTreeMap<String, f64>,
     pub cpu: CpuDelta,
     /// `/proc/loadavg` when the run started: the machine is shared.
+    #[serde(default)]
     pub loadavg: String,
+    /// Cores busy just before the run, with nothing of ours running:
+    /// someone else's load that the run competed with.
+    #[serde(default)]
+    pub background_cores: f64,
     /// The tool's own summary (iperf3's `end` object, sockperf's lines).
     pub raw: Value,
 }

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use netd_tests::{Daemon, NsRef};
 use serde_json::{Value, json};
 
-use super::cpu::{CpuDelta, CpuMeter};
+use super::cpu::{CpuDelta, CpuMeter, busy_cores};
 use super::results::Sample;
 use super::testbed::Testbed;
 use super::{Plan, run_bounded, sh};
@@ -56,7 +56,34 @@ const RR_MSG_BYTES: &str = "64";
 /// Slack over a run's own duration before it is killed.
 const SLACK: Duration = Duration::from_secs(30);
 
+/// Background load (cores) below which a run starts right away.
+const QUIET_CORES: f64 = 0.25;
+/// Longest wait for the machine to quiet down before a run.
+const QUIET_WAIT: Duration = Duration::from_secs(30);
+
+/// Waits (bounded) until little else runs on the machine; returns the
+/// background load the run starts with. The quick run does not wait.
+fn wait_quiet(plan: &Plan) -> Result<f64> {
+    let window = Duration::from_millis(if plan.quick { 100 } else { 500 });
+    let deadline = std::time::Instant::now() + QUIET_WAIT;
+    let mut said = false;
+    loop {
+        super::check_interrupt()?;
+        let busy = busy_cores(window)?;
+        if plan.quick || busy < QUIET_CORES || std::time::Instant::now() > deadline {
+            return Ok(busy);
+        }
+        if !said {
+            println!(
+                "      waiting up to {QUIET_WAIT:?} for other load to pass ({busy:.2} cores busy)"
+            );
+            said = true;
+        }
+    }
+}
+
 pub fn run(tb: &Testbed, w: Workload, rep: u32, plan: &Plan) -> Result<Sample> {
+    let background_cores = wait_quiet(plan)?;
     let loadavg = std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
         .trim()
@@ -74,6 +101,7 @@ pub fn run(tb: &Testbed, w: Workload, rep: u32, plan: &Plan) -> Result<Sample> {
         metrics,
         cpu,
         loadavg,
+        background_cores,
         raw,
     })
 }
