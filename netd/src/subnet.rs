@@ -112,16 +112,18 @@ pub async fn hold(
         match renew_until_lost(&mut registry, held, interval, &state).await {
             Ok(()) => {
                 warn!(subnet = %held.subnet, "lease expired in etcd; taking the subnet back");
-                let again = acquire(&mut registry, &cfg, &me, Some(held.subnet)).await?;
-                if again.subnet != held.subnet {
-                    let _ = registry.revoke(again.lease_id).await;
-                    bail!(
-                        "lease for {} was lost and the subnet is now held by another host",
-                        held.subnet
-                    );
-                }
-                held = again;
+                held = reacquire(&mut registry, &cfg, &me, held).await?;
                 state.send_modify(|s| s.lease_id = held.lease_id);
+            }
+            // etcd answers, but our lease expired while we could not reach
+            // it: take the subnet back like any lost lease.
+            Err(e) if lease_not_found(&e) => {
+                warn!(subnet = %held.subnet, "lease expired while etcd was unreachable; taking the subnet back");
+                held = reacquire(&mut registry, &cfg, &me, held).await?;
+                state.send_modify(|s| {
+                    s.lease_id = held.lease_id;
+                    s.etcd = EtcdHealth::reachable();
+                });
             }
             Err(e) => {
                 state.send_modify(|s| s.etcd.unreachable(&format!("{e:#}")));
@@ -130,6 +132,29 @@ pub async fn hold(
             }
         }
     }
+}
+
+/// Takes the same subnet again after losing its lease; fails if another
+/// host holds it now, rather than share it.
+async fn reacquire(
+    registry: &mut Registry,
+    cfg: &NetworkConfig,
+    me: &Identity,
+    held: Held,
+) -> Result<Held> {
+    let again = acquire(registry, cfg, me, Some(held.subnet)).await?;
+    if again.subnet != held.subnet {
+        let _ = registry.revoke(again.lease_id).await;
+        bail!(
+            "lease for {} was lost and the subnet is now held by another host",
+            held.subnet
+        );
+    }
+    Ok(again)
+}
+
+fn lease_not_found(e: &anyhow::Error) -> bool {
+    format!("{e:?}").contains("lease not found")
 }
 
 /// Renews until etcd reports the lease gone (`Ok`) or the connection fails.
@@ -142,9 +167,11 @@ async fn renew_until_lost(
     let (mut keeper, mut stream) = registry.keep_alive(held.lease_id).await?;
     loop {
         keeper.keep_alive().await.context("sending keep-alive")?;
-        let resp = stream
-            .message()
+        // A silently lost connection must not outlast the lease: give up
+        // on a reply after one renewal interval and reconnect.
+        let resp = tokio::time::timeout(interval, stream.message())
             .await
+            .context("no keep-alive reply within the renewal interval")?
             .context("keep-alive reply")?
             .context("keep-alive stream closed")?;
         if resp.ttl() <= 0 {

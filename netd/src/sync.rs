@@ -216,6 +216,20 @@ pub async fn run(
     }
 }
 
+/// One full reconciliation, for start-up before the watch begins.
+pub async fn once(
+    registry: &mut Registry,
+    cfg: &NetworkConfig,
+    own: Own,
+    connected: &Connected,
+    maps: &mut Maps,
+) -> Result<()> {
+    let (list, _) = registry.list_subnets().await?;
+    let want = desired(cfg, own, connected, &list, &mut Rejections::default());
+    reconcile(maps, &want)?;
+    Ok(())
+}
+
 /// What lease validation needs besides the leases themselves.
 #[derive(Clone, Copy)]
 struct View<'a> {

@@ -95,7 +95,7 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
             .with_context(|| format!("{} has no IPv4 address: pass --public-ip", underlay.name))?,
     };
     let vtep_mac = Mac::vtep_for(public_ip);
-    datapath::prepare(&pin, run_dir).await?;
+    let pending = datapath::prepare(&pin, run_dir).await?;
     let mut maps = Maps::open(&pin)?;
     endpoint::restore(&mut maps, run_dir).await?;
 
@@ -169,6 +169,18 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
         public_ip,
     });
     let connected = Connected(nl.ipv4_prefixes(underlay.index).await?);
+    // Fill the new maps before the attachments run the new programs.
+    sync::once(
+        &mut registry,
+        &cfg,
+        own_rx.borrow().to_owned(),
+        &connected,
+        &mut maps,
+    )
+    .await?;
+    if let Some(pending) = pending {
+        pending.switch_over(&pin, run_dir).await?;
+    }
     tokio::spawn(sync::run(
         registry.clone(),
         cfg.clone(),

@@ -94,26 +94,45 @@ impl State {
     }
 }
 
+/// A freshly loaded build whose programs are pinned but not yet behind the
+/// existing attachments: [`Pending::switch_over`] once its maps are filled.
+#[must_use]
+pub struct Pending {
+    hash: String,
+}
+
 /// Makes sure this build's programs and the maps are pinned, reusing what a
-/// previous run left when it is the same build.
-pub async fn prepare(pin: &PinDir, run_dir: &Path) -> Result<()> {
+/// previous run left when it is the same build. A new build is returned
+/// pending: the attachments keep running the previous programs (and maps)
+/// until its own maps hold endpoints, configuration and peers.
+pub async fn prepare(pin: &PinDir, run_dir: &Path) -> Result<Option<Pending>> {
     if object().is_empty() {
         bail!(
             "this netd was built without its eBPF object (bpf-linker missing): run `cargo xtask setup` and rebuild"
         );
     }
-    let mut state = State::read(run_dir);
+    let state = State::read(run_dir);
     let hash = object_hash();
     if state.object == hash && PROGRAM_NAMES.iter().all(|p| pin.program(p).exists()) {
         info!(dir = %pin.dir().display(), "reusing pinned data path");
-        return Ok(());
+        return Ok(None);
     }
     load_and_pin(pin)?;
-    reattach(pin, run_dir, &state).await?;
-    state.object = hash;
-    state.write(run_dir)?;
-    pin.remove_other_versions();
-    Ok(())
+    Ok(Some(Pending { hash }))
+}
+
+impl Pending {
+    /// Points every attachment at the new programs, then forgets older
+    /// layouts.
+    pub async fn switch_over(self, pin: &PinDir, run_dir: &Path) -> Result<()> {
+        let mut state = State::read(run_dir);
+        reattach(pin, run_dir, &state).await?;
+        state.object = self.hash;
+        state.write(run_dir)?;
+        pin.remove_other_versions();
+        info!("attachments now run this build's programs");
+        Ok(())
+    }
 }
 
 fn load_and_pin(pin: &PinDir) -> Result<()> {
