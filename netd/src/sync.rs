@@ -67,10 +67,7 @@ pub fn desired<'a>(
     for lease in leases {
         match peer_of(cfg, own, connected, lease) {
             Ok(Some((subnet, peer))) => {
-                if let Some((taken, _)) = out
-                    .iter()
-                    .find(|(s, _): &(&Ipv4Net, _)| overlaps(s, &subnet))
-                {
+                if let Some(taken) = overlapping(&out, &subnet) {
                     rejections.reject(lease, &format!("overlaps {taken}"));
                     continue;
                 }
@@ -85,6 +82,18 @@ pub fn desired<'a>(
 
 fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// A subnet of `set` (which holds no overlaps) that overlaps `subnet`: only
+/// its neighbours in address order can, so this is two lookups, not a scan.
+fn overlapping<V>(set: &BTreeMap<Ipv4Net, V>, subnet: &Ipv4Net) -> Option<Ipv4Net> {
+    let before = set.range(..=*subnet).next_back();
+    let after = set.range(*subnet..).next();
+    [before, after]
+        .into_iter()
+        .flatten()
+        .map(|(s, _)| *s)
+        .find(|s| overlaps(s, subnet))
 }
 
 /// One lease as a kernel entry; `None` for our own.
@@ -144,32 +153,62 @@ pub struct Changes {
     pub removed: usize,
 }
 
-/// Applies the difference between `desired` and the kernel maps.
-pub fn reconcile(maps: &mut Maps, desired: &BTreeMap<Ipv4Net, Peer>) -> Result<Changes> {
-    let current = maps.subnets()?;
+/// What this task last wrote to the kernel maps: read from the kernel at
+/// every resync, so each change costs syscalls only for what differs.
+#[derive(Debug, Default)]
+pub struct Programmed {
+    subnets: BTreeMap<Ipv4Net, Peer>,
+    ips: BTreeSet<Ipv4Addr>,
+}
+
+impl Programmed {
+    pub fn read(maps: &Maps) -> Result<Self> {
+        Ok(Programmed {
+            subnets: maps.subnets()?,
+            ips: maps.peer_ips()?.into_iter().collect(),
+        })
+    }
+}
+
+/// Applies the difference between `desired` and what is programmed.
+pub fn reconcile(
+    maps: &mut Maps,
+    programmed: &mut Programmed,
+    desired: &BTreeMap<Ipv4Net, Peer>,
+) -> Result<Changes> {
     let want_ips: BTreeSet<Ipv4Addr> = desired
         .values()
         .map(|p| Ipv4Addr::from(p.public_ip))
         .collect();
-    let have_ips: BTreeSet<Ipv4Addr> = maps.peer_ips()?.into_iter().collect();
     let mut changes = Changes::default();
 
     // Accept a peer's VXLAN before sending it traffic; forget it last.
-    for ip in want_ips.difference(&have_ips) {
+    for ip in want_ips.difference(&programmed.ips) {
         maps.insert_peer_ip(*ip)?;
     }
+    programmed.ips.extend(want_ips.iter().copied());
     for (subnet, peer) in desired {
-        if current.get(subnet) != Some(peer) {
+        if programmed.subnets.get(subnet) != Some(peer) {
             maps.insert_subnet(*subnet, peer)?;
+            programmed.subnets.insert(*subnet, *peer);
             changes.upserted += 1;
         }
     }
-    for subnet in current.keys().filter(|s| !desired.contains_key(s)) {
-        maps.remove_subnet(*subnet)?;
+    let stale: Vec<Ipv4Net> = programmed
+        .subnets
+        .keys()
+        .filter(|s| !desired.contains_key(s))
+        .copied()
+        .collect();
+    for subnet in stale {
+        maps.remove_subnet(subnet)?;
+        programmed.subnets.remove(&subnet);
         changes.removed += 1;
     }
-    for ip in have_ips.difference(&want_ips) {
-        maps.remove_peer_ip(*ip)?;
+    let gone: Vec<Ipv4Addr> = programmed.ips.difference(&want_ips).copied().collect();
+    for ip in gone {
+        maps.remove_peer_ip(ip)?;
+        programmed.ips.remove(&ip);
     }
     Ok(changes)
 }
@@ -226,7 +265,7 @@ pub async fn once(
 ) -> Result<()> {
     let (list, _) = registry.list_subnets().await?;
     let want = desired(cfg, own, connected, &list, &mut Rejections::default());
-    reconcile(maps, &want)?;
+    reconcile(maps, &mut Programmed::read(maps)?, &want)?;
     Ok(())
 }
 
@@ -256,7 +295,16 @@ async fn sync_once(
     });
     let mut leases: BTreeMap<String, RawLease> =
         list.into_iter().map(|l| (l.key.clone(), l)).collect();
-    apply(view, *own.borrow(), &leases, maps, rejections, "resync")?;
+    let mut programmed = Programmed::read(maps)?;
+    apply(
+        view,
+        *own.borrow(),
+        &leases,
+        maps,
+        &mut programmed,
+        rejections,
+        "resync",
+    )?;
 
     let mut stream = registry.watch_subnets(revision + 1).await?;
     loop {
@@ -277,14 +325,14 @@ async fn sync_once(
                         SubnetEvent::Delete(key) => { leases.remove(&key); }
                     }
                 }
-                apply(view, *own.borrow(), &leases, maps, rejections, "watch")?;
+                apply(view, *own.borrow(), &leases, maps, &mut programmed, rejections, "watch")?;
             }
             changed = own.changed() => {
                 // The daemon is shutting down: not an etcd problem.
                 if changed.is_err() {
                     return Ok(());
                 }
-                apply(view, *own.borrow(), &leases, maps, rejections, "own lease")?;
+                apply(view, *own.borrow(), &leases, maps, &mut programmed, rejections, "own lease")?;
             }
         }
     }
@@ -295,11 +343,12 @@ fn apply(
     own: Own,
     leases: &BTreeMap<String, RawLease>,
     maps: &mut Maps,
+    programmed: &mut Programmed,
     rejections: &mut Rejections,
     why: &str,
 ) -> Result<()> {
     let want = desired(view.cfg, own, view.connected, leases.values(), rejections);
-    let changes = reconcile(maps, &want)?;
+    let changes = reconcile(maps, programmed, &want)?;
     if changes != Changes::default() {
         info!(
             trigger = why,
@@ -438,5 +487,25 @@ mod direct {
         );
         assert_eq!(got, [("10.244.2.0/24".to_string(), PeerMode::Direct as u8)]);
         assert_eq!(rejected, 2, "the routed peer and the vxlan lease");
+    }
+}
+
+#[cfg(test)]
+mod overlap {
+    use super::*;
+
+    #[test]
+    fn finds_containing_and_contained_neighbours() {
+        let set: BTreeMap<Ipv4Net, ()> = ["10.0.0.0/24", "10.0.2.0/23", "10.1.0.0/16"]
+            .iter()
+            .map(|s| (s.parse().unwrap(), ()))
+            .collect();
+        let hit = |s: &str| overlapping(&set, &s.parse().unwrap()).map(|n| n.to_string());
+        assert_eq!(hit("10.0.0.128/25").as_deref(), Some("10.0.0.0/24"));
+        assert_eq!(hit("10.0.3.0/24").as_deref(), Some("10.0.2.0/23"));
+        assert_eq!(hit("10.0.0.0/22").as_deref(), Some("10.0.0.0/24"));
+        assert_eq!(hit("10.1.200.0/24").as_deref(), Some("10.1.0.0/16"));
+        assert_eq!(hit("10.0.1.0/24"), None);
+        assert_eq!(hit("10.2.0.0/24"), None);
     }
 }
