@@ -152,7 +152,14 @@ pub fn run(opts: &Options) -> Result<()> {
     let font = chart::load_font()?;
     println!("==> build netd");
     util::run(util::cargo().args(["build", "--release", "-p", "netd"]))?;
-    let netd_bin = util::target_dir().join("release").join("netd");
+    let built = util::target_dir().join("release").join("netd");
+    // A private copy: a rebuild of target/release/netd by anyone else
+    // during the run must not change the binary under test.
+    let bin_dir = tempfile::Builder::new()
+        .prefix("netd-bench-bin-")
+        .tempdir()?;
+    let netd_bin = bin_dir.path().join("netd");
+    std::fs::copy(&built, &netd_bin).with_context(|| format!("copy {}", built.display()))?;
     // SAFETY: single-threaded here; the test infrastructure reads it later.
     unsafe { std::env::set_var("NETD_BIN", &netd_bin) };
     watch_signals()?;
