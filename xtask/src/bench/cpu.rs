@@ -75,6 +75,22 @@ pub fn busy_cores(window: std::time::Duration) -> Result<f64> {
     Ok(busy as f64 / ticks_per_sec() / window.as_secs_f64())
 }
 
+/// Packets dropped because a CPU's backlog queue was full (second column
+/// of `/proc/net/softnet_stat`, summed over CPUs; machine-wide). veth
+/// hands every packet to such a queue, so this is where a veth path drops.
+pub fn softnet_drops() -> u64 {
+    std::fs::read_to_string("/proc/net/softnet_stat")
+        .map(|t| parse_softnet_drops(&t))
+        .unwrap_or(0)
+}
+
+fn parse_softnet_drops(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter_map(|v| u64::from_str_radix(v, 16).ok())
+        .sum()
+}
+
 /// CPU spent while a workload ran, with the wall time it ran.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct CpuDelta {
@@ -173,6 +189,12 @@ mod tests {
         let stat = "cpu  10 1 20 300 4 5 6 7 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n";
         let t = parse_stat(stat).unwrap();
         assert_eq!((t.user, t.system, t.softirq, t.steal), (10, 20, 6, 7));
+    }
+
+    #[test]
+    fn sums_softnet_drops() {
+        let text = "0000a000 00000010 00000000\n0000b000 00000001 00000000\n";
+        assert_eq!(parse_softnet_drops(text), 17);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 use netd_tests::{Daemon, NsRef};
 use serde_json::{Value, json};
 
-use super::cpu::{CpuDelta, CpuMeter, busy_cores};
+use super::cpu::{CpuDelta, CpuMeter, busy_cores, softnet_drops};
 use super::results::Sample;
 use super::testbed::Testbed;
 use super::{Plan, run_bounded, sh};
@@ -88,13 +88,16 @@ pub fn run(tb: &Testbed, w: Workload, rep: u32, plan: &Plan) -> Result<Sample> {
         .unwrap_or_default()
         .trim()
         .to_string();
-    let (metrics, cpu, raw) = match w {
+    let drops_before = softnet_drops();
+    let (mut metrics, cpu, raw) = match w {
         Workload::Tcp1 => iperf_tcp(tb, plan, 1)?,
         Workload::Tcp4 => iperf_tcp(tb, plan, 4)?,
         Workload::Udp64 => iperf_udp(tb, plan, 64)?,
         Workload::Udp1400 => iperf_udp(tb, plan, 1400)?,
         Workload::Rr => sockperf_rr(tb, plan)?,
     };
+    let drops = softnet_drops().saturating_sub(drops_before);
+    metrics.insert("softnet_drops".into(), drops as f64);
     Ok(Sample {
         workload: w.name().to_string(),
         rep,
