@@ -113,7 +113,13 @@ type Measured = (BTreeMap<String, f64>, CpuDelta, Value);
 
 fn iperf_tcp(tb: &Testbed, plan: &Plan, streams: u32) -> Result<Measured> {
     let streams = streams.to_string();
-    let (end, cpu) = iperf(tb, plan, &["-P", &streams])?;
+    let (client0, server0) = (tcp_counters(&tb.client), tcp_counters(&tb.server));
+    let (mut end, cpu) = iperf(tb, plan, &["-P", &streams])?;
+    // Why segments were retransmitted: each end's TcpExt counters.
+    end["tcp_counters"] = json!({
+        "client": counter_delta(&client0, &tcp_counters(&tb.client)),
+        "server": counter_delta(&server0, &tcp_counters(&tb.server)),
+    });
     let gbps = num(&end["sum_received"]["bits_per_second"])? / 1e9;
     if gbps <= 0.0 {
         bail!("no TCP payload received");
@@ -158,6 +164,52 @@ fn iperf_udp(tb: &Testbed, plan: &Plan, len: u32) -> Result<Measured> {
     m.insert("cpu_ns_per_packet".into(), cpu.kernel_cores() * 1e9 / pps);
     iperf_cpu(&end, &mut m);
     Ok((m, cpu, end))
+}
+
+/// The `TcpExt` and `Tcp` counters of `ns` (`/proc/net/netstat`, `snmp`),
+/// read from a thread inside it.
+fn tcp_counters(ns: &NsRef) -> BTreeMap<String, u64> {
+    ns.run_in_thread(|| {
+        let mut all = BTreeMap::new();
+        for file in ["netstat", "snmp"] {
+            // thread-self: /proc/self/net would show the main thread's namespace.
+            let text = std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))
+                .unwrap_or_default();
+            all.extend(parse_proc_net_counters(&text, &["TcpExt:", "Tcp:"]));
+        }
+        all
+    })
+}
+
+/// `Prefix: name…` / `Prefix: value…` line pairs, as `Prefix.name` → value.
+fn parse_proc_net_counters(text: &str, prefixes: &[&str]) -> BTreeMap<String, u64> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = BTreeMap::new();
+    for pair in lines.chunks_exact(2) {
+        let Some(prefix) = prefixes.iter().find(|p| pair[0].starts_with(**p)) else {
+            continue;
+        };
+        let names = pair[0].split_whitespace().skip(1);
+        let values = pair[1].split_whitespace().skip(1);
+        for (n, v) in names.zip(values) {
+            if let Ok(v) = v.parse() {
+                out.insert(format!("{}.{n}", prefix.trim_end_matches(':')), v);
+            }
+        }
+    }
+    out
+}
+
+/// The counters that moved.
+fn counter_delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> Value {
+    let moved: serde_json::Map<String, Value> = after
+        .iter()
+        .filter_map(|(k, v)| {
+            let d = v.saturating_sub(before.get(k).copied().unwrap_or(0));
+            (d > 0).then(|| (k.clone(), json!(d)))
+        })
+        .collect();
+    Value::Object(moved)
 }
 
 /// iperf3's own view of its processes' CPU (user + system, per end).
@@ -379,6 +431,14 @@ sockperf: ---> percentile 50.000 =    4.724
             (pp.avg_us, pp.p50_us, pp.p99_us, pp.p999_us),
             (22.377, 4.724, 91.98, 309.66)
         );
+    }
+
+    #[test]
+    fn parses_proc_net_counter_pairs() {
+        let text = "TcpExt: SyncookiesSent TCPTimeouts\nTcpExt: 0 7\nIpExt: InNoRoutes\nIpExt: 3\n";
+        let c = parse_proc_net_counters(text, &["TcpExt:"]);
+        assert_eq!(c.get("TcpExt.TCPTimeouts"), Some(&7));
+        assert_eq!(c.len(), 2);
     }
 
     #[test]
