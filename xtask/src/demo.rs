@@ -43,13 +43,6 @@ pub fn run(opts: &Options) -> Result<()> {
     // SAFETY: single-threaded here; the test infra reads it later.
     unsafe { std::env::set_var("NETD_BIN", &netd_bin) };
 
-    // Ctrl-C must reach the cleanup below, not kill the process: take
-    // SIGINT/SIGTERM synchronously before any thread starts.
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGINT);
-    signals.add(Signal::SIGTERM);
-    signals.thread_block()?;
-
     println!(
         "==> {HOSTS} hosts on 198.18.0.0/24, etcd on 198.18.0.254, decap {}",
         opts.decap
@@ -103,6 +96,13 @@ pub fn run(opts: &Options) -> Result<()> {
         .output()?;
     print!("{}", String::from_utf8_lossy(&dump.stdout));
 
+    // From here Ctrl-C must reach the cleanup below, not kill the process:
+    // take SIGINT/SIGTERM synchronously. Blocked only now, so the daemons
+    // started above do not inherit the mask and stop on SIGTERM.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block()?;
     wait(opts.seconds, &signals);
     println!("==> removing the demo cluster");
     drop(cluster);
