@@ -115,6 +115,9 @@ impl Capture {
                 self.stderr.lock().unwrap()
             );
         }
+        // tshark says "Capturing on" a little before its socket sees
+        // packets: without a margin the first packets of a burst are lost.
+        std::thread::sleep(std::time::Duration::from_millis(500));
     }
 }
 
