@@ -21,4 +21,4 @@ pub use etcd::{Etcd, EtcdTls, Kv};
 pub use netns::{NetNs, NsRef, unique_name};
 pub use topology::{Host, SWITCH_IP, Topology, TopologyBuilder, host_ip};
 pub use traffic::{PingStats, Transfer, ping, ping_stats, tcp_transfer};
-pub use util::{poll_until, require_root, wait_for};
+pub use util::{poll_until, require_root, strip_ansi, wait_for};

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use netd_tests::cluster::{NETWORK, PREFIX};
 use netd_tests::etcd::EtcdCluster;
+use netd_tests::strip_ansi;
 use netd_tests::traffic::Pattern;
 use netd_tests::{
     Cluster, Etcd, NsRef, SWITCH_IP, Topology, ping_stats, poll_until, require_root, wait_for,
@@ -85,26 +86,6 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .expect("clock after 1970")
         .as_secs()
-}
-
-/// `s` without ANSI escape sequences (the daemon's log may be coloured).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            if chars.next() == Some('[') {
-                for c in chars.by_ref() {
-                    if ('@'..='~').contains(&c) {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Host `i`'s daemon log (every run under the current guard), uncoloured.

@@ -15,6 +15,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use netd_tests::cluster::{NETWORK, PREFIX};
+use netd_tests::strip_ansi;
 use netd_tests::topology::segment_b_ip;
 use netd_tests::{
     Capture, Cluster, Etcd, EtcdTls, Host, NsRef, PingStats, SWITCH_IP, Topology, VXLAN_PORT,
@@ -148,24 +149,6 @@ fn peer_modes(cluster: &Cluster, h: usize) -> BTreeMap<String, (String, String)>
 /// The non-empty lines of `text`.
 fn lines(text: &str) -> Vec<&str> {
     text.lines().filter(|l| !l.trim().is_empty()).collect()
-}
-
-/// `s` without ANSI escape sequences (a daemon's log may be coloured).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Asserts that a refused one-shot netd command failed the way a person

@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use netd_tests::cluster::{NETWORK, PREFIX};
+use netd_tests::strip_ansi;
 use netd_tests::{Cluster, ping, ping_stats, poll_until, require_root, wait_for};
 
 /// How long a host may take to see a change in etcd (watch-driven).
@@ -110,27 +111,6 @@ fn rejection_lines<'a>(log: &'a str, key: &str) -> Vec<&'a str> {
         .filter(|l| l.contains("ignoring lease"))
         .filter(|l| l.split_whitespace().any(|w| w == needle))
         .collect()
-}
-
-/// `s` without ANSI escape sequences (the daemon's log may be coloured).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ parameters… final byte in @..~
-            if chars.next() == Some('[') {
-                for c in chars.by_ref() {
-                    if ('@'..='~').contains(&c) {
-                        break;
-                    }
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// Host `i`'s daemon log (all runs of this daemon guard), uncoloured.

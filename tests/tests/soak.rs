@@ -16,6 +16,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use netd_tests::cluster::PREFIX;
+use netd_tests::strip_ansi;
 use netd_tests::traffic::Pattern;
 use netd_tests::util::output_text;
 use netd_tests::{
@@ -121,24 +122,6 @@ fn link_json(ns: &NsRef, iface: &str, stats: bool) -> Value {
     let out = ns.run_ok(&argv);
     let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("ip -j link: {e}: {out}"));
     v[0].clone()
-}
-
-/// `s` without ANSI escape sequences (the daemon's log may be coloured).
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c != '\u{1b}' {
-            out.push(c);
-        } else if chars.next() == Some('[') {
-            for c in chars.by_ref() {
-                if ('@'..='~').contains(&c) {
-                    break;
-                }
-            }
-        }
-    }
-    out
 }
 
 /// `bpftool -j map dump pinned PATH`, parsed. bpffs is global, so this runs
