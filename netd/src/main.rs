@@ -1,17 +1,13 @@
 //! netd: an eBPF VXLAN overlay for containers across hosts.
 
 mod cli;
-mod config;
+mod control;
 mod datapath;
 mod endpoint;
-mod lease;
 mod netlink;
 #[cfg(test)]
 mod proptests;
-mod registry;
 mod state;
-mod subnet;
-mod sync;
 
 use std::process::ExitCode;
 

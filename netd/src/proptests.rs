@@ -10,8 +10,8 @@ use proptest::prelude::*;
 
 use crate::{
     cli::Cli,
-    config::{FileConfig, NetworkConfig},
-    lease::{LeaseValue, Mac, parse_subnet_key, subnet_key},
+    control::config::{FileConfig, NetworkConfig},
+    control::lease::{LeaseValue, Mac, parse_subnet_key, subnet_key},
     state::SubnetEnv,
 };
 
@@ -75,14 +75,14 @@ proptest! {
         let cfg = NetworkConfig::parse(json.as_bytes()).unwrap();
         let existing: Vec<(Ipv4Net, Option<Ipv4Addr>)> =
             (0..taken as u32).filter_map(|n| cfg.nth_leasable(n)).map(|s| (s, None)).collect();
-        let claim = crate::lease::Claim { public_ip: Ipv4Addr::LOCALHOST, recorded: None, existing: &existing };
+        let claim = crate::control::lease::Claim { public_ip: Ipv4Addr::LOCALHOST, recorded: None, existing: &existing };
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        match crate::lease::choose(&cfg, &claim, &mut rng) {
-            crate::lease::Choice::Create(s) => {
+        match crate::control::lease::choose(&cfg, &claim, &mut rng) {
+            crate::control::lease::Choice::Create(s) => {
                 prop_assert!(cfg.is_leasable(&s));
                 prop_assert!(!existing.iter().any(|(e, _)| *e == s));
             }
-            crate::lease::Choice::Exhausted => prop_assert!(cfg.leasable_count() as usize <= existing.len()),
+            crate::control::lease::Choice::Exhausted => prop_assert!(cfg.leasable_count() as usize <= existing.len()),
             other => prop_assert!(false, "unexpected {:?}", other),
         }
     }

@@ -106,7 +106,9 @@ impl SubnetEnv {
     }
 
     pub fn render(&self) -> String {
-        let gw = crate::lease::gateway(self.subnet);
+        // The gateway, the subnet's first host address, stands in for the
+        // subnet as flannel writes it.
+        let gw = Ipv4Addr::from(u32::from(self.subnet.network()) + 1);
         format!(
             "NETD_NETWORK={}\nNETD_SUBNET={}/{}\nNETD_MTU={}\nNETD_IPMASQ={}\n",
             self.network,

@@ -9,7 +9,7 @@ use std::{net::Ipv4Addr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{datapath::Hook, registry::Access};
+use crate::{control::registry::Access, datapath::Hook};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -115,18 +115,18 @@ pub struct NetworkInitArgs {
     /// Cluster network, e.g. 10.244.0.0/16.
     #[arg(long)]
     pub network: ipnet::Ipv4Net,
-    #[arg(long, default_value_t = crate::config::DEFAULT_SUBNET_LEN)]
+    #[arg(long, default_value_t = crate::control::config::DEFAULT_SUBNET_LEN)]
     pub subnet_len: u8,
     #[arg(long)]
     pub subnet_min: Option<Ipv4Addr>,
     #[arg(long)]
     pub subnet_max: Option<Ipv4Addr>,
-    #[arg(long, default_value_t = crate::config::DEFAULT_VNI)]
+    #[arg(long, default_value_t = crate::control::config::DEFAULT_VNI)]
     pub vni: u32,
-    #[arg(long, default_value_t = crate::config::DEFAULT_PORT)]
+    #[arg(long, default_value_t = crate::control::config::DEFAULT_PORT)]
     pub port: u16,
     /// Backend: vxlan, or host-gw (direct routing to every peer).
-    #[arg(long, default_value = crate::config::VXLAN, value_parser = [crate::config::VXLAN, crate::config::HOST_GW])]
+    #[arg(long, default_value = crate::control::config::VXLAN, value_parser = [crate::control::config::VXLAN, crate::control::config::HOST_GW])]
     pub backend: String,
     /// VXLAN: route directly to peers on a directly connected subnet.
     #[arg(long)]

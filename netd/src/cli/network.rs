@@ -4,8 +4,8 @@ use anyhow::{Result, bail};
 
 use super::{EtcdArgs, NetworkInitArgs};
 use crate::{
-    config::{Backend, NetworkConfig},
-    registry::Registry,
+    control::config::{Backend, NetworkConfig},
+    control::registry::Registry,
 };
 
 pub async fn init(args: NetworkInitArgs) -> Result<()> {

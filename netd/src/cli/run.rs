@@ -12,15 +12,15 @@ use tracing::{error, info, warn};
 
 use super::RunArgs;
 use crate::{
-    config::{FileConfig, NetworkConfig, VXLAN_OVERHEAD},
+    control::config::{FileConfig, NetworkConfig, VXLAN_OVERHEAD},
+    control::lease::{Mac, gateway},
+    control::registry::{Access, Registry},
+    control::subnet::{self, Identity},
+    control::sync::{self, Connected, Own},
     datapath::{self, Hook, Maps, PinDir},
     endpoint,
-    lease::{Mac, gateway},
     netlink::{Link, Netlink},
-    registry::{Access, Registry},
     state::{EtcdHealth, NodeState, SubnetEnv},
-    subnet::{self, Identity},
-    sync::{self, Connected, Own},
 };
 
 /// Holds each host's gateway address (as /32, so no route comes with it):
@@ -179,7 +179,11 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
     )
     .await?;
     if let Some(pending) = pending {
-        pending.switch_over(&pin, run_dir).await?;
+        let containers: Vec<String> = endpoint::records(run_dir)?
+            .into_iter()
+            .map(|r| r.host_ifname)
+            .collect();
+        pending.switch_over(&pin, run_dir, &containers).await?;
     }
     tokio::spawn(sync::run(
         registry.clone(),

@@ -7,9 +7,9 @@ use serde_json::json;
 
 use super::StatusArgs;
 use crate::{
+    control::lease::Mac,
     datapath::{self, Maps, PinDir},
     endpoint,
-    lease::Mac,
     state::{NodeState, now},
 };
 

@@ -124,9 +124,15 @@ pub async fn prepare(pin: &PinDir, run_dir: &Path) -> Result<Option<Pending>> {
 impl Pending {
     /// Points every attachment at the new programs, then forgets older
     /// layouts.
-    pub async fn switch_over(self, pin: &PinDir, run_dir: &Path) -> Result<()> {
+    /// `containers`: the host-side veth of every attached container.
+    pub async fn switch_over(
+        self,
+        pin: &PinDir,
+        run_dir: &Path,
+        containers: &[String],
+    ) -> Result<()> {
         let mut state = State::read(run_dir);
-        reattach(pin, run_dir, &state).await?;
+        reattach(pin, containers, &state).await?;
         state.object = self.hash;
         state.write(run_dir)?;
         pin.remove_other_versions();
@@ -162,10 +168,10 @@ fn load_and_pin(pin: &PinDir) -> Result<()> {
 }
 
 /// Points every existing attachment at the freshly pinned programs.
-async fn reattach(pin: &PinDir, run_dir: &Path, state: &State) -> Result<()> {
-    for record in crate::endpoint::records(run_dir)? {
-        if let Err(e) = attach_tc(pin, names::FROM_CONTAINER, &record.host_ifname) {
-            warn!(netns = %record.netns, "could not update container program: {e:#}");
+async fn reattach(pin: &PinDir, containers: &[String], state: &State) -> Result<()> {
+    for host_ifname in containers {
+        if let Err(e) = attach_tc(pin, names::FROM_CONTAINER, host_ifname) {
+            warn!(iface = %host_ifname, "could not update container program: {e:#}");
         }
     }
     if let Some(underlay) = &state.underlay {

@@ -6,7 +6,7 @@ use std::{collections::HashSet, fmt, net::Ipv4Addr, str::FromStr};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::config::NetworkConfig;
+use crate::control::config::NetworkConfig;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum LeaseError {
@@ -113,7 +113,7 @@ impl LeaseValue {
     pub fn vxlan(public_ip: Ipv4Addr, vni: u32, vtep: Mac) -> Self {
         LeaseValue {
             public_ip,
-            backend_type: crate::config::VXLAN.into(),
+            backend_type: crate::control::config::VXLAN.into(),
             backend_data: Some(VxlanData {
                 vni,
                 vtep_mac: vtep.to_string(),
@@ -124,14 +124,14 @@ impl LeaseValue {
     pub fn host_gw(public_ip: Ipv4Addr) -> Self {
         LeaseValue {
             public_ip,
-            backend_type: crate::config::HOST_GW.into(),
+            backend_type: crate::control::config::HOST_GW.into(),
             backend_data: None,
         }
     }
 
     /// This host's lease for the network's backend.
     pub fn for_backend(cfg: &NetworkConfig, public_ip: Ipv4Addr, vtep: Mac) -> Self {
-        if cfg.backend.kind == crate::config::HOST_GW {
+        if cfg.backend.kind == crate::control::config::HOST_GW {
             Self::host_gw(public_ip)
         } else {
             Self::vxlan(public_ip, cfg.backend.vni, vtep)
@@ -147,8 +147,8 @@ impl LeaseValue {
         let value: LeaseValue =
             serde_json::from_slice(json).map_err(|e| LeaseError::Json(e.to_string()))?;
         let mac = match (&value.backend_type[..], &value.backend_data) {
-            (crate::config::VXLAN, Some(data)) => Some(data.vtep_mac.parse()?),
-            (crate::config::VXLAN, None) => return Err(LeaseError::NoVtep),
+            (crate::control::config::VXLAN, Some(data)) => Some(data.vtep_mac.parse()?),
+            (crate::control::config::VXLAN, None) => return Err(LeaseError::NoVtep),
             _ => None,
         };
         Ok((value, mac))

@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::{
+    control::lease::{Mac, gateway},
     datapath::{self, Maps, PinDir},
-    lease::{Mac, gateway},
     netlink::{self, Netlink},
     state::{SubnetEnv, write_atomic},
 };
@@ -182,8 +182,11 @@ async fn wire(
     // The host side takes the underlay's MTU: a packet from a container
     // that raised its own MTU then reaches from_container, which answers it
     // with ICMP fragmentation-needed instead of a silent local drop.
-    nl.set_up(host.index, Some(env.mtu + crate::config::VXLAN_OVERHEAD))
-        .await?;
+    nl.set_up(
+        host.index,
+        Some(env.mtu + crate::control::config::VXLAN_OVERHEAD),
+    )
+    .await?;
 
     let (ifname, mtu, gw) = (req.ifname.clone(), env.mtu, gateway(env.subnet));
     let tmp = tmp_if.to_string();

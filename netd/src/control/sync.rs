@@ -16,10 +16,10 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    config::{HOST_GW, NetworkConfig},
+    control::config::{HOST_GW, NetworkConfig},
+    control::lease::{LeaseValue, parse_subnet_key},
+    control::registry::{RawLease, Registry, SubnetEvent},
     datapath::Maps,
-    lease::{LeaseValue, parse_subnet_key},
-    registry::{RawLease, Registry, SubnetEvent},
     state::{EtcdHealth, NodeState},
 };
 

@@ -8,9 +8,9 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
-    config::NetworkConfig,
-    lease::{Choice, Claim, LeaseValue, Mac, choose, parse_subnet_key, subnet_key},
-    registry::Registry,
+    control::config::NetworkConfig,
+    control::lease::{Choice, Claim, LeaseValue, Mac, choose, parse_subnet_key, subnet_key},
+    control::registry::Registry,
     state::{EtcdHealth, NodeState},
 };
 
