@@ -20,24 +20,79 @@ pub struct Options {
     pub reinstall_bpf_linker: bool,
 }
 
-/// Debian packages, each with a command that tells whether it is installed.
-const APT_PACKAGES: &[(&str, &str)] = &[
-    ("protoc", "protobuf-compiler"),
-    ("etcd", "etcd-server"),
-    ("etcdctl", "etcd-client"),
-    ("bpftool", "bpftool"),
-    ("iperf3", "iperf3"),
-    ("tshark", "tshark"),
-    ("ip", "iproute2"),
-    ("ping", "iputils-ping"),
-    ("ethtool", "ethtool"),
-    // `cargo xtask bench`: ping-pong latency, and the chart's font (a path:
-    // the package has no command).
-    ("sockperf", "sockperf"),
-    (
-        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-        "fonts-dejavu-core",
-    ),
+/// A Debian package and what the build or the tests need of it.
+struct Requirement {
+    package: &'static str,
+    /// What is needed of it, for the report.
+    need: &'static str,
+    /// Ok when the need is met; Err says what is missing.
+    check: fn() -> Result<(), String>,
+}
+
+/// Debian packages. Each is checked by using it the way netd's build or
+/// tests do, so a package that leaves a piece out fails here, by name,
+/// and not minutes later in a build script.
+const REQUIREMENTS: &[Requirement] = &[
+    Requirement {
+        package: "protobuf-compiler",
+        need: "protoc (etcd-client's build script)",
+        check: || runs("protoc", &["--version"]),
+    },
+    Requirement {
+        package: "libprotobuf-dev",
+        need: "google/protobuf/*.proto for protoc (etcd-client imports them)",
+        check: protoc_finds_well_known_types,
+    },
+    Requirement {
+        package: "etcd-server",
+        need: "etcd (integration tests)",
+        check: || runs("etcd", &["--version"]),
+    },
+    Requirement {
+        package: "etcd-client",
+        need: "etcdctl (integration tests)",
+        check: || runs("etcdctl", &["version"]),
+    },
+    Requirement {
+        package: "bpftool",
+        need: "bpftool (tests read pinned maps)",
+        check: || runs("bpftool", &["version"]),
+    },
+    Requirement {
+        package: "iperf3",
+        need: "iperf3 (TCP tests, bench)",
+        check: || runs("iperf3", &["--version"]),
+    },
+    Requirement {
+        package: "tshark",
+        need: "tshark (captures in tests)",
+        check: || runs("tshark", &["--version"]),
+    },
+    Requirement {
+        package: "iproute2",
+        need: "ip and tc (topologies)",
+        check: || runs("ip", &["-V"]).and_then(|()| runs("tc", &["-V"])),
+    },
+    Requirement {
+        package: "iputils-ping",
+        need: "ping (tests)",
+        check: || runs("ping", &["-V"]),
+    },
+    Requirement {
+        package: "ethtool",
+        need: "ethtool (offload settings in tests and bench)",
+        check: || runs("ethtool", &["--version"]),
+    },
+    Requirement {
+        package: "sockperf",
+        need: "sockperf (bench latency)",
+        check: || runs("sockperf", &["--version"]),
+    },
+    Requirement {
+        package: "fonts-dejavu-core",
+        need: "DejaVuSans.ttf (the bench chart)",
+        check: || exists("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
+    },
 ];
 
 /// Answer tshark's debconf question ahead of time.
@@ -63,12 +118,58 @@ fn doing(what: &str, detail: impl std::fmt::Display) {
     println!("  setup {what}: {detail}");
 }
 
+/// Ok when `program args` starts and exits 0.
+fn runs(program: &str, args: &[&str]) -> Result<(), String> {
+    let path = which(program).ok_or_else(|| format!("`{program}` is not on PATH"))?;
+    match Command::new(&path).args(args).stdin(Stdio::null()).output() {
+        Ok(out) if out.status.success() => Ok(()),
+        Ok(out) => Err(format!(
+            "`{program} {}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => Err(format!("`{}` does not start: {e}", path.display())),
+    }
+}
+
+fn exists(path: &str) -> Result<(), String> {
+    if Path::new(path).exists() {
+        Ok(())
+    } else {
+        Err(format!("{path} does not exist"))
+    }
+}
+
+/// protoc compiles a file that imports a well-known type, as etcd-client's
+/// protos do: this fails without libprotobuf-dev even when protoc runs.
+fn protoc_finds_well_known_types() -> Result<(), String> {
+    let dir = std::env::temp_dir().join(format!("netd-setup-protoc-{}", std::process::id()));
+    fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let proto = dir.join("check.proto");
+    let text = "syntax = \"proto3\";\nimport \"google/protobuf/descriptor.proto\";\n\
+                message Check { google.protobuf.FileDescriptorProto f = 1; }\n";
+    let result = fs::write(&proto, text)
+        .map_err(|e| format!("writing {}: {e}", proto.display()))
+        .and_then(|()| {
+            let include = format!("-I{}", dir.display());
+            let out = format!("--descriptor_set_out={}", dir.join("out.pb").display());
+            let file = proto.display().to_string();
+            runs("protoc", &[&include, &out, &file])
+        });
+    let _ = fs::remove_dir_all(&dir);
+    result
+}
+
 fn apt_packages() -> Result<()> {
     let mut missing = Vec::new();
-    for &(command, package) in APT_PACKAGES {
-        match installed(command) {
-            Some(path) => ok(package, path.display()),
-            None => missing.push(package),
+    for req in REQUIREMENTS {
+        match (req.check)() {
+            Ok(()) => ok(req.package, req.need),
+            Err(why) => {
+                doing(req.package, format!("needed: {why}"));
+                missing.push(req.package);
+            }
         }
     }
     if missing.is_empty() {
@@ -120,31 +221,20 @@ fn apt_packages() -> Result<()> {
             .stdin(Stdio::null()),
     )?;
 
-    let still: Vec<&str> = APT_PACKAGES
-        .iter()
-        .filter(|(command, _)| installed(command).is_none())
-        .map(|&(command, package)| {
-            println!("  FAIL  {package}: `{command}` still not on PATH");
-            package
-        })
-        .collect();
+    let mut still = Vec::new();
+    for req in REQUIREMENTS {
+        if let Err(why) = (req.check)() {
+            println!("  FAIL  {}: {why}", req.package);
+            still.push(req.package);
+        }
+    }
     if !still.is_empty() {
         bail!(
-            "installed but commands still missing from: {}",
+            "installed, yet still not usable as the build and tests need: {}",
             still.join(" ")
         );
     }
     Ok(())
-}
-
-/// Where `command` is: on PATH, or itself when it is an absolute path
-/// that exists (a package that ships a file, not a command).
-fn installed(command: &str) -> Option<PathBuf> {
-    if command.starts_with('/') {
-        let path = PathBuf::from(command);
-        return path.exists().then_some(path);
-    }
-    which(command)
 }
 
 fn nightly_toolchain() -> Result<()> {
