@@ -12,7 +12,7 @@ pub mod tunnel;
 
 pub use endpoint::Endpoint;
 pub use stats::Counter;
-pub use tunnel::{NodeConfig, Peer, PeerMode};
+pub use tunnel::{DecapMeta, NodeConfig, Peer, PeerMode};
 
 /// Version of the pinned map layout. Bumped whenever a map type changes, so a
 /// new daemon never reads maps written with another layout.
@@ -32,7 +32,8 @@ pub mod names {
 
 /// Capacity of the host-subnet LPM trie (remote hosts).
 pub const MAX_SUBNETS: u32 = 65536;
-/// Capacity of the peer (underlay address) set.
+/// Capacity of the peer (underlay address) set. Allocated on demand
+/// (`BPF_F_NO_PREALLOC`): a host pays for the peers it has.
 pub const MAX_PEERS: u32 = 65536;
 /// Capacity of the local endpoint map.
 pub const MAX_ENDPOINTS: u32 = 4096;
@@ -77,6 +78,14 @@ mod layout {
         assert_eq!(offset_of!(NodeConfig, inner_mtu), 28);
         assert_eq!(offset_of!(NodeConfig, _pad2), 30);
         assert_eq!(offset_of!(NodeConfig, gateway), 32);
+    }
+
+    #[test]
+    fn decap_meta_layout() {
+        assert_eq!(size_of::<DecapMeta>(), 8);
+        assert_eq!(align_of::<DecapMeta>(), 4);
+        assert_eq!(offset_of!(DecapMeta, tag), 0);
+        assert_eq!(offset_of!(DecapMeta, ifindex), 4);
     }
 
     #[test]

@@ -59,8 +59,20 @@ counters! {
     /// Dropped: too big for the tunnel without DF; the kernel programs
     /// cannot fragment (only a container that raised its MTU sends these).
     DropTooBig = 17 => "drop_too_big",
+    // Routing as a router does: TTL, ECN, inner protocol.
+    /// TTL would reach 0 at the gateway: dropped, and an ICMP time-exceeded
+    /// sent back to the container.
+    TtlExceeded = 18 => "ttl_exceeded",
+    /// TTL would reach 0 on an ICMP error or a later fragment: dropped
+    /// without an ICMP reply (RFC 1812).
+    DropTtlExpired = 19 => "drop_ttl_expired",
+    /// Dropped: VXLAN from a peer carrying something other than IPv4.
+    DropNotIpv4 = 20 => "drop_not_ipv4",
+    /// Dropped: outer CE on an inner packet that is not ECN-capable
+    /// (RFC 6040).
+    DropEcn = 21 => "drop_ecn",
 }
 
 impl Counter {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 22;
 }

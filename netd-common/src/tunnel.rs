@@ -52,6 +52,22 @@ pub struct NodeConfig {
     pub gateway: [u8; 4],
 }
 
+/// XDP metadata in front of a frame the XDP program decapsulated and
+/// passed up: the TC program behind it delivers to `ifindex` with no
+/// lookup of its own.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct DecapMeta {
+    /// [`DecapMeta::TAG`]: anything else is not ours.
+    pub tag: u32,
+    /// The container's host-side veth (the endpoint XDP found).
+    pub ifindex: u32,
+}
+
+impl DecapMeta {
+    pub const TAG: u32 = 0x6e65_7464;
+}
+
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Peer {}
 #[cfg(feature = "user")]

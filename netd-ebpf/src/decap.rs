@@ -1,19 +1,22 @@
 //! Packets arriving on the underlay NIC: VXLAN from known peers is stripped
 //! and delivered to the container; everything else is left alone.
 //!
-//! The classification is shared; the XDP and TC entry points only differ in
-//! how they strip 50 bytes and redirect.
+//! Classification is shared and runs in two steps: the outer Ethernet,
+//! IPv4 and UDP headers (42 bytes) tell VXLAN on our port from the rest,
+//! and only then are the VXLAN and inner headers read. The XDP and TC entry
+//! points differ in how they read, strip 50 bytes and redirect. Each has
+//! one exit, where the verdict is counted once it is final.
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        xdp_action,
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action,
     },
     helpers::{bpf_redirect, bpf_redirect_peer, bpf_xdp_adjust_head, bpf_xdp_adjust_meta},
     maps::lpm_trie::Key,
     programs::{TcContext, XdpContext},
 };
-use netd_common::{Counter, Endpoint, PeerMode};
+use netd_common::{Counter, DecapMeta, Endpoint, NodeConfig, PeerMode};
 
 use crate::{
     headers::*,
@@ -22,95 +25,131 @@ use crate::{
 
 /// Offset of the inner Ethernet header in a VXLAN frame.
 const INNER_ETH: usize = ETH_HLEN + IPV4_HLEN + UDP_HLEN + VXLAN_HLEN;
-/// Bytes that must be readable to classify a frame.
-pub const DECAP_PROBE_LEN: usize = INNER_ETH + ETH_HLEN + IPV4_HLEN;
+/// Offset of the inner IPv4 header.
+const INNER_IP: usize = INNER_ETH + ETH_HLEN;
+/// Bytes that must be readable to classify a VXLAN frame.
+const DECAP_PROBE_LEN: usize = INNER_IP + IPV4_HLEN;
 
-pub enum Verdict {
+/// The outer headers, copied out of the packet.
+struct Outer {
+    ip: Ipv4Hdr,
+    /// `None` when the packet ends before a whole UDP header.
+    udp: Option<UdpHdr>,
+}
+
+/// What the outer headers say.
+enum Outcome {
     /// Not ours: leave it to the stack untouched.
     Pass,
     Drop(Counter),
     /// Plain IPv4 for a local container: rewrite Ethernet and deliver.
     DeliverPlain(Endpoint),
-    /// Strip and hand to this container.
-    Deliver(Endpoint),
-    /// Strip and hand the inner frame to the host stack, addressed to the
-    /// underlay NIC's MAC.
-    ToStack([u8; 6]),
+    /// VXLAN from a peer, to our port: look inside.
+    Vxlan,
 }
 
-/// Written in front of a frame (XDP metadata) that the XDP program has
-/// already decapsulated, for the TC program behind it to deliver.
-const META_DECAPSULATED: u32 = 0x6e65_7464;
-
-/// Plain IPv4 from the underlay may reach a container only when XDP has
-/// just stripped it from a peer's VXLAN, or it comes from a subnet routed
-/// directly (host-gw or DirectRouting): anything else is a spoofing attempt.
-#[inline(always)]
-fn plain_allowed(decapsulated: bool, src: [u8; 4]) -> bool {
-    decapsulated
-        || SUBNETS
-            .get(&Key::new(32, src))
-            .is_some_and(|peer| peer.mode == PeerMode::Direct as u8)
+/// What to do with a VXLAN frame from a peer.
+enum Inner {
+    Drop(Counter),
+    /// Strip and hand to this container (`None`: to the host stack).
+    /// `ip`: the inner IPv4 header, when decapsulation rewrote it (ECN).
+    Decap {
+        to: Option<Endpoint>,
+        ip: Option<Ipv4Hdr>,
+    },
 }
 
-/// Decides what to do with a frame in `[start, end)`; `decapsulated` says
-/// the XDP program already stripped its VXLAN headers.
+/// Plain IPv4 from the underlay may reach a container only from a subnet
+/// routed directly (host-gw or DirectRouting): anything else is a spoofing
+/// attempt.
 #[inline(always)]
-pub fn classify(start: usize, end: usize, decapsulated: bool) -> Verdict {
-    let Some(eth) = ptr_at::<EthHdr>(start, end, 0) else {
-        return Verdict::Pass;
-    };
-    if unsafe { (*eth).proto } != ETH_P_IP.to_be() {
-        return Verdict::Pass;
+fn plain_allowed(src: [u8; 4]) -> bool {
+    SUBNETS
+        .get(&Key::new(32, src))
+        .is_some_and(|peer| peer.mode == PeerMode::Direct as u8)
+}
+
+/// Plain IPv4 for a local container, if `ip` is for one.
+#[inline(always)]
+fn plain(ip: &Ipv4Hdr) -> Option<Outcome> {
+    let ep = maps::endpoint(ip.daddr)?;
+    if !plain_allowed(ip.saddr) {
+        return Some(Outcome::Drop(Counter::DropUnknownPeer));
     }
-    let Some(ip) = ptr_at::<Ipv4Hdr>(start, end, ETH_HLEN) else {
-        return Verdict::Pass;
-    };
-    let ip = unsafe { &*ip };
-    if let Some(ep) = maps::endpoint(ip.daddr) {
-        if !plain_allowed(decapsulated, ip.saddr) {
-            return Verdict::Drop(Counter::DropUnknownPeer);
-        }
-        return Verdict::DeliverPlain(*ep);
-    }
+    Some(Outcome::DeliverPlain(*ep))
+}
+
+/// The first step: VXLAN on our port from a peer, plain IPv4 for a local
+/// container, or neither.
+#[inline(always)]
+fn classify_outer(cfg: &NodeConfig, outer: &Outer) -> Outcome {
+    let ip = &outer.ip;
     // Options on the outer header: not something we ever send.
-    if ip.proto != IPPROTO_UDP || ip.header_len() != IPV4_HLEN {
-        return Verdict::Pass;
-    }
-    let Some(udp) = ptr_at::<UdpHdr>(start, end, ETH_HLEN + IPV4_HLEN) else {
-        return Verdict::Pass;
-    };
-    let Some(cfg) = maps::config() else {
-        return Verdict::Pass;
-    };
-    if unsafe { (*udp).dest } != cfg.port.to_be() {
-        return Verdict::Pass;
+    let vxlan_port = ip.proto == IPPROTO_UDP
+        && ip.header_len() == IPV4_HLEN
+        && outer.udp.is_some_and(|udp| udp.dest == cfg.port.to_be());
+    if !vxlan_port {
+        return plain(ip).unwrap_or(Outcome::Pass);
     }
     if u16::from_be(ip.frag_off) & IP_MF_OFFSET != 0 {
-        return Verdict::Drop(Counter::DropFragment);
+        return Outcome::Drop(Counter::DropFragment);
     }
-    if !maps::is_peer(ip.saddr) {
-        return Verdict::Drop(Counter::DropUnknownPeer);
+    if maps::is_peer(ip.saddr) {
+        return Outcome::Vxlan;
     }
+    // Plain UDP to a container on the VXLAN port from a directly routed
+    // peer, or VXLAN from a stranger.
+    plain(ip).unwrap_or(Outcome::Drop(Counter::DropUnknownPeer))
+}
+
+/// The second step, on a frame in `[start, end)` known to be VXLAN from a
+/// peer: our VNI, an inner IPv4 packet, and RFC 6040 for ECN.
+#[inline(always)]
+fn classify_inner(cfg: &NodeConfig, outer_tos: u8, start: usize, end: usize) -> Inner {
     let Some(vxlan) = ptr_at::<VxlanHdr>(start, end, ETH_HLEN + IPV4_HLEN + UDP_HLEN) else {
-        return Verdict::Drop(Counter::DropMalformed);
+        return Inner::Drop(Counter::DropMalformed);
     };
     let vxlan = unsafe { &*vxlan };
     if vxlan.flags & VXLAN_FLAG_VNI == 0 || vxlan.vni() != cfg.vni {
-        return Verdict::Drop(Counter::DropBadVni);
+        return Inner::Drop(Counter::DropBadVni);
     }
     let Some(inner_eth) = ptr_at::<EthHdr>(start, end, INNER_ETH) else {
-        return Verdict::Drop(Counter::DropMalformed);
+        return Inner::Drop(Counter::DropMalformed);
     };
     if unsafe { (*inner_eth).proto } != ETH_P_IP.to_be() {
-        return Verdict::Drop(Counter::DropMalformed);
+        return Inner::Drop(Counter::DropNotIpv4);
     }
-    let Some(inner_ip) = ptr_at::<Ipv4Hdr>(start, end, INNER_ETH + ETH_HLEN) else {
-        return Verdict::Drop(Counter::DropMalformed);
+    let Some(inner_ip) = ptr_at::<Ipv4Hdr>(start, end, INNER_IP) else {
+        return Inner::Drop(Counter::DropMalformed);
     };
-    match maps::endpoint(unsafe { (*inner_ip).daddr }) {
-        Some(ep) => Verdict::Deliver(*ep),
-        None => Verdict::ToStack(cfg.underlay_mac),
+    let mut ip = unsafe { *inner_ip };
+    let rewritten = match ecn_decapsulate(outer_tos, ip.tos) {
+        None => return Inner::Drop(Counter::DropEcn),
+        Some(tos) if tos != ip.tos => {
+            ip.set_tos(tos);
+            Some(ip)
+        }
+        Some(_) => None,
+    };
+    Inner::Decap {
+        to: maps::endpoint(ip.daddr).copied(),
+        ip: rewritten,
+    }
+}
+
+/// An XDP verdict and its counter (`None`: TC counts it, behind XDP).
+struct XdpExit {
+    action: u32,
+    counter: Option<Counter>,
+}
+
+impl XdpExit {
+    #[inline(always)]
+    fn new(action: u32, counter: Counter) -> Self {
+        XdpExit {
+            action,
+            counter: Some(counter),
+        }
     }
 }
 
@@ -119,46 +158,125 @@ pub fn classify(start: usize, end: usize, decapsulated: bool) -> Verdict {
 /// underlays) pass the inner frame on for TC to deliver.
 #[inline(always)]
 pub fn xdp_from_underlay(ctx: &XdpContext) -> u32 {
-    let (dst, src, deliver) = match classify(ctx.data(), ctx.data_end(), false) {
-        Verdict::Pass => {
-            count(Counter::UnderlayPassed);
-            return xdp_action::XDP_PASS;
-        }
-        // TC delivers plain frames; XDP has nothing to strip.
-        Verdict::DeliverPlain(_) => return xdp_action::XDP_PASS,
-        Verdict::Drop(reason) => {
-            count(reason);
-            return xdp_action::XDP_DROP;
-        }
-        Verdict::Deliver(ep) => (ep.mac, ep.host_mac, Some(ep.ifindex)),
-        Verdict::ToStack(mac) => (mac, [0; 6], None),
+    let exit = xdp_decide(ctx);
+    if let Some(counter) = exit.counter {
+        count(counter);
+    }
+    exit.action
+}
+
+/// The outer headers of an XDP frame (all in the first buffer).
+#[inline(always)]
+fn xdp_outer(ctx: &XdpContext) -> Option<Outer> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let eth = ptr_at::<EthHdr>(start, end, 0)?;
+    if unsafe { (*eth).proto } != ETH_P_IP.to_be() {
+        return None;
+    }
+    let ip = ptr_at::<Ipv4Hdr>(start, end, ETH_HLEN)?;
+    let udp = ptr_at::<UdpHdr>(start, end, ETH_HLEN + IPV4_HLEN).map(|u| unsafe { *u });
+    Some(Outer {
+        ip: unsafe { *ip },
+        udp,
+    })
+}
+
+#[inline(always)]
+fn xdp_decide(ctx: &XdpContext) -> XdpExit {
+    use xdp_action::{XDP_DROP, XDP_PASS, XDP_REDIRECT};
+    let Some(cfg) = maps::config() else {
+        return XdpExit::new(XDP_PASS, Counter::NotConfigured);
     };
-    let redirect = maps::config().is_some_and(|c| c.xdp_redirect != 0);
-    let Some(inner) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), INNER_ETH) else {
-        count(Counter::DropMalformed);
-        return xdp_action::XDP_DROP;
+    let Some(outer) = xdp_outer(ctx) else {
+        return XdpExit::new(XDP_PASS, Counter::UnderlayPassed);
+    };
+    match classify_outer(cfg, &outer) {
+        Outcome::Pass => return XdpExit::new(XDP_PASS, Counter::UnderlayPassed),
+        Outcome::Drop(reason) => return XdpExit::new(XDP_DROP, reason),
+        // TC delivers plain frames; XDP has nothing to strip.
+        Outcome::DeliverPlain(_) => {
+            return XdpExit {
+                action: XDP_PASS,
+                counter: None,
+            };
+        }
+        Outcome::Vxlan => {}
+    }
+    let (start, end) = (ctx.data(), ctx.data_end());
+    let (to, new_ip) = match classify_inner(cfg, outer.ip.tos, start, end) {
+        Inner::Drop(reason) => return XdpExit::new(XDP_DROP, reason),
+        Inner::Decap { to, ip } => (to, ip),
+    };
+    let (dst, src) = match &to {
+        Some(ep) => (ep.mac, ep.host_mac),
+        None => (cfg.underlay_mac, [0; 6]),
+    };
+    let (Some(inner_eth), Some(inner_ip)) = (
+        ptr_at::<EthHdr>(start, end, INNER_ETH),
+        ptr_at::<Ipv4Hdr>(start, end, INNER_IP),
+    ) else {
+        return XdpExit::new(XDP_DROP, Counter::DropMalformed);
     };
     unsafe {
-        (*inner).dst = dst;
-        (*inner).src = src;
+        (*inner_eth).dst = dst;
+        (*inner_eth).src = src;
+        if let Some(ip) = new_ip {
+            *inner_ip = ip;
+        }
     }
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, INNER_ETH as i32) } != 0 {
-        count(Counter::DropAdjustFailed);
-        return xdp_action::XDP_DROP;
+        return XdpExit::new(XDP_DROP, Counter::DropAdjustFailed);
     }
-    match deliver {
-        Some(ifindex) if redirect => {
-            count(Counter::Decapsulated);
-            unsafe { bpf_redirect(ifindex, 0) as u32 }
+    match to {
+        Some(ep) if cfg.xdp_redirect != 0 => {
+            if unsafe { bpf_redirect(ep.ifindex, 0) } == XDP_REDIRECT as i64 {
+                XdpExit::new(XDP_REDIRECT, Counter::Decapsulated)
+            } else {
+                XdpExit::new(XDP_DROP, Counter::DropRedirectFailed)
+            }
         }
-        Some(_) => {
-            count(Counter::Decapsulated);
-            mark_decapsulated(ctx);
-            xdp_action::XDP_PASS
+        Some(ep) => {
+            if !mark_decapsulated(ctx, ep.ifindex) {
+                return XdpExit::new(XDP_DROP, Counter::DropAdjustFailed);
+            }
+            XdpExit::new(XDP_PASS, Counter::Decapsulated)
         }
-        None => {
-            count(Counter::DecapToStack);
-            xdp_action::XDP_PASS
+        None => XdpExit::new(XDP_PASS, Counter::DecapToStack),
+    }
+}
+
+/// A TC verdict and its counter.
+struct TcExit {
+    action: i32,
+    counter: Counter,
+}
+
+impl TcExit {
+    #[inline(always)]
+    fn ok(counter: Counter) -> Self {
+        TcExit {
+            action: TC_ACT_OK as i32,
+            counter,
+        }
+    }
+
+    #[inline(always)]
+    fn shot(counter: Counter) -> Self {
+        TcExit {
+            action: TC_ACT_SHOT as i32,
+            counter,
+        }
+    }
+
+    #[inline(always)]
+    fn redirect_peer(ifindex: u32, done: Counter) -> Self {
+        if unsafe { bpf_redirect_peer(ifindex, 0) } == TC_ACT_REDIRECT as i64 {
+            TcExit {
+                action: TC_ACT_REDIRECT as i32,
+                counter: done,
+            }
+        } else {
+            TcExit::shot(Counter::DropRedirectFailed)
         }
     }
 }
@@ -167,23 +285,67 @@ pub fn xdp_from_underlay(ctx: &XdpContext) -> u32 {
 /// (veth) or cannot see whole GSO packets.
 #[inline(always)]
 pub fn tc_from_underlay(ctx: &TcContext) -> i32 {
-    // Headers of a GRO'd packet may sit partly outside the linear area.
-    if ctx.data() + DECAP_PROBE_LEN > ctx.data_end() && ctx.len() as usize >= DECAP_PROBE_LEN {
-        let _ = ctx.pull_data(DECAP_PROBE_LEN as u32);
+    let exit = tc_decide(ctx);
+    count(exit.counter);
+    exit.action
+}
+
+/// A `T` at `offset`: read in place when it is in the linear area, else
+/// copied with `bpf_skb_load_bytes`, which neither pulls nor unclones.
+#[inline(always)]
+fn tc_read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    match ptr_at::<T>(ctx.data(), ctx.data_end(), offset) {
+        Some(p) => Some(unsafe { *p }),
+        None => ctx.load::<T>(offset).ok(),
     }
-    let (dst, src, deliver) = match classify(ctx.data(), ctx.data_end(), xdp_decapsulated(ctx)) {
-        Verdict::Pass => {
-            count(Counter::UnderlayPassed);
-            return TC_ACT_OK as i32;
-        }
-        Verdict::Drop(reason) => {
-            count(reason);
-            return TC_ACT_SHOT as i32;
-        }
-        Verdict::DeliverPlain(ep) => return deliver_plain(ctx, &ep),
-        Verdict::Deliver(ep) => (ep.mac, ep.host_mac, Some(ep.ifindex)),
-        Verdict::ToStack(mac) => (mac, [0; 6], None),
+}
+
+#[inline(always)]
+fn tc_outer(ctx: &TcContext) -> Option<Outer> {
+    let eth = tc_read::<EthHdr>(ctx, 0)?;
+    if eth.proto != ETH_P_IP.to_be() {
+        return None;
+    }
+    Some(Outer {
+        ip: tc_read::<Ipv4Hdr>(ctx, ETH_HLEN)?,
+        udp: tc_read::<UdpHdr>(ctx, ETH_HLEN + IPV4_HLEN),
+    })
+}
+
+#[inline(always)]
+fn tc_decide(ctx: &TcContext) -> TcExit {
+    let Some(cfg) = maps::config() else {
+        return TcExit::ok(Counter::NotConfigured);
     };
+    if let Some(ifindex) = xdp_decapsulated(ctx) {
+        return TcExit::redirect_peer(ifindex, Counter::UnderlayDelivered);
+    }
+    let Some(outer) = tc_outer(ctx) else {
+        return TcExit::ok(Counter::UnderlayPassed);
+    };
+    match classify_outer(cfg, &outer) {
+        Outcome::Pass => return TcExit::ok(Counter::UnderlayPassed),
+        Outcome::Drop(reason) => return TcExit::shot(reason),
+        Outcome::DeliverPlain(ep) => return deliver_plain(ctx, &ep),
+        Outcome::Vxlan => {}
+    }
+    // VXLAN from a peer, about to be rewritten anyway: headers of a GRO'd
+    // packet may sit partly outside the linear area.
+    let want = (ctx.len() as usize).min(DECAP_PROBE_LEN);
+    if ctx.data() + want > ctx.data_end() {
+        let _ = ctx.pull_data(want as u32);
+    }
+    let (to, new_ip) = match classify_inner(cfg, outer.ip.tos, ctx.data(), ctx.data_end()) {
+        Inner::Drop(reason) => return TcExit::shot(reason),
+        Inner::Decap { to, ip } => (to, ip),
+    };
+    // Written with a helper, not in place: a direct write would make the
+    // verifier unclone every skb this program sees.
+    if let Some(ip) = new_ip
+        && ctx.store(INNER_IP, &ip, 0).is_err()
+    {
+        return TcExit::shot(Counter::DropAdjustFailed);
+    }
     // Removes outer IPv4/UDP/VXLAN and the inner Ethernet header; the outer
     // Ethernet header stays in front and is rewritten below.
     let shrink = -((INNER_ETH - ETH_HLEN + ETH_HLEN) as i32);
@@ -191,63 +353,66 @@ pub fn tc_from_underlay(ctx: &TcContext) -> i32 {
         .adjust_room(shrink, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO as u64)
         .is_err()
     {
-        count(Counter::DropAdjustFailed);
-        return TC_ACT_SHOT as i32;
+        return TcExit::shot(Counter::DropAdjustFailed);
     }
+    let (dst, src) = match &to {
+        Some(ep) => (ep.mac, ep.host_mac),
+        None => (cfg.underlay_mac, [0; 6]),
+    };
     let eth = EthHdr {
         dst,
         src,
         proto: ETH_P_IP.to_be(),
     };
     if ctx.store(0, &eth, 0).is_err() {
-        count(Counter::DropAdjustFailed);
-        return TC_ACT_SHOT as i32;
+        return TcExit::shot(Counter::DropAdjustFailed);
     }
-    match deliver {
-        Some(ifindex) => {
-            count(Counter::Decapsulated);
-            unsafe { bpf_redirect_peer(ifindex, 0) as i32 }
-        }
-        None => {
-            count(Counter::DecapToStack);
-            TC_ACT_OK as i32
-        }
+    match to {
+        Some(ep) => TcExit::redirect_peer(ep.ifindex, Counter::Decapsulated),
+        None => TcExit::ok(Counter::DecapToStack),
     }
 }
 
 /// A plain IPv4 frame for a local container: new MACs, into its namespace.
 #[inline(always)]
-fn deliver_plain(ctx: &TcContext, ep: &Endpoint) -> i32 {
+fn deliver_plain(ctx: &TcContext, ep: &Endpoint) -> TcExit {
     let eth = EthHdr {
         dst: ep.mac,
         src: ep.host_mac,
         proto: ETH_P_IP.to_be(),
     };
     if ctx.store(0, &eth, 0).is_err() {
-        count(Counter::DropAdjustFailed);
-        return TC_ACT_SHOT as i32;
+        return TcExit::shot(Counter::DropAdjustFailed);
     }
-    count(Counter::UnderlayDelivered);
-    unsafe { bpf_redirect_peer(ep.ifindex, 0) as i32 }
+    TcExit::redirect_peer(ep.ifindex, Counter::UnderlayDelivered)
 }
 
-/// Tags a frame passed up after decapsulation (see [`META_DECAPSULATED`]).
+/// Tags a frame passed up after decapsulation with the container's veth
+/// (see [`DecapMeta`]); false if the driver has no room for metadata.
 #[inline(always)]
-fn mark_decapsulated(ctx: &XdpContext) {
-    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -4) } != 0 {
-        return;
+fn mark_decapsulated(ctx: &XdpContext, ifindex: u32) -> bool {
+    let len = core::mem::size_of::<DecapMeta>() as i32;
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -len) } != 0 {
+        return false;
     }
-    if let Some(meta) = ptr_at::<u32>(ctx.metadata(), ctx.data(), 0) {
-        unsafe { *meta = META_DECAPSULATED };
-    }
+    let Some(meta) = ptr_at::<DecapMeta>(ctx.metadata(), ctx.data(), 0) else {
+        return false;
+    };
+    unsafe {
+        *meta = DecapMeta {
+            tag: DecapMeta::TAG,
+            ifindex,
+        }
+    };
+    true
 }
 
-/// Whether XDP tagged this skb as already decapsulated.
+/// The container's veth, if XDP tagged this skb as already decapsulated
+/// (its MACs already rewritten).
 #[inline(always)]
-fn xdp_decapsulated(ctx: &TcContext) -> bool {
+fn xdp_decapsulated(ctx: &TcContext) -> Option<u32> {
     let meta = unsafe { (*ctx.skb.skb).data_meta } as usize;
-    match ptr_at::<u32>(meta, ctx.data(), 0) {
-        Some(tag) => (unsafe { *tag }) == META_DECAPSULATED,
-        None => false,
-    }
+    let meta = ptr_at::<DecapMeta>(meta, ctx.data(), 0)?;
+    let meta = unsafe { *meta };
+    (meta.tag == DecapMeta::TAG).then_some(meta.ifindex)
 }

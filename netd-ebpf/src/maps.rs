@@ -2,6 +2,7 @@
 //! `bpftool map dump` shows their field names.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
     macros::btf_map,
 };
@@ -12,8 +13,11 @@ use netd_common::{Counter, Endpoint, MAX_ENDPOINTS, MAX_PEERS, MAX_SUBNETS, Node
 pub static SUBNETS: LpmTrie<[u8; 4], Peer, { MAX_SUBNETS as usize }> = LpmTrie::new();
 
 /// Underlay addresses of known peers: VXLAN from anywhere else is dropped.
+/// Allocated on demand: preallocating the capacity would cost every host
+/// megabytes for peers it does not have.
 #[btf_map]
-pub static PEERS: HashMap<[u8; 4], u32, { MAX_PEERS as usize }> = HashMap::new();
+pub static PEERS: HashMap<[u8; 4], u32, { MAX_PEERS as usize }, { BPF_F_NO_PREALLOC as usize }> =
+    HashMap::new();
 
 /// Containers attached on this host, by IPv4 address.
 #[btf_map]

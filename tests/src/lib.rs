@@ -9,6 +9,7 @@ pub mod capture;
 pub mod cluster;
 pub mod daemon;
 pub mod etcd;
+pub mod icmp;
 pub mod netns;
 pub mod topology;
 pub mod traffic;
@@ -18,7 +19,13 @@ pub use capture::{Capture, VXLAN_PORT, decode};
 pub use cluster::{Cluster, Container};
 pub use daemon::{Daemon, netd_bin};
 pub use etcd::{Etcd, EtcdTls, Kv};
+pub use icmp::{IcmpError, IcmpSocket, SendOpts, internet_checksum, udp_sender};
 pub use netns::{NetNs, NsRef, unique_name};
 pub use topology::{Host, SWITCH_IP, Topology, TopologyBuilder, host_ip};
 pub use traffic::{PingStats, Transfer, ping, ping_stats, tcp_transfer};
 pub use util::{poll_until, require_root, strip_ansi, wait_for};
+
+/// The directory of this build's map layout under a pin path (`v<N>`).
+pub fn layout_dir() -> String {
+    format!("v{}", netd_common::MAP_LAYOUT_VERSION)
+}

@@ -645,7 +645,7 @@ fn upgrade(
     );
     assert_ping_both_ways(cluster, local, remote);
     cluster.wait_peers_match_etcd(host, CONVERGE);
-    let endpoints = pinned_map_len(&pin.join("v1/ENDPOINTS"));
+    let endpoints = pinned_map_len(&pin.join(netd_tests::layout_dir()).join("ENDPOINTS"));
     let containers = cluster.containers.iter().filter(|c| c.host == host).count();
     assert_eq!(
         endpoints, containers,
@@ -654,9 +654,18 @@ fn upgrade(
 
     let after = attachments(cluster, host);
     let new_ids = [
-        pinned_prog_id(&pin.join("v1/prog_from_container")),
-        pinned_prog_id(&pin.join("v1/prog_tc_from_underlay")),
-        pinned_prog_id(&pin.join("v1/prog_xdp_from_underlay")),
+        pinned_prog_id(
+            &pin.join(netd_tests::layout_dir())
+                .join("prog_from_container"),
+        ),
+        pinned_prog_id(
+            &pin.join(netd_tests::layout_dir())
+                .join("prog_tc_from_underlay"),
+        ),
+        pinned_prog_id(
+            &pin.join(netd_tests::layout_dir())
+                .join("prog_xdp_from_underlay"),
+        ),
     ];
     for ((what, old), (what_after, new)) in before.iter().zip(&after) {
         assert_eq!(what, what_after);
@@ -733,12 +742,13 @@ fn upgrade_to_new_map_layout_rebuilds_the_data_path() {
 
     // Host 1: its layout's pins are gone altogether.
     let lost_rm = upgrade(&mut cluster, 1, c1, c0, |pin| {
-        std::fs::remove_dir_all(pin.join("v1")).expect("rm -rf v1");
+        std::fs::remove_dir_all(pin.join(netd_tests::layout_dir())).expect("rm -rf the layout dir");
     });
     // Host 0: the pins are those of an older layout (v0), which the new
     // daemon unpins once its own are in place.
     let lost_mv = upgrade(&mut cluster, 0, c0, c1, |pin| {
-        std::fs::rename(pin.join("v1"), pin.join("v0")).expect("mv v1 v0 on bpffs");
+        std::fs::rename(pin.join(netd_tests::layout_dir()), pin.join("v0"))
+            .expect("mv the layout dir to v0 on bpffs");
     });
     assert!(
         !cluster.host(0).pin_path().join("v0").exists(),
@@ -1329,7 +1339,7 @@ fn partition_past_the_ttl_with_the_subnet_taken_disables_the_host() {
 
 /// Host's `CONFIG` map entry, decoded through BTF (`formatted.value`).
 fn pinned_config(pin: &Path) -> Value {
-    let path = pin.join("v1/CONFIG");
+    let path = pin.join(netd_tests::layout_dir()).join("CONFIG");
     let out = Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
         .arg(&path)

@@ -31,6 +31,9 @@ const DROPS: &[&str] = &[
     "drop_fragment",
     "drop_adjust_failed",
     "drop_redirect_failed",
+    "drop_not_ipv4",
+    "drop_ecn",
+    "drop_ttl_expired",
 ];
 
 type Counters = BTreeMap<String, u64>;
@@ -252,7 +255,7 @@ struct Route {
 
 /// `SUBNETS` of `pin`, decoded through the BTF field names.
 fn subnets_map(pin: &Path) -> BTreeSet<Route> {
-    let path = pin.join("v1/SUBNETS");
+    let path = pin.join(netd_tests::layout_dir()).join("SUBNETS");
     bpftool_dump(&path)
         .iter()
         .map(|entry| {
@@ -786,13 +789,14 @@ fn kernel_maps_equal_etcd_leases() {
                 "host {h}: status peers != etcd"
             );
             // PEERS: the underlay addresses VXLAN is accepted from.
-            let peers: BTreeSet<String> = bpftool_dump(&host.pin_path().join("v1/PEERS"))
-                .iter()
-                .map(|e| {
-                    let ip = btf_bytes(&e["formatted"]["key"], "PEERS key");
-                    format!("{}.{}.{}.{}", ip[0], ip[1], ip[2], ip[3])
-                })
-                .collect();
+            let peers: BTreeSet<String> =
+                bpftool_dump(&host.pin_path().join(netd_tests::layout_dir()).join("PEERS"))
+                    .iter()
+                    .map(|e| {
+                        let ip = btf_bytes(&e["formatted"]["key"], "PEERS key");
+                        format!("{}.{}.{}.{}", ip[0], ip[1], ip[2], ip[3])
+                    })
+                    .collect();
             let want_peers: BTreeSet<String> = want.iter().map(|r| r.public_ip.clone()).collect();
             assert_eq!(peers, want_peers, "host {h}: PEERS map");
         }
@@ -904,13 +908,19 @@ fn detach_removes_container_from_overlay() {
             .any(|e| e["ip"] == cluster.container(stays).ip.to_string()),
         "the other container's endpoint went too: {endpoints:#?}"
     );
-    let map_ips: BTreeSet<String> = bpftool_dump(&cluster.host(0).pin_path().join("v1/ENDPOINTS"))
-        .iter()
-        .map(|e| {
-            let ip = btf_bytes(&e["formatted"]["key"], "ENDPOINTS key");
-            format!("{}.{}.{}.{}", ip[0], ip[1], ip[2], ip[3])
-        })
-        .collect();
+    let map_ips: BTreeSet<String> = bpftool_dump(
+        &cluster
+            .host(0)
+            .pin_path()
+            .join(netd_tests::layout_dir())
+            .join("ENDPOINTS"),
+    )
+    .iter()
+    .map(|e| {
+        let ip = btf_bytes(&e["formatted"]["key"], "ENDPOINTS key");
+        format!("{}.{}.{}.{}", ip[0], ip[1], ip[2], ip[3])
+    })
+    .collect();
     assert_eq!(
         map_ips,
         BTreeSet::from([cluster.container(stays).ip.to_string()]),

@@ -630,7 +630,7 @@ fn prog_run_on_crafted_and_truncated_frames() {
                 1,
                 &arp_request(vtep_mac(host1), ip1, ip0),
             ),
-            shot("drop_malformed"),
+            shot("drop_not_ipv4"),
         ),
         ("ARP", arp_request(switch_mac, stranger, host0), pass),
         (
@@ -674,9 +674,14 @@ fn prog_run_on_crafted_and_truncated_frames() {
         Want::Verdict(XDP_PASS, Some("decapsulated")),
     );
     // BPF_PROG_TEST_RUN returns the XDP metadata too: the tag that tells
-    // the TC program behind XDP that this frame was decapsulated.
+    // the TC program behind XDP that this frame was decapsulated, and the
+    // container's veth it goes to.
+    let c0_ifindex = cluster.status(0)["endpoints"][0]["host_ifindex"]
+        .as_u64()
+        .expect("endpoint ifindex") as u32;
     want_out = [
         &0x6e65_7464u32.to_ne_bytes()[..],
+        &c0_ifindex.to_ne_bytes()[..],
         &eth(c0_mac, c0_host_mac, ETH_P_IP, &inner_ip(ip0)),
     ]
     .concat();
@@ -716,9 +721,6 @@ fn prog_run_on_crafted_and_truncated_frames() {
     // from_container on host 0: a packet to the container on host 1, and
     // every truncation of it, arriving on container 0's veth.
     let fc = "from_container";
-    let c0_ifindex = cluster.status(0)["endpoints"][0]["host_ifindex"]
-        .as_u64()
-        .expect("endpoint ifindex") as u32;
     r.ingress_ifindex = Some(c0_ifindex);
     let packet = eth(
         c0_host_mac,
@@ -764,7 +766,13 @@ fn prog_run_on_crafted_and_truncated_frames() {
     );
     assert_eq!(&out[56..62], &vtep_mac(host0), "inner source: our VTEP");
     assert_eq!(&out[62..64], &ETH_P_IP.to_be_bytes());
-    assert_eq!(&out[64..], &packet[14..], "inner IPv4 packet unchanged");
+    // One router hop: the inner TTL down by one, its checksum still valid.
+    let mut hop = packet[14..].to_vec();
+    hop[8] -= 1;
+    hop[10..12].copy_from_slice(&[0, 0]);
+    let check = internet_checksum(&hop[..20]);
+    hop[10..12].copy_from_slice(&check.to_be_bytes());
+    assert_eq!(&out[64..], &hop[..], "inner IPv4 packet, TTL decremented");
     for len in 0..packet.len() {
         r.check(
             &format!("packet cut at {len}"),

@@ -85,7 +85,11 @@ pub fn run(opts: &Options) -> Result<()> {
         println!("\n==> netd status on host {host}");
         print!("{}", cluster.netd_ok(host, &["status"]));
     }
-    let pin = cluster.host(0).pin_path().join("v1/SUBNETS");
+    let pin = cluster
+        .host(0)
+        .pin_path()
+        .join(netd_tests::layout_dir())
+        .join("SUBNETS");
     println!(
         "\n==> inspect a map: bpftool map dump pinned {}",
         pin.display()
