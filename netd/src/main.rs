@@ -4,6 +4,7 @@ mod cli;
 mod control;
 mod datapath;
 mod endpoint;
+mod metrics;
 mod netlink;
 #[cfg(test)]
 mod proptests;
