@@ -36,7 +36,8 @@ counters! {
     DropBadVni = 7 => "drop_bad_vni",
     /// Dropped: headers shorter than they claim.
     DropMalformed = 8 => "drop_malformed",
-    /// Dropped: fragmented outer packet on the VXLAN port.
+    /// Dropped: first outer fragment to the VXLAN port from a source that
+    /// is not a known peer.
     DropFragment = 9 => "drop_fragment",
     /// Dropped: the kernel refused to grow or shrink the packet.
     DropAdjustFailed = 10 => "drop_adjust_failed",
@@ -59,8 +60,14 @@ counters! {
     /// Dropped: too big for the tunnel without DF; the kernel programs
     /// cannot fragment (only a container that raised its MTU sends these).
     DropTooBig = 17 => "drop_too_big",
+    /// Outer IPv4 UDP fragment from a peer to this host (a router on the
+    /// path fragmented VXLAN): passed to the stack to be reassembled.
+    UnderlayFragmentToStack = 18 => "underlay_fragment_to_stack",
+    /// VXLAN reassembled by the stack, delivered to a container by the
+    /// tunnel device's program.
+    ReassembledDelivered = 19 => "reassembled_delivered",
 }
 
 impl Counter {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 20;
 }

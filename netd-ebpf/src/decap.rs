@@ -13,7 +13,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::{TcContext, XdpContext},
 };
-use netd_common::{Counter, Endpoint, PeerMode};
+use netd_common::{Counter, Endpoint, NodeConfig, PeerMode};
 
 use crate::{
     headers::*,
@@ -36,6 +36,8 @@ pub enum Verdict {
     /// Strip and hand the inner frame to the host stack, addressed to the
     /// underlay NIC's MAC.
     ToStack([u8; 6]),
+    /// An outer fragment from a peer: to the stack, to be reassembled.
+    Reassemble,
 }
 
 /// Written in front of a frame (XDP metadata) that the XDP program has
@@ -77,17 +79,17 @@ pub fn classify(start: usize, end: usize, decapsulated: bool) -> Verdict {
     if ip.proto != IPPROTO_UDP || ip.header_len() != IPV4_HLEN {
         return Verdict::Pass;
     }
-    let Some(udp) = ptr_at::<UdpHdr>(start, end, ETH_HLEN + IPV4_HLEN) else {
+    let Some(cfg) = maps::config() else {
         return Verdict::Pass;
     };
-    let Some(cfg) = maps::config() else {
+    if u16::from_be(ip.frag_off) & IP_MF_OFFSET != 0 {
+        return fragment(start, end, ip, cfg);
+    }
+    let Some(udp) = ptr_at::<UdpHdr>(start, end, ETH_HLEN + IPV4_HLEN) else {
         return Verdict::Pass;
     };
     if unsafe { (*udp).dest } != cfg.port.to_be() {
         return Verdict::Pass;
-    }
-    if u16::from_be(ip.frag_off) & IP_MF_OFFSET != 0 {
-        return Verdict::Drop(Counter::DropFragment);
     }
     if !maps::is_peer(ip.saddr) {
         return Verdict::Drop(Counter::DropUnknownPeer);
@@ -114,6 +116,30 @@ pub fn classify(start: usize, end: usize, decapsulated: bool) -> Verdict {
     }
 }
 
+/// An outer IPv4 UDP fragment. Only the first one carries the UDP header,
+/// and these programs cannot reassemble: fragments from a peer to this host
+/// go to the stack, which reassembles them and hands the VXLAN datagram to
+/// netd's tunnel device (see `tunnel_device`), where the peer and VNI are
+/// checked again. A first fragment to the VXLAN port from anyone else is
+/// dropped as its whole datagram would be.
+#[inline(always)]
+fn fragment(start: usize, end: usize, ip: &Ipv4Hdr, cfg: &NodeConfig) -> Verdict {
+    if maps::is_peer(ip.saddr) {
+        return if ip.daddr == cfg.public_ip {
+            Verdict::Reassemble
+        } else {
+            Verdict::Pass
+        };
+    }
+    let first = u16::from_be(ip.frag_off) & IP_OFFSET == 0;
+    let to_vxlan = ptr_at::<UdpHdr>(start, end, ETH_HLEN + IPV4_HLEN)
+        .is_some_and(|udp| unsafe { (*udp).dest } == cfg.port.to_be());
+    if first && to_vxlan {
+        return Verdict::Drop(Counter::DropFragment);
+    }
+    Verdict::Pass
+}
+
 /// XDP: rewrite the inner Ethernet header, move the start of the frame past
 /// the outer headers and redirect to the container's veth, or (on virtual
 /// underlays) pass the inner frame on for TC to deliver.
@@ -126,6 +152,8 @@ pub fn xdp_from_underlay(ctx: &XdpContext) -> u32 {
         }
         // TC delivers plain frames; XDP has nothing to strip.
         Verdict::DeliverPlain(_) => return xdp_action::XDP_PASS,
+        // TC behind counts it.
+        Verdict::Reassemble => return xdp_action::XDP_PASS,
         Verdict::Drop(reason) => {
             count(reason);
             return xdp_action::XDP_DROP;
@@ -181,6 +209,10 @@ pub fn tc_from_underlay(ctx: &TcContext) -> i32 {
             return TC_ACT_SHOT as i32;
         }
         Verdict::DeliverPlain(ep) => return deliver_plain(ctx, &ep),
+        Verdict::Reassemble => {
+            count(Counter::UnderlayFragmentToStack);
+            return TC_ACT_OK as i32;
+        }
         Verdict::Deliver(ep) => (ep.mac, ep.host_mac, Some(ep.ifindex)),
         Verdict::ToStack(mac) => (mac, [0; 6], None),
     };
