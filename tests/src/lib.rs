@@ -20,5 +20,7 @@ pub use daemon::{Daemon, netd_bin};
 pub use etcd::{Etcd, EtcdTls, Kv};
 pub use netns::{NetNs, NsRef, unique_name};
 pub use topology::{Host, SWITCH_IP, Topology, TopologyBuilder, host_ip};
-pub use traffic::{PingStats, Transfer, ping, ping_stats, tcp_transfer};
+pub use traffic::{
+    PingStats, Transfer, ping, ping_stats, ping_stats_sized, tcp_transfer, udp_echo,
+};
 pub use util::{poll_until, require_root, strip_ansi, wait_for};
