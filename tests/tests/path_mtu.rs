@@ -474,3 +474,66 @@ fn tunnel_device_rules_and_reconciliation() {
         "{DEVICE} still there after teardown"
     );
 }
+
+/// A host namespace whose VXLAN port is already bound by another VXLAN
+/// device (a flannel `flannel.1` left in place): netd cannot create its
+/// tunnel device, says so once, and runs; unfragmented traffic works.
+#[test]
+fn vxlan_port_taken_by_another_device() {
+    require_root();
+    let topo = Topology::new(2);
+    let ns = topo.host(1).ns().handle();
+    let port = VXLAN_PORT.to_string();
+    ns.run_ok(&[
+        "ip",
+        "link",
+        "add",
+        "flannel.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "dstport",
+        &port,
+        "nolearning",
+    ]);
+    ns.run_ok(&["ip", "link", "set", "flannel.1", "up"]);
+    let mut cluster = Cluster::on_topology(topo, "tc");
+    let endpoint = cluster.topo.etcd_endpoint();
+    cluster.netd_ok(
+        0,
+        &[
+            "network",
+            "init",
+            "--etcd-endpoints",
+            &endpoint,
+            "--network",
+            NETWORK,
+        ],
+    );
+    for h in 0..2 {
+        cluster.start(h);
+        cluster.attach(h);
+    }
+    for h in 0..2 {
+        cluster.wait_peers_match_etcd(h, CONVERGE);
+    }
+    assert_tunnel_device(&cluster, 0);
+    assert!(
+        !ns.exec(&["ip", "link", "show", DEVICE]).status.success(),
+        "host 1 has {DEVICE} although {VXLAN_PORT} was taken"
+    );
+    let log = cluster.daemons[1].as_ref().expect("daemon 1").log();
+    let said = log.matches("is already bound in this namespace").count();
+    assert_eq!(said, 1, "host 1 should name the taken port once:\n{log}");
+    assert_big_ping(&cluster, 0, 1);
+    assert_big_ping(&cluster, 1, 0);
+    // Still once, after a few reconciliation rounds.
+    std::thread::sleep(Duration::from_secs(7));
+    let log = cluster.daemons[1].as_ref().expect("daemon 1").log();
+    assert_eq!(
+        log.matches("is already bound in this namespace").count(),
+        1,
+        "host 1 repeated the taken-port warning:\n{log}"
+    );
+}
