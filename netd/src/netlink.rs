@@ -426,3 +426,52 @@ pub fn enable_gro(ifname: &str) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vxlan_message(infos: Vec<InfoVxlan>, up: bool) -> LinkMessage {
+        let mut msg = LinkMessage::default();
+        msg.header.index = 7;
+        if up {
+            msg.header.flags = LinkFlags::Up;
+        }
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Vxlan),
+            LinkInfo::Data(InfoData::Vxlan(infos)),
+        ]));
+        msg
+    }
+
+    #[test]
+    fn reads_a_vxlan_devices_receive_side() {
+        let msg = vxlan_message(
+            vec![InfoVxlan::Port(8472), InfoVxlan::CollectMetadata(true)],
+            true,
+        );
+        assert_eq!(
+            Vxlan::from_message(&msg),
+            Some(Vxlan {
+                index: 7,
+                up: true,
+                port: Some(8472),
+                external: true
+            })
+        );
+        let flannel = vxlan_message(vec![InfoVxlan::Id(1), InfoVxlan::Port(8472)], false);
+        let vx = Vxlan::from_message(&flannel).expect("a VXLAN device");
+        assert!(!vx.external && !vx.up);
+    }
+
+    #[test]
+    fn other_kinds_are_not_vxlan() {
+        let mut msg = LinkMessage::default();
+        msg.attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                InfoKind::Veth,
+            )]));
+        assert_eq!(Vxlan::from_message(&msg), None);
+        assert_eq!(Vxlan::from_message(&LinkMessage::default()), None);
+    }
+}
