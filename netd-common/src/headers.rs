@@ -20,6 +20,8 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const VXLAN_FLAG_VNI: u8 = 0x08;
 /// IPv4 "more fragments" flag and fragment offset, host byte order.
 pub const IP_MF_OFFSET: u16 = 0x3fff;
+/// IPv4 fragment offset alone (zero in a first fragment), host byte order.
+pub const IP_OFFSET: u16 = 0x1fff;
 
 #[repr(C)]
 #[derive(Copy, Clone)]

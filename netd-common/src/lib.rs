@@ -28,6 +28,7 @@ pub mod names {
     pub const FROM_CONTAINER: &str = "from_container";
     pub const XDP_FROM_UNDERLAY: &str = "xdp_from_underlay";
     pub const TC_FROM_UNDERLAY: &str = "tc_from_underlay";
+    pub const FROM_TUNNEL_DEVICE: &str = "from_tunnel_device";
 }
 
 /// Capacity of the host-subnet LPM trie (remote hosts).

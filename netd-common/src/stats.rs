@@ -36,7 +36,8 @@ counters! {
     DropBadVni = 7 => "drop_bad_vni",
     /// Dropped: headers shorter than they claim.
     DropMalformed = 8 => "drop_malformed",
-    /// Dropped: fragmented outer packet on the VXLAN port.
+    /// Dropped: first outer fragment to the VXLAN port from a source that
+    /// is not a known peer.
     DropFragment = 9 => "drop_fragment",
     /// Dropped: the kernel refused to grow or shrink the packet.
     DropAdjustFailed = 10 => "drop_adjust_failed",
@@ -71,8 +72,15 @@ counters! {
     /// Dropped: outer CE on an inner packet that is not ECN-capable
     /// (RFC 6040).
     DropEcn = 21 => "drop_ecn",
+    // Underlay paths with a smaller MTU: outer fragments reassembled.
+    /// Outer IPv4 UDP fragment from a peer to this host (a router on the
+    /// path fragmented VXLAN): passed to the stack to be reassembled.
+    UnderlayFragmentToStack = 22 => "underlay_fragment_to_stack",
+    /// VXLAN reassembled by the stack, delivered to a container by the
+    /// tunnel device's program.
+    ReassembledDelivered = 23 => "reassembled_delivered",
 }
 
 impl Counter {
-    pub const COUNT: u32 = 22;
+    pub const COUNT: u32 = 24;
 }

@@ -46,6 +46,8 @@ enum Outcome {
     DeliverPlain(Endpoint),
     /// VXLAN from a peer, to our port: look inside.
     Vxlan,
+    /// An outer fragment from a peer: to the stack, to be reassembled.
+    Reassemble,
 }
 
 /// What to do with a VXLAN frame from a peer.
@@ -84,6 +86,9 @@ fn plain(ip: &Ipv4Hdr) -> Option<Outcome> {
 #[inline(always)]
 fn classify_outer(cfg: &NodeConfig, outer: &Outer) -> Outcome {
     let ip = &outer.ip;
+    if ip.proto == IPPROTO_UDP && u16::from_be(ip.frag_off) & IP_MF_OFFSET != 0 {
+        return fragment(cfg, outer);
+    }
     // Options on the outer header: not something we ever send.
     let vxlan_port = ip.proto == IPPROTO_UDP
         && ip.header_len() == IPV4_HLEN
@@ -91,15 +96,36 @@ fn classify_outer(cfg: &NodeConfig, outer: &Outer) -> Outcome {
     if !vxlan_port {
         return plain(ip).unwrap_or(Outcome::Pass);
     }
-    if u16::from_be(ip.frag_off) & IP_MF_OFFSET != 0 {
-        return Outcome::Drop(Counter::DropFragment);
-    }
     if maps::is_peer(ip.saddr) {
         return Outcome::Vxlan;
     }
     // Plain UDP to a container on the VXLAN port from a directly routed
     // peer, or VXLAN from a stranger.
     plain(ip).unwrap_or(Outcome::Drop(Counter::DropUnknownPeer))
+}
+
+/// An outer IPv4 UDP fragment. Only the first one carries the UDP header,
+/// and these programs cannot reassemble: fragments from a peer to this host
+/// go to the stack, which reassembles them and hands the VXLAN datagram to
+/// netd's tunnel device (see `tunnel_device`), where the peer and VNI are
+/// checked again. A first fragment to the VXLAN port from anyone else is
+/// dropped as its whole datagram would be.
+#[inline(always)]
+fn fragment(cfg: &NodeConfig, outer: &Outer) -> Outcome {
+    let ip = &outer.ip;
+    if maps::is_peer(ip.saddr) {
+        return if ip.daddr == cfg.public_ip {
+            Outcome::Reassemble
+        } else {
+            Outcome::Pass
+        };
+    }
+    let first = u16::from_be(ip.frag_off) & IP_OFFSET == 0;
+    let to_vxlan = outer.udp.is_some_and(|udp| udp.dest == cfg.port.to_be());
+    if first && to_vxlan {
+        return Outcome::Drop(Counter::DropFragment);
+    }
+    Outcome::Pass
 }
 
 /// The second step, on a frame in `[start, end)` known to be VXLAN from a
@@ -195,6 +221,13 @@ fn xdp_decide(ctx: &XdpContext) -> XdpExit {
         Outcome::Drop(reason) => return XdpExit::new(XDP_DROP, reason),
         // TC delivers plain frames; XDP has nothing to strip.
         Outcome::DeliverPlain(_) => {
+            return XdpExit {
+                action: XDP_PASS,
+                counter: None,
+            };
+        }
+        // TC behind counts it.
+        Outcome::Reassemble => {
             return XdpExit {
                 action: XDP_PASS,
                 counter: None,
@@ -327,6 +360,7 @@ fn tc_decide(ctx: &TcContext) -> TcExit {
         Outcome::Pass => return TcExit::ok(Counter::UnderlayPassed),
         Outcome::Drop(reason) => return TcExit::shot(reason),
         Outcome::DeliverPlain(ep) => return deliver_plain(ctx, &ep),
+        Outcome::Reassemble => return TcExit::ok(Counter::UnderlayFragmentToStack),
         Outcome::Vxlan => {}
     }
     // VXLAN from a peer, about to be rewritten anyway: headers of a GRO'd

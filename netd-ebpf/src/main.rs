@@ -7,6 +7,7 @@ mod decap;
 mod encap;
 mod headers;
 mod maps;
+mod tunnel_device;
 
 use aya_ebpf::{
     macros::{classifier, xdp},
@@ -30,6 +31,13 @@ pub fn xdp_from_underlay(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn tc_from_underlay(ctx: TcContext) -> i32 {
     decap::tc_from_underlay(&ctx)
+}
+
+/// TC ingress of netd's collect_md VXLAN device: VXLAN datagrams the stack
+/// reassembled from outer fragments.
+#[classifier]
+pub fn from_tunnel_device(ctx: TcContext) -> i32 {
+    tunnel_device::from_tunnel_device(&ctx)
 }
 
 #[cfg(not(test))]

@@ -14,10 +14,11 @@ use ipnet::Ipv4Net;
 use netlink_packet_route::{
     AddressFamily,
     address::AddressAttribute,
-    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
+    link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     route::{RouteAttribute, RouteMessage, RouteScope},
+    tc::TcAttribute,
 };
-use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 
 const EEXIST: i32 = -libc::EEXIST;
 
@@ -63,6 +64,47 @@ impl From<&LinkMessage> for Link {
             }
         }
         link
+    }
+}
+
+/// A VXLAN device's receive side, as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vxlan {
+    pub index: u32,
+    pub up: bool,
+    pub port: Option<u16>,
+    /// External (collect_md) mode: one device for every VNI and remote.
+    pub external: bool,
+}
+
+impl Vxlan {
+    /// `None` when `msg` is not a VXLAN device.
+    fn from_message(msg: &LinkMessage) -> Option<Self> {
+        let infos = msg.attributes.iter().find_map(|a| match a {
+            LinkAttribute::LinkInfo(infos) => Some(infos),
+            _ => None,
+        })?;
+        if !infos.contains(&LinkInfo::Kind(InfoKind::Vxlan)) {
+            return None;
+        }
+        let mut vxlan = Vxlan {
+            index: msg.header.index,
+            up: msg.header.flags.contains(LinkFlags::Up),
+            port: None,
+            external: false,
+        };
+        for info in infos {
+            if let LinkInfo::Data(InfoData::Vxlan(attrs)) = info {
+                for attr in attrs {
+                    match attr {
+                        InfoVxlan::Port(port) => vxlan.port = Some(*port),
+                        InfoVxlan::CollectMetadata(on) => vxlan.external = *on,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Some(vxlan)
     }
 }
 
@@ -168,6 +210,60 @@ impl Netlink {
             .execute()
             .await
             .with_context(|| format!("creating veth pair {name}/{peer}"))
+    }
+
+    /// The link named `name` and, when it is a VXLAN device, its receive
+    /// side.
+    pub async fn vxlan(&self, name: &str) -> Result<Option<(Link, Option<Vxlan>)>> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => Ok(Some((Link::from(&msg), Vxlan::from_message(&msg)))),
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("looking up interface {name}")),
+        }
+    }
+
+    /// Creates a VXLAN device in external (collect_md) mode receiving on
+    /// UDP `port`, without address learning, up.
+    pub async fn create_vxlan_external(&self, name: &str, port: u16) -> Result<()> {
+        let msg = LinkVxlan::new(name, 0)
+            .port(port)
+            .collect_metadata(true)
+            .learning(false)
+            .up()
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .with_context(|| format!("creating VXLAN device {name} on port {port}"))
+    }
+
+    /// Whether a BPF filter sits on `index`'s TC ingress.
+    pub async fn has_ingress_bpf(&self, index: u32) -> Result<bool> {
+        let mut filters = self
+            .handle
+            .traffic_filter(index as i32)
+            .get()
+            .ingress()
+            .execute();
+        while let Some(msg) = filters.try_next().await.context("listing TC filters")? {
+            if msg
+                .attributes
+                .iter()
+                .any(|a| matches!(a, TcAttribute::Kind(k) if k == "bpf"))
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     pub async fn move_to_netns(&self, index: u32, netns: &File) -> Result<()> {
@@ -329,4 +425,53 @@ pub fn enable_gro(ifname: &str) -> Result<()> {
         return Err(err).with_context(|| format!("enabling GRO on {ifname}"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vxlan_message(infos: Vec<InfoVxlan>, up: bool) -> LinkMessage {
+        let mut msg = LinkMessage::default();
+        msg.header.index = 7;
+        if up {
+            msg.header.flags = LinkFlags::Up;
+        }
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Vxlan),
+            LinkInfo::Data(InfoData::Vxlan(infos)),
+        ]));
+        msg
+    }
+
+    #[test]
+    fn reads_a_vxlan_devices_receive_side() {
+        let msg = vxlan_message(
+            vec![InfoVxlan::Port(8472), InfoVxlan::CollectMetadata(true)],
+            true,
+        );
+        assert_eq!(
+            Vxlan::from_message(&msg),
+            Some(Vxlan {
+                index: 7,
+                up: true,
+                port: Some(8472),
+                external: true
+            })
+        );
+        let flannel = vxlan_message(vec![InfoVxlan::Id(1), InfoVxlan::Port(8472)], false);
+        let vx = Vxlan::from_message(&flannel).expect("a VXLAN device");
+        assert!(!vx.external && !vx.up);
+    }
+
+    #[test]
+    fn other_kinds_are_not_vxlan() {
+        let mut msg = LinkMessage::default();
+        msg.attributes
+            .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                InfoKind::Veth,
+            )]));
+        assert_eq!(Vxlan::from_message(&msg), None);
+        assert_eq!(Vxlan::from_message(&LinkMessage::default()), None);
+    }
 }

@@ -24,7 +24,9 @@ pub use etcd::{Etcd, EtcdTls, Kv};
 pub use icmp::{IcmpError, IcmpSocket, SendOpts, internet_checksum, udp_sender};
 pub use netns::{NetNs, NsRef, unique_name};
 pub use topology::{Host, SWITCH_IP, Topology, TopologyBuilder, host_ip};
-pub use traffic::{PingStats, Transfer, ping, ping_stats, tcp_transfer};
+pub use traffic::{
+    PingStats, Transfer, ping, ping_stats, ping_stats_sized, tcp_transfer, udp_echo,
+};
 pub use util::{poll_until, require_root, strip_ansi, wait_for};
 
 /// The directory of this build's map layout under a pin path (`v<N>`).

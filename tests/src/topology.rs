@@ -329,6 +329,16 @@ impl Topology {
             ]);
         }
     }
+
+    /// Sets the MTU of the router's interface into a segment (`bridge`:
+    /// [`BRIDGE`] or [`SEGMENT_B_BRIDGE`]), the hosts' NICs keeping theirs:
+    /// packets routed into that segment are fragmented to fit, or refused
+    /// with ICMP fragmentation-needed when DF is set.
+    pub fn set_router_mtu(&self, bridge: &str, mtu: u32) {
+        let mtu = mtu.to_string();
+        self.switch
+            .run_ok(&["ip", "link", "set", bridge, "mtu", &mtu]);
+    }
 }
 
 /// `a.b.c.0` of a /24 address.

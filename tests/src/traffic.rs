@@ -1,7 +1,10 @@
-//! Traffic checks between namespaces: ping and a verified TCP transfer.
+//! Traffic checks between namespaces: ping, a verified TCP transfer and
+//! verified UDP datagrams.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket,
+};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread;
@@ -34,9 +37,21 @@ impl PingStats {
 
 /// Runs `ping -c COUNT -W 1 -i 0.2 IP` inside `from`.
 pub fn ping_stats(from: &NsRef, ip: impl Into<IpAddr>, count: u32) -> PingStats {
-    let ip = ip.into().to_string();
+    run_ping(from, ip.into(), count, &[])
+}
+
+/// [`ping_stats`] with `size` bytes of ICMP payload (`ping -s SIZE`).
+pub fn ping_stats_sized(from: &NsRef, ip: impl Into<IpAddr>, count: u32, size: usize) -> PingStats {
+    run_ping(from, ip.into(), count, &["-s", &size.to_string()])
+}
+
+fn run_ping(from: &NsRef, ip: IpAddr, count: u32, extra: &[&str]) -> PingStats {
+    let ip = ip.to_string();
     let count = count.to_string();
-    let out = from.exec(&["ping", "-n", "-c", &count, "-W", "1", "-i", "0.2", &ip]);
+    let mut argv = vec!["ping", "-n", "-c", &count, "-W", "1", "-i", "0.2"];
+    argv.extend(extra);
+    argv.push(&ip);
+    let out = from.exec(&argv);
     let output = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -264,6 +279,87 @@ fn verify_stream(stream: &mut impl Read, len: usize) -> Result<usize> {
         }
         count += n;
     }
+}
+
+/// How long [`udp_echo`] waits for each datagram and its echo.
+pub const UDP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends one datagram of each size in `sizes` (pattern bytes) from a socket
+/// in `from` to `dst` in `to`, where an echo server checks it byte for byte
+/// and sends it back; the echo is checked too. So every datagram crosses
+/// the path both ways, whole. No retries: a lost datagram is a failure.
+pub fn udp_echo(from: &NsRef, to: &NsRef, dst: SocketAddr, sizes: &[usize]) -> Result<()> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let expected: Vec<usize> = sizes.to_vec();
+    let server = to.spawn_thread(move || echo_server(dst.port(), &expected, ready_tx));
+    match ready_rx.recv_timeout(UDP_TIMEOUT) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e.context(format!("UDP bind in {}", to.name()))),
+        Err(_) => bail!("UDP echo server in {} never became ready", to.name()),
+    }
+    let sizes: Vec<usize> = sizes.to_vec();
+    let sent = from
+        .spawn_thread(move || echo_client(dst, &sizes))
+        .join()
+        .map_err(|_| anyhow!("UDP client thread panicked"))?;
+    let served = server
+        .join()
+        .map_err(|_| anyhow!("UDP echo server thread panicked"))?;
+    served.with_context(|| format!("UDP echo server on {dst} in {}", to.name()))?;
+    sent.with_context(|| format!("UDP client in {} to {dst}", from.name()))
+}
+
+/// Datagram `i` of `len` bytes: the pattern seeded by its index and length.
+fn datagram(i: usize, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    Pattern::new(PATTERN_SEED ^ ((i as u64) << 32 | len as u64)).fill(&mut buf);
+    buf
+}
+
+fn echo_server(port: u16, sizes: &[usize], ready: mpsc::Sender<Result<()>>) -> Result<()> {
+    let socket = match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)) {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!("bind port {port}: {e}");
+            let _ = ready.send(Err(anyhow!(msg.clone())));
+            bail!(msg);
+        }
+    };
+    socket.set_read_timeout(Some(UDP_TIMEOUT))?;
+    let _ = ready.send(Ok(()));
+    let mut buf = vec![0u8; 65536];
+    for (i, &len) in sizes.iter().enumerate() {
+        let (n, peer) = socket
+            .recv_from(&mut buf)
+            .with_context(|| format!("datagram {i} ({len} bytes) never arrived"))?;
+        ensure!(n == len, "datagram {i}: {n} bytes arrived, {len} sent");
+        ensure!(
+            buf[..n] == datagram(i, len)[..],
+            "datagram {i} ({len} bytes) corrupted"
+        );
+        socket.send_to(&buf[..n], peer).context("echo")?;
+    }
+    Ok(())
+}
+
+fn echo_client(dst: SocketAddr, sizes: &[usize]) -> Result<()> {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).context("bind")?;
+    socket.set_read_timeout(Some(UDP_TIMEOUT))?;
+    let mut buf = vec![0u8; 65536];
+    for (i, &len) in sizes.iter().enumerate() {
+        let data = datagram(i, len);
+        socket
+            .send_to(&data, dst)
+            .with_context(|| format!("send datagram {i} ({len} bytes)"))?;
+        let (n, _) = socket
+            .recv_from(&mut buf)
+            .with_context(|| format!("no echo of datagram {i} ({len} bytes)"))?;
+        ensure!(
+            buf[..n] == data[..],
+            "echo of datagram {i} ({len} bytes): {n} bytes, not the ones sent"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -34,6 +34,9 @@ pub async fn teardown(pin: &PinDir, run_dir: &Path) -> Result<()> {
             errors.push(format!("{e:#}"));
         }
     }
+    if let Err(e) = remove_tunnel_device().await {
+        errors.push(format!("{e:#}"));
+    }
     if let Err(e) = datapath::teardown(pin, run_dir).await {
         errors.push(format!("{e:#}"));
     }
@@ -41,4 +44,9 @@ pub async fn teardown(pin: &PinDir, run_dir: &Path) -> Result<()> {
         anyhow::bail!("teardown finished with errors: {}", errors.join("; "));
     }
     Ok(())
+}
+
+async fn remove_tunnel_device() -> Result<()> {
+    let nl = crate::netlink::Netlink::connect()?;
+    Ok(datapath::tunnel_device::remove(&nl).await?)
 }

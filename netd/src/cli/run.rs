@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 
 use super::RunArgs;
 use crate::{
-    control::config::{FileConfig, NetworkConfig, VXLAN_OVERHEAD},
+    control::config::{FileConfig, NetworkConfig, VXLAN, VXLAN_OVERHEAD},
     control::lease::{Mac, gateway},
     control::registry::{Access, Registry},
     control::subnet::{self, Identity},
@@ -201,6 +201,9 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
             .map(|r| r.host_ifname)
             .collect();
         pending.switch_over(&pin, run_dir, &containers).await?;
+    }
+    if cfg.backend.kind == VXLAN {
+        datapath::tunnel_device::start(&nl, &pin, cfg.backend.port).await;
     }
     tokio::spawn(sync::run(
         registry.clone(),

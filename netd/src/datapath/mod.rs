@@ -9,6 +9,7 @@
 
 mod maps;
 mod pins;
+pub mod tunnel_device;
 mod xdp;
 
 use std::{fs, path::Path};
@@ -36,10 +37,11 @@ const MAP_NAMES: [&str; 5] = [
     names::CONFIG,
     names::STATS,
 ];
-const PROGRAM_NAMES: [&str; 3] = [
+const PROGRAM_NAMES: [&str; 4] = [
     names::FROM_CONTAINER,
     names::XDP_FROM_UNDERLAY,
     names::TC_FROM_UNDERLAY,
+    names::FROM_TUNNEL_DEVICE,
 ];
 
 /// The kernel programs, built by `build.rs`.
