@@ -251,7 +251,8 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
             return Err(err);
         }
     }
-    // Closing the channel tells the sync task to stop quietly.
+    // Stop the tasks first, so that none is restarted on the way out.
+    drop(tasks);
     drop(own_tx);
     Ok(())
 }
@@ -386,7 +387,8 @@ impl Supervisor {
             loop {
                 let started = Instant::now();
                 // Its own task, so that a panic is caught here.
-                let why = match tokio::spawn(make()).await {
+                let task = AbortOnDrop(tokio::spawn(make()));
+                let why = match task.join().await {
                     Ok(Ok(())) => anyhow::anyhow!("it stopped"),
                     Ok(Err(e)) => e,
                     Err(e) => panicked(e),
@@ -406,7 +408,7 @@ impl Supervisor {
         F: Future<Output = anyhow::Error> + Send + 'static,
     {
         self.tasks.spawn(async move {
-            let error = match tokio::spawn(task).await {
+            let error = match AbortOnDrop(tokio::spawn(task)).join().await {
                 Ok(error) => error,
                 Err(e) => panicked(e),
             };
@@ -425,6 +427,21 @@ impl Supervisor {
             }
         }
         std::future::pending().await
+    }
+}
+
+/// A task that is aborted when the supervisor's wrapper around it is.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> AbortOnDrop<T> {
+    async fn join(mut self) -> std::result::Result<T, tokio::task::JoinError> {
+        (&mut self.0).await
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
