@@ -108,9 +108,15 @@ fn cause(error: &etcd_client::Error) -> Option<&(dyn std::error::Error + 'static
     }
 }
 
-/// Whether a TLS error is among the causes of `error`.
+/// Whether a TLS error is among the causes of `error`: rustls's own, or
+/// the `InvalidData` I/O error the TLS stream turns an alert from the
+/// server into (nothing else below gRPC reports that kind).
 fn tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
-    causes(error).any(|e| e.downcast_ref::<rustls::Error>().is_some())
+    causes(error).any(|e| {
+        e.downcast_ref::<rustls::Error>().is_some()
+            || e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData)
+    })
 }
 
 /// Whether the connection could not be made at all (refused, timed out,
@@ -525,6 +531,16 @@ mod tests {
         );
         let io = etcd_client::Error::IoError(std::io::Error::other(alert));
         assert_eq!(Failure::of(&io), Failure::Tls);
+        // An alert from the server, as the TLS stream reports it.
+        let alert = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "received fatal alert: BadCertificate",
+        );
+        let status = Status::from_error(Box::new(alert));
+        assert_eq!(
+            Failure::of(&etcd_client::Error::GRpcStatus(status)),
+            Failure::Tls
+        );
         let refused = etcd_client::Error::IoError(std::io::ErrorKind::ConnectionRefused.into());
         assert_eq!(Failure::of(&refused), Failure::Transient);
         assert!(cause(&refused).is_some_and(connect_failed));
