@@ -647,6 +647,49 @@ mod tests {
         assert_eq!(ended.error.to_string(), "it panicked: keeper failed");
     }
 
+    /// Dropping the supervisor (at shutdown) aborts the tasks themselves,
+    /// not only their wrappers, so none is restarted or left running.
+    #[tokio::test]
+    async fn dropping_the_supervisor_aborts_its_tasks() {
+        let alive = Arc::new(());
+        let mut tasks = Supervisor::default();
+        for name in ["a", "b"] {
+            let alive = alive.clone();
+            tasks.restarting(name, move || -> Task {
+                let alive = alive.clone();
+                Box::pin(async move {
+                    let _alive = alive;
+                    std::future::pending().await
+                })
+            });
+        }
+        let held = alive.clone();
+        tasks.essential("c", async move {
+            let _held = held;
+            std::future::pending().await
+        });
+        // Ours, the two factories, the two tasks they made and the third.
+        let started = poll(|| Arc::strong_count(&alive) == 6).await;
+        assert!(started, "tasks did not start");
+        drop(tasks);
+        let stopped = poll(|| Arc::strong_count(&alive) == 1).await;
+        assert!(
+            stopped,
+            "{} tasks still running",
+            Arc::strong_count(&alive) - 1
+        );
+    }
+
+    async fn poll(mut cond: impl FnMut() -> bool) -> bool {
+        for _ in 0..100 {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
     /// An essential task that returns is reported too.
     #[tokio::test]
     async fn supervisor_reports_an_essential_task_that_returns() {
