@@ -12,6 +12,9 @@
 //! The figures (pings lost, time to take the subnet back) are printed
 //! (`--nocapture`).
 
+// Hosts are numbered; loops over them index per-host arrays.
+#![allow(clippy::needless_range_loop)]
+
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::process::{Child, Stdio};
