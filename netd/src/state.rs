@@ -60,6 +60,9 @@ pub struct NodeState {
     pub lease_ttl: i64,
     /// Unix time at which etcd drops the lease unless renewed.
     pub lease_expires_at: u64,
+    /// Unix time since which the lease is lost and being taken back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_lost_since: Option<u64>,
     pub etcd: EtcdHealth,
     pub underlay: Option<Underlay>,
 }

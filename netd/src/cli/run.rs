@@ -1,17 +1,26 @@
 //! `netd run`: the daemon.
 
-use std::{fs, net::Ipv4Addr, path::Path, time::Duration};
+use std::{
+    fs,
+    future::Future,
+    net::Ipv4Addr,
+    path::Path,
+    pin::Pin,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result, bail};
 use netd_common::NodeConfig;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
+    task::JoinSet,
 };
 use tracing::{error, info, warn};
 
 use super::RunArgs;
 use crate::{
+    control::backoff::Backoff,
     control::config::{FileConfig, NetworkConfig, VXLAN, VXLAN_OVERHEAD},
     control::lease::{Mac, gateway},
     control::registry::{Access, Registry},
@@ -44,10 +53,16 @@ impl Options {
             Some(path) => {
                 let text = fs::read_to_string(path)
                     .with_context(|| format!("reading {}", path.display()))?;
-                FileConfig::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+                FileConfig::parse(&text).with_context(|| format!("parsing {}", path.display()))?
             }
             None => FileConfig::default(),
         };
+        Self::merge(args, file)
+    }
+
+    /// Flags and `NETD_*` variables (both in `args`, clap puts the flag
+    /// first) over the file over defaults.
+    fn merge(args: RunArgs, file: FileConfig) -> Result<Self> {
         let decap = match (args.decap, file.decap.as_deref()) {
             (Some(hook), _) => hook,
             (None, Some("xdp")) => Hook::Xdp,
@@ -121,7 +136,7 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
         .ok()
         .filter(|e| e.network == cfg.network)
         .map(|e| e.subnet);
-    let held = subnet::acquire(&mut registry, &cfg, &me, recorded).await?;
+    let held = acquire(&mut registry, &cfg, &me, recorded).await?;
     let mtu = underlay.mtu.unwrap_or(1500) - VXLAN_OVERHEAD;
     maps.set_config(&NodeConfig {
         vni: cfg.backend.vni,
@@ -164,22 +179,40 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
     };
     initial.renewed(me.ttl_secs);
     let (state_tx, state_rx) = watch::channel(initial);
+    let mut tasks = Supervisor::default();
+    tasks.restarting("state publisher", {
+        let run_dir = run_dir.to_path_buf();
+        let state_rx = state_rx.clone();
+        move || -> Task {
+            let (run_dir, rx) = (run_dir.clone(), state_rx.clone());
+            Box::pin(async move {
+                publish_state(run_dir, rx).await;
+                Ok(())
+            })
+        }
+    });
     if let Some(addr) = opts.metrics_addr {
+        // Bound before the daemon reports itself running, so a taken port
+        // fails the start instead of a scrape; a restart binds anew.
+        let first = std::sync::Mutex::new(Some(metrics::bind(addr).await?));
         let source = metrics::Source {
             pin: pin.clone(),
             run_dir: run_dir.to_path_buf(),
             state: state_rx.clone(),
         };
-        // Bound before the daemon reports itself running, so a taken port
-        // fails the start instead of a scrape.
-        let listener = metrics::bind(addr).await?;
-        tokio::spawn(async move {
-            if let Err(e) = metrics::serve(listener, source).await {
-                error!("{e}");
-            }
+        tasks.restarting("metrics server", move || -> Task {
+            let listener = first.lock().ok().and_then(|mut l| l.take());
+            let source = source.clone();
+            Box::pin(async move {
+                let listener = match listener {
+                    Some(l) => l,
+                    None => metrics::bind(addr).await?,
+                };
+                metrics::serve(listener, source).await?;
+                Ok(())
+            })
         });
     }
-    tokio::spawn(publish_state(run_dir.to_path_buf(), state_rx));
 
     let (own_tx, own_rx) = watch::channel(Own {
         subnet: held.subnet,
@@ -195,6 +228,7 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
         &mut maps,
     )
     .await?;
+    drop(maps);
     if let Some(pending) = pending {
         let containers: Vec<String> = endpoint::records(run_dir)?
             .into_iter()
@@ -205,15 +239,29 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
     if cfg.backend.kind == VXLAN {
         datapath::tunnel_device::start(&nl, &pin, cfg.backend.port).await;
     }
-    tokio::spawn(sync::run(
-        registry.clone(),
-        cfg.clone(),
-        own_rx,
-        connected,
-        maps,
-        state_tx.clone(),
-    ));
-    let mut holder = tokio::spawn(subnet::hold(registry, cfg, me, held, state_tx));
+    tasks.restarting("subnet sync", {
+        let (pin, registry, cfg, state) =
+            (pin.clone(), registry.clone(), cfg.clone(), state_tx.clone());
+        move || -> Task {
+            let (registry, cfg, own, connected, state) = (
+                registry.clone(),
+                cfg.clone(),
+                own_rx.clone(),
+                connected.clone(),
+                state.clone(),
+            );
+            let maps = Maps::open(&pin);
+            Box::pin(async move {
+                sync::run(registry, cfg, own, connected, maps?, state).await;
+                Ok(())
+            })
+        }
+    });
+    // Without the lease keeper nobody renews the lease: its end ends the
+    // daemon (below), with the data path disabled.
+    tasks.essential("lease keeper", async move {
+        anyhow::Error::from(subnet::hold(registry, cfg, me, held, state_tx).await)
+    });
 
     info!(subnet = %held.subnet, %public_ip, iface = %underlay.name, ?hook, "netd running");
     let mut term = signal(SignalKind::terminate())?;
@@ -221,21 +269,18 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: stopping; the pinned data path keeps forwarding"),
         _ = int.recv() => info!("SIGINT: stopping; the pinned data path keeps forwarding"),
-        result = &mut holder => {
-            let err = match result {
-                Ok(Ok(())) => anyhow::anyhow!("lease holder stopped"),
-                Ok(Err(e)) => e,
-                Err(e) => e.into(),
-            };
-            // Never forward for a subnet this host no longer holds.
+        ended = tasks.ended() => {
+            // Never forward for a subnet this host may no longer hold.
             if let Err(e) = disable_datapath(&pin) {
                 error!("could not disable the data path: {e:#}");
             }
+            let err = ended.error.context(format!("{} ended", ended.name));
             error!("{err:#}");
             return Err(err);
         }
     }
-    // Closing the channel tells the sync task to stop quietly.
+    // Stop the tasks first, so that none is restarted on the way out.
+    drop(tasks);
     drop(own_tx);
     Ok(())
 }
@@ -270,6 +315,29 @@ async fn connect(opts: &Options) -> Result<Registry> {
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Takes a subnet, retrying while etcd is away (hosts may start first).
+async fn acquire(
+    registry: &mut Registry,
+    cfg: &NetworkConfig,
+    me: &Identity,
+    recorded: Option<ipnet::Ipv4Net>,
+) -> Result<subnet::Held> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        match subnet::acquire(registry, cfg, me, recorded).await {
+            Err(subnet::SubnetError::Transient(e)) => {
+                let delay = backoff.next_delay();
+                warn!(
+                    "acquiring a subnet: {:#}; retrying in {delay:?}",
+                    anyhow::Error::from(e)
+                );
+                tokio::time::sleep(delay).await;
+            }
+            held => return Ok(held?),
+        }
     }
 }
 
@@ -308,5 +376,357 @@ async fn publish_state(run_dir: std::path::PathBuf, mut rx: watch::Receiver<Node
         if rx.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// A restartable task's body, made afresh for every start.
+type Task = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+
+/// A task the daemon cannot run without, and why it ended.
+pub struct Ended {
+    pub name: &'static str,
+    pub error: anyhow::Error,
+}
+
+/// Restart delays of a task that failed; a task that ran this long before
+/// failing starts again from the first delay.
+const RESTART_FIRST: Duration = Duration::from_millis(500);
+const RESTART_CAP: Duration = Duration::from_secs(30);
+const RESTART_RESET: Duration = Duration::from_secs(60);
+
+/// Owns every long-running task of the daemon. A restartable task that
+/// ends or panics is started again with backoff, with one error line each
+/// time; an essential task that ends or panics is reported by [`ended`]
+/// so the daemon can stop loudly. Dropping the supervisor aborts them.
+///
+/// [`ended`]: Supervisor::ended
+#[derive(Default)]
+pub struct Supervisor {
+    tasks: JoinSet<Ended>,
+}
+
+impl Supervisor {
+    pub fn restarting<F>(&mut self, name: &'static str, mut make: F)
+    where
+        F: FnMut() -> Task + Send + 'static,
+    {
+        self.tasks.spawn(async move {
+            let mut backoff = Backoff::new(RESTART_FIRST, RESTART_CAP);
+            loop {
+                let started = Instant::now();
+                // Its own task, so that a panic is caught here.
+                let task = AbortOnDrop(tokio::spawn(make()));
+                let why = match task.join().await {
+                    Ok(Ok(())) => anyhow::anyhow!("it stopped"),
+                    Ok(Err(e)) => e,
+                    Err(e) => panicked(e),
+                };
+                if started.elapsed() >= RESTART_RESET {
+                    backoff.reset();
+                }
+                let delay = backoff.next_delay();
+                error!("task {name} ended: {why:#}; restarting in {delay:?}");
+                tokio::time::sleep(delay).await;
+            }
+        });
+    }
+
+    pub fn essential<F>(&mut self, name: &'static str, task: F)
+    where
+        F: Future<Output = anyhow::Error> + Send + 'static,
+    {
+        self.tasks.spawn(async move {
+            let error = match AbortOnDrop(tokio::spawn(task)).join().await {
+                Ok(error) => error,
+                Err(e) => panicked(e),
+            };
+            Ended { name, error }
+        });
+    }
+
+    /// The first essential task to end; never, if none does.
+    pub async fn ended(&mut self) -> Ended {
+        while let Some(joined) = self.tasks.join_next().await {
+            match joined {
+                Ok(ended) => return ended,
+                // Only the wrappers run here, and they neither panic nor
+                // are aborted while the supervisor lives.
+                Err(e) => error!("supervisor lost a task: {e}"),
+            }
+        }
+        std::future::pending().await
+    }
+}
+
+/// A task that is aborted when the supervisor's wrapper around it is.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> AbortOnDrop<T> {
+    async fn join(mut self) -> std::result::Result<T, tokio::task::JoinError> {
+        (&mut self.0).await
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn panicked(e: tokio::task::JoinError) -> anyhow::Error {
+    if !e.is_panic() {
+        return anyhow::anyhow!("it was cancelled");
+    }
+    let payload = e.into_panic();
+    let message = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-text payload".into());
+    anyhow::anyhow!("it panicked: {message}")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn run_args(argv: &[&str]) -> RunArgs {
+        let cli = Cli::try_parse_from([&["netd", "run"], argv].concat()).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        args
+    }
+
+    /// Held by the tests that parse `run` while another sets variables.
+    static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn file(text: &str) -> FileConfig {
+        FileConfig::parse(text).unwrap()
+    }
+
+    const FILE: &str = "etcd-endpoints = [\"http://file:2379\"]\niface = \"file0\"\n\
+                        public-ip = \"198.18.0.9\"\ndecap = \"tc\"\nlease-ttl = 30\n";
+
+    /// One option of each kind: a list, a string, an address, an enum and
+    /// a number.
+    fn chosen(o: &Options) -> (Vec<String>, Option<String>, Option<Ipv4Addr>, Hook, u64) {
+        (
+            o.etcd.endpoints.clone(),
+            o.iface.clone(),
+            o.public_ip,
+            o.decap,
+            o.lease_ttl,
+        )
+    }
+
+    #[test]
+    fn file_over_defaults_and_flags_over_file() {
+        let _env = ENV.lock().unwrap();
+        let defaults = Options::merge(run_args(&[]), FileConfig::default()).unwrap();
+        assert_eq!(
+            chosen(&defaults),
+            (
+                vec![crate::cli::DEFAULT_ENDPOINT.to_string()],
+                None,
+                None,
+                Hook::Auto,
+                DEFAULT_LEASE_TTL
+            )
+        );
+        assert_eq!(defaults.etcd.prefix, crate::cli::DEFAULT_PREFIX);
+        let from_file = Options::merge(run_args(&[]), file(FILE)).unwrap();
+        assert_eq!(
+            chosen(&from_file),
+            (
+                vec!["http://file:2379".to_string()],
+                Some("file0".into()),
+                Some(Ipv4Addr::new(198, 18, 0, 9)),
+                Hook::Tc,
+                30
+            )
+        );
+        let flags = run_args(&[
+            "--etcd-endpoints",
+            "http://flag:2379",
+            "--iface",
+            "flag0",
+            "--public-ip",
+            "198.18.0.1",
+            "--decap",
+            "xdp",
+            "--lease-ttl",
+            "10",
+        ]);
+        let from_flags = Options::merge(flags, file(FILE)).unwrap();
+        assert_eq!(
+            chosen(&from_flags),
+            (
+                vec!["http://flag:2379".to_string()],
+                Some("flag0".into()),
+                Some(Ipv4Addr::new(198, 18, 0, 1)),
+                Hook::Xdp,
+                10
+            )
+        );
+        assert!(Options::merge(run_args(&[]), file("decap = \"ebpf\"")).is_err());
+        assert!(Options::merge(run_args(&["--lease-ttl", "2"]), file(FILE)).is_err());
+    }
+
+    /// `NETD_*` variables sit between flags and the file. The only test
+    /// that sets them; every other test passes the run options it checks
+    /// as flags.
+    #[test]
+    fn variables_between_flags_and_file() {
+        let _env = ENV.lock().unwrap();
+        let vars = [
+            ("NETD_ETCD_ENDPOINTS", "http://env:2379"),
+            ("NETD_IFACE", "env0"),
+            ("NETD_PUBLIC_IP", "198.18.0.5"),
+            ("NETD_DECAP", "xdp"),
+            ("NETD_LEASE_TTL", "20"),
+        ];
+        for (name, value) in vars {
+            // SAFETY: no other test reads these variables or calls into C
+            // code that reads the environment.
+            unsafe { std::env::set_var(name, value) };
+        }
+        let from_env = Options::merge(run_args(&[]), file(FILE));
+        let flags = run_args(&[
+            "--etcd-endpoints",
+            "http://flag:2379",
+            "--iface",
+            "flag0",
+            "--public-ip",
+            "198.18.0.1",
+            "--decap",
+            "tc",
+            "--lease-ttl",
+            "10",
+        ]);
+        for (name, _) in vars {
+            // SAFETY: as above.
+            unsafe { std::env::remove_var(name) };
+        }
+        assert_eq!(
+            chosen(&from_env.unwrap()),
+            (
+                vec!["http://env:2379".to_string()],
+                Some("env0".into()),
+                Some(Ipv4Addr::new(198, 18, 0, 5)),
+                Hook::Xdp,
+                20
+            )
+        );
+        let from_flags = Options::merge(flags, file(FILE)).unwrap();
+        assert_eq!(
+            chosen(&from_flags),
+            (
+                vec!["http://flag:2379".to_string()],
+                Some("flag0".into()),
+                Some(Ipv4Addr::new(198, 18, 0, 1)),
+                Hook::Tc,
+                10
+            )
+        );
+    }
+
+    /// A restartable task that panics is started again; an essential one
+    /// that panics is reported, with its name and the panic's message.
+    #[tokio::test]
+    async fn supervisor_restarts_and_reports() {
+        let starts = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Supervisor::default();
+        tasks.restarting("flaky", {
+            let starts = starts.clone();
+            move || -> Task {
+                let starts = starts.clone();
+                Box::pin(async move {
+                    if starts.fetch_add(1, Ordering::SeqCst) < 2 {
+                        panic!("flaky failed");
+                    }
+                    std::future::pending().await
+                })
+            }
+        });
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tasks.essential("keeper", async move {
+            let _ = rx.await;
+            panic!("keeper failed")
+        });
+        // The flaky task is restarted after each panic (500 ms, then
+        // 1 s at most): the supervisor reports nothing meanwhile.
+        let quiet = tokio::time::timeout(Duration::from_secs(3), tasks.ended()).await;
+        assert!(quiet.is_err(), "a restartable task was reported as ended");
+        assert_eq!(starts.load(Ordering::SeqCst), 3, "flaky task not restarted");
+        tx.send(()).unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(5), tasks.ended())
+            .await
+            .expect("the essential task's panic was not reported");
+        assert_eq!(ended.name, "keeper");
+        assert_eq!(ended.error.to_string(), "it panicked: keeper failed");
+    }
+
+    /// Dropping the supervisor (at shutdown) aborts the tasks themselves,
+    /// not only their wrappers, so none is restarted or left running.
+    #[tokio::test]
+    async fn dropping_the_supervisor_aborts_its_tasks() {
+        let alive = Arc::new(());
+        let mut tasks = Supervisor::default();
+        for name in ["a", "b"] {
+            let alive = alive.clone();
+            tasks.restarting(name, move || -> Task {
+                let alive = alive.clone();
+                Box::pin(async move {
+                    let _alive = alive;
+                    std::future::pending().await
+                })
+            });
+        }
+        let held = alive.clone();
+        tasks.essential("c", async move {
+            let _held = held;
+            std::future::pending().await
+        });
+        // Ours, the two factories, the two tasks they made and the third.
+        let started = poll(|| Arc::strong_count(&alive) == 6).await;
+        assert!(started, "tasks did not start");
+        drop(tasks);
+        let stopped = poll(|| Arc::strong_count(&alive) == 1).await;
+        assert!(
+            stopped,
+            "{} tasks still running",
+            Arc::strong_count(&alive) - 1
+        );
+    }
+
+    async fn poll(mut cond: impl FnMut() -> bool) -> bool {
+        for _ in 0..100 {
+            if cond() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    /// An essential task that returns is reported too.
+    #[tokio::test]
+    async fn supervisor_reports_an_essential_task_that_returns() {
+        let mut tasks = Supervisor::default();
+        tasks.essential("keeper", async { anyhow::anyhow!("subnet taken") });
+        let ended = tasks.ended().await;
+        assert_eq!(
+            (ended.name, ended.error.to_string()),
+            ("keeper", "subnet taken".to_string())
+        );
     }
 }

@@ -82,6 +82,9 @@ fn print_human(r: &serde_json::Value) {
         s["lease_id"].as_i64().unwrap_or(0),
         text(&r["lease_expires_in_secs"])
     );
+    if let Some(since) = s["lease_lost_since"].as_u64() {
+        println!("          LOST since unix time {since}: taking the same subnet back");
+    }
     let etcd = &s["etcd"];
     if etcd["reachable"].as_bool() == Some(true) {
         println!("etcd:     reachable");

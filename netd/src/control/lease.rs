@@ -185,9 +185,10 @@ pub enum Choice {
     Exhausted,
 }
 
-/// Allocation policy: the subnet recorded by a previous run (taken back if
-/// its lease is ours, created if free), else a lease in etcd that carries
-/// our public IP (a run directory that was lost), else a random free one.
+/// Allocation policy at start-up, the order README.md describes: the
+/// subnet recorded by a previous run (taken back if its lease is ours,
+/// created if free), else a lease in etcd that carries our public IP (a run
+/// directory that was lost), else a random free one.
 pub fn choose(cfg: &NetworkConfig, claim: &Claim<'_>, rng: &mut impl rand::Rng) -> Choice {
     let ours =
         |s: &Ipv4Net, ip: &Option<Ipv4Addr>| *ip == Some(claim.public_ip) && cfg.is_leasable(s);
@@ -363,7 +364,16 @@ mod tests {
             Choice::Reclaim(net("10.244.3.0/24"))
         );
 
-        // The recorded subnet is free: created again.
+        // The recorded subnet is free: created again, even if a lease
+        // elsewhere claims our IP (an impostor, or a stale run directory).
+        let existing = [
+            (net("10.244.1.0/24"), Some(other)),
+            (net("10.244.2.0/24"), Some(me)),
+        ];
+        assert_eq!(
+            pick(&existing, Some("10.244.3.0/24")),
+            Choice::Create(net("10.244.3.0/24"))
+        );
         let existing = [(net("10.244.1.0/24"), Some(other))];
         assert_eq!(
             pick(&existing, Some("10.244.3.0/24")),

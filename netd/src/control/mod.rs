@@ -2,6 +2,7 @@
 //! allocation policy, acquiring and renewing this host's subnet, and
 //! following the other hosts' leases into the kernel maps.
 
+pub mod backoff;
 pub mod config;
 pub mod lease;
 pub mod registry;

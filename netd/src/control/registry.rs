@@ -20,6 +20,7 @@ pub enum RegistryError {
     #[error("etcd at {endpoints}{hint}")]
     Etcd {
         endpoints: String,
+        failure: Failure,
         /// What the operator may be missing, when the error suggests it.
         hint: &'static str,
         source: etcd_client::Error,
@@ -33,6 +34,127 @@ pub enum RegistryError {
     ConfigConflict { key: String, existing: String },
 }
 
+/// What an etcd error means to the caller, from its gRPC status code or,
+/// below gRPC, the transport's own error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The etcd lease named in the request does not exist (expired or
+    /// revoked).
+    LeaseNotFound,
+    /// etcd unreachable, slow, restarting or between leaders: retry.
+    Transient,
+    /// etcd refused our credentials or permissions: retrying cannot help.
+    Refused,
+    /// The TLS handshake failed (certificate, CA, protocol): fatal too.
+    Tls,
+    /// A request etcd or the client will never accept (bad URL, argument).
+    Invalid,
+}
+
+impl Failure {
+    pub fn of(error: &etcd_client::Error) -> Failure {
+        use etcd_client::Error as E;
+        match error {
+            E::GRpcStatus(status) => Self::of_status(status),
+            E::TransportError(_) | E::IoError(_) if cause(error).is_some_and(tls_failure) => {
+                Failure::Tls
+            }
+            E::TransportError(_)
+            | E::IoError(_)
+            | E::WatchError(_)
+            | E::LeaseKeepAliveError(_)
+            | E::ElectError(_)
+            | E::EndpointError(_)
+            | E::Internal(_) => Failure::Transient,
+            _ => Failure::Invalid,
+        }
+    }
+
+    fn of_status(status: &tonic::Status) -> Failure {
+        use tonic::Code;
+        match status.code() {
+            // etcd answers NotFound only for leases (keys read as empty).
+            Code::NotFound => Failure::LeaseNotFound,
+            // etcd's "authentication failed" and "user name is empty" are
+            // InvalidArgument; expired tokens are refreshed by the client
+            // before an Unauthenticated gets here.
+            Code::PermissionDenied | Code::Unauthenticated | Code::InvalidArgument => {
+                Failure::Refused
+            }
+            // tonic reports a failed connection as Unavailable, with the
+            // transport error (maybe a TLS one) as its source.
+            _ if tls_failure(status) => Failure::Tls,
+            Code::Unimplemented => Failure::Invalid,
+            // Unavailable, DeadlineExceeded, Cancelled (tonic's timeout),
+            // Aborted, ResourceExhausted, Unknown, Internal, ...
+            _ => Failure::Transient,
+        }
+    }
+
+    /// Whether retrying may succeed.
+    pub fn is_transient(self) -> bool {
+        matches!(self, Failure::Transient | Failure::LeaseNotFound)
+    }
+}
+
+/// What is inside an etcd client error (which names no source itself).
+fn cause(error: &etcd_client::Error) -> Option<&(dyn std::error::Error + 'static)> {
+    use etcd_client::Error as E;
+    match error {
+        E::GRpcStatus(status) => Some(status),
+        E::TransportError(e) => Some(e),
+        E::IoError(e) => Some(e),
+        _ => None,
+    }
+}
+
+/// Whether a TLS error is among the causes of `error`: rustls's own, or
+/// the `InvalidData` I/O error the TLS stream turns an alert from the
+/// server into (nothing else below gRPC reports that kind).
+fn tls_failure(error: &(dyn std::error::Error + 'static)) -> bool {
+    causes(error).any(|e| {
+        e.downcast_ref::<rustls::Error>().is_some()
+            || e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData)
+    })
+}
+
+/// Whether the connection could not be made at all (refused, timed out,
+/// no route), as opposed to made and then closed by the peer (what a
+/// TLS 1.3 server that wants a client certificate does).
+fn connect_failed(error: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind as K;
+    causes(error)
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|e| {
+            matches!(
+                e.kind(),
+                K::ConnectionRefused | K::TimedOut | K::HostUnreachable | K::NetworkUnreachable
+            )
+        })
+}
+
+/// `error` and its sources, looking inside `io::Error`s too (whose own
+/// `source` skips the error they wrap).
+fn causes<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    let mut next = Some(error);
+    // Bounded: error chains are short, and a cycle must not hang us.
+    std::iter::from_fn(move || {
+        let current = next?;
+        next = match current.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static))
+                .or_else(|| current.source()),
+            None => current.source(),
+        };
+        Some(current)
+    })
+    .take(32)
+}
+
 pub type Result<T> = std::result::Result<T, RegistryError>;
 
 /// One lease as stored: key suffix after `<prefix>/subnets/`, raw value, and
@@ -42,6 +164,8 @@ pub struct RawLease {
     pub key: String,
     pub value: Vec<u8>,
     pub mod_revision: i64,
+    /// The etcd lease the key is bound to (0: none).
+    pub lease: i64,
 }
 
 /// A change seen by the watch.
@@ -98,16 +222,12 @@ impl Access {
     /// With TLS, a server that requires a client certificate may just close
     /// the connection (TLS 1.3 rejects after the handshake): say so.
     fn hint(&self, source: &etcd_client::Error) -> &'static str {
-        let text = format!("{source:?}").to_lowercase();
-        let closed = [
-            "connection closed",
-            "canceled",
-            "broken pipe",
-            "certificate",
-        ]
-        .iter()
-        .any(|needle| text.contains(needle));
-        if self.ca_cert.is_some() && self.client_cert.is_none() && closed {
+        let suspicious = match Failure::of(source) {
+            Failure::Tls => true,
+            Failure::Transient => !cause(source).is_some_and(connect_failed),
+            _ => false,
+        };
+        if self.ca_cert.is_some() && self.client_cert.is_none() && suspicious {
             " (TLS without a client certificate: if etcd requires one, pass --etcd-cert and --etcd-key)"
         } else {
             ""
@@ -116,25 +236,19 @@ impl Access {
 }
 
 impl RegistryError {
-    /// Errors that retrying cannot fix: credentials, certificates, auth.
-    pub fn is_permanent(&self) -> bool {
+    /// What went wrong, for callers that retry some failures.
+    pub fn failure(&self) -> Failure {
         match self {
-            RegistryError::Credentials { .. } | RegistryError::ConfigConflict { .. } => true,
-            RegistryError::Etcd { source, .. } => {
-                let text = format!("{source:?}").to_lowercase();
-                // Transport errors carry the TLS alert or auth status as text.
-                [
-                    "certificate",
-                    "tls",
-                    "authentication failed",
-                    "user name is empty",
-                    "permission denied",
-                    "pem",
-                ]
-                .iter()
-                .any(|needle| text.contains(needle))
+            RegistryError::Etcd { failure, .. } => *failure,
+            RegistryError::Credentials { .. } | RegistryError::ConfigConflict { .. } => {
+                Failure::Invalid
             }
         }
+    }
+
+    /// Errors that retrying cannot fix: credentials, certificates, auth.
+    pub fn is_permanent(&self) -> bool {
+        !self.failure().is_transient()
     }
 }
 
@@ -155,6 +269,7 @@ impl Registry {
             .await
             .map_err(|source| RegistryError::Etcd {
                 endpoints: joined.clone(),
+                failure: Failure::of(&source),
                 hint: access.hint(&source),
                 source,
             })?;
@@ -166,9 +281,11 @@ impl Registry {
         })
     }
 
-    fn err(&self, source: etcd_client::Error) -> RegistryError {
+    /// Wraps an error of a stream this registry opened (keep-alive, watch).
+    pub fn err(&self, source: etcd_client::Error) -> RegistryError {
         RegistryError::Etcd {
             endpoints: self.endpoints.clone(),
+            failure: Failure::of(&source),
             hint: self.access.hint(&source),
             source,
         }
@@ -229,6 +346,7 @@ impl Registry {
                     key,
                     value: kv.value().to_vec(),
                     mod_revision: kv.mod_revision(),
+                    lease: kv.lease(),
                 })
             })
             .collect();
@@ -298,6 +416,18 @@ impl Registry {
             .map_err(|e| self.err(e))
     }
 
+    /// Renews `lease` once; its remaining TTL, 0 if etcd no longer has it.
+    pub async fn renew_once(&mut self, lease: i64) -> Result<i64> {
+        let (mut keeper, mut stream) = self.keep_alive(lease).await?;
+        keeper.keep_alive().await.map_err(|e| self.err(e))?;
+        match stream.message().await.map_err(|e| self.err(e))? {
+            Some(resp) => Ok(resp.ttl()),
+            None => Err(self.err(etcd_client::Error::LeaseKeepAliveError(
+                "keep-alive stream closed".into(),
+            ))),
+        }
+    }
+
     /// Watches the subnets prefix from `revision` on.
     pub async fn watch_subnets(&mut self, revision: i64) -> Result<WatchStream> {
         let options = WatchOptions::new()
@@ -326,10 +456,124 @@ impl Registry {
                         key,
                         value: kv.value().to_vec(),
                         mod_revision: kv.mod_revision(),
+                        lease: kv.lease(),
                     }),
                     EventType::Delete => SubnetEvent::Delete(key),
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::{Code, Status};
+
+    fn grpc(code: Code, message: &str) -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(Status::new(code, message))
+    }
+
+    #[test]
+    fn failures_by_grpc_code() {
+        let cases = [
+            (
+                grpc(Code::NotFound, "etcdserver: requested lease not found"),
+                Failure::LeaseNotFound,
+            ),
+            (
+                grpc(Code::Unavailable, "connection refused"),
+                Failure::Transient,
+            ),
+            (
+                grpc(Code::DeadlineExceeded, "context deadline exceeded"),
+                Failure::Transient,
+            ),
+            (grpc(Code::Cancelled, "Timeout expired"), Failure::Transient),
+            (
+                grpc(Code::Unavailable, "etcdserver: leader changed"),
+                Failure::Transient,
+            ),
+            (
+                grpc(Code::InvalidArgument, "etcdserver: authentication failed"),
+                Failure::Refused,
+            ),
+            (
+                grpc(Code::PermissionDenied, "etcdserver: permission denied"),
+                Failure::Refused,
+            ),
+            (
+                grpc(Code::Unauthenticated, "invalid auth token"),
+                Failure::Refused,
+            ),
+            (
+                etcd_client::Error::InvalidArgs("bad".into()),
+                Failure::Invalid,
+            ),
+            (
+                etcd_client::Error::LeaseKeepAliveError("stream closed".into()),
+                Failure::Transient,
+            ),
+        ];
+        for (error, want) in cases {
+            assert_eq!(Failure::of(&error), want, "{error}");
+        }
+    }
+
+    #[test]
+    fn tls_failures_are_found_among_the_causes() {
+        let alert = rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired);
+        // As tonic reports a failed connection: a status with the cause.
+        let status = Status::from_error(Box::new(std::io::Error::other(alert.clone())));
+        assert_eq!(
+            Failure::of(&etcd_client::Error::GRpcStatus(status)),
+            Failure::Tls
+        );
+        let io = etcd_client::Error::IoError(std::io::Error::other(alert));
+        assert_eq!(Failure::of(&io), Failure::Tls);
+        // An alert from the server, as the TLS stream reports it.
+        let alert = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "received fatal alert: BadCertificate",
+        );
+        let status = Status::from_error(Box::new(alert));
+        assert_eq!(
+            Failure::of(&etcd_client::Error::GRpcStatus(status)),
+            Failure::Tls
+        );
+        let refused = etcd_client::Error::IoError(std::io::ErrorKind::ConnectionRefused.into());
+        assert_eq!(Failure::of(&refused), Failure::Transient);
+        assert!(cause(&refused).is_some_and(connect_failed));
+    }
+
+    #[test]
+    fn permanent_errors() {
+        let etcd = |source| RegistryError::Etcd {
+            endpoints: "http://e:2379".into(),
+            failure: Failure::of(&source),
+            hint: "",
+            source,
+        };
+        assert!(!etcd(grpc(Code::Unavailable, "down")).is_permanent());
+        assert!(!etcd(grpc(Code::NotFound, "lease not found")).is_permanent());
+        assert!(etcd(grpc(Code::PermissionDenied, "no")).is_permanent());
+        let conflict = RegistryError::ConfigConflict {
+            key: "k".into(),
+            existing: "{}".into(),
+        };
+        assert!(conflict.is_permanent());
+    }
+
+    #[test]
+    fn hint_only_for_tls_without_a_client_certificate() {
+        let tls_only = Access {
+            ca_cert: Some("ca.pem".into()),
+            ..Default::default()
+        };
+        let closed = grpc(Code::Unknown, "h2 protocol error: connection closed");
+        assert!(!tls_only.hint(&closed).is_empty());
+        let refused = etcd_client::Error::IoError(std::io::ErrorKind::ConnectionRefused.into());
+        assert!(tls_only.hint(&refused).is_empty());
+        assert!(Access::default().hint(&closed).is_empty());
     }
 }

@@ -1,24 +1,123 @@
 //! Acquiring and holding this host's subnet lease in etcd.
+//!
+//! A starting host may take any free subnet ([`acquire`]). A running host
+//! that lost its etcd lease only ever takes the *same* subnet back
+//! ([`hold`]): its containers are numbered in it. etcd being away, slow or
+//! between leaders is retried with backoff while the kernel keeps
+//! forwarding; the one fatal case is the subnet now belonging to another
+//! host.
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
-use anyhow::{Context as _, Result, bail};
 use ipnet::Ipv4Net;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
+    control::backoff::Backoff,
     control::config::NetworkConfig,
     control::lease::{Choice, Claim, LeaseValue, Mac, choose, parse_subnet_key, subnet_key},
-    control::registry::Registry,
-    state::{EtcdHealth, NodeState},
+    control::registry::{Failure, RawLease, Registry, RegistryError},
+    state::{EtcdHealth, NodeState, now},
 };
 
 /// Attempts before giving up when other hosts keep winning the same subnet.
 const MAX_RACES: usize = 16;
+/// Retry delays while etcd is away during re-acquisition.
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_CAP: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubnetError {
+    /// The one case that must end the data path: never share a subnet.
+    #[error("lease for {subnet} was lost and the subnet is now held by another host ({by})")]
+    Taken { subnet: Ipv4Net, by: String },
+    #[error(
+        "no free subnet left in {network} (/{len} subnets between SubnetMin and SubnetMax are all leased)"
+    )]
+    Exhausted { network: Ipv4Net, len: u8 },
+    #[error("could not acquire a subnet: lost {MAX_RACES} races in a row")]
+    Races,
+    /// etcd away, slow or between leaders: worth retrying.
+    #[error("etcd unavailable")]
+    Transient(#[source] RegistryError),
+    /// etcd refused us (credentials, certificates): retrying cannot help.
+    #[error("etcd refused the request")]
+    Refused(#[source] RegistryError),
+}
+
+impl From<RegistryError> for SubnetError {
+    fn from(e: RegistryError) -> Self {
+        if e.failure().is_transient() {
+            SubnetError::Transient(e)
+        } else {
+            SubnetError::Refused(e)
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, SubnetError>;
+
+/// The registry operations leases need: a trait so that the policy can be
+/// tested against an etcd that fails on cue.
+pub trait Store {
+    async fn list_subnets(&mut self) -> std::result::Result<Vec<RawLease>, RegistryError>;
+    async fn grant(&mut self, ttl_secs: i64) -> std::result::Result<i64, RegistryError>;
+    async fn revoke(&mut self, lease: i64) -> std::result::Result<(), RegistryError>;
+    async fn create_subnet(
+        &mut self,
+        key: &str,
+        value: &str,
+        lease: i64,
+    ) -> std::result::Result<bool, RegistryError>;
+    async fn reclaim_subnet(
+        &mut self,
+        key: &str,
+        value: &str,
+        lease: i64,
+        mod_revision: i64,
+    ) -> std::result::Result<bool, RegistryError>;
+    /// Renews `lease` once; its remaining TTL, 0 if etcd no longer has it.
+    async fn renew_once(&mut self, lease: i64) -> std::result::Result<i64, RegistryError>;
+}
+
+impl Store for Registry {
+    async fn list_subnets(&mut self) -> std::result::Result<Vec<RawLease>, RegistryError> {
+        Ok(Registry::list_subnets(self).await?.0)
+    }
+    async fn grant(&mut self, ttl_secs: i64) -> std::result::Result<i64, RegistryError> {
+        Registry::grant(self, ttl_secs).await
+    }
+    async fn revoke(&mut self, lease: i64) -> std::result::Result<(), RegistryError> {
+        Registry::revoke(self, lease).await
+    }
+    async fn create_subnet(
+        &mut self,
+        key: &str,
+        value: &str,
+        lease: i64,
+    ) -> std::result::Result<bool, RegistryError> {
+        Registry::create_subnet(self, key, value, lease).await
+    }
+    async fn reclaim_subnet(
+        &mut self,
+        key: &str,
+        value: &str,
+        lease: i64,
+        mod_revision: i64,
+    ) -> std::result::Result<bool, RegistryError> {
+        Registry::reclaim_subnet(self, key, value, lease, mod_revision).await
+    }
+    async fn renew_once(&mut self, lease: i64) -> std::result::Result<i64, RegistryError> {
+        Registry::renew_once(self, lease).await
+    }
+}
 
 /// The lease this host holds.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Held {
     pub subnet: Ipv4Net,
     pub lease_id: i64,
@@ -30,23 +129,22 @@ pub struct Identity {
     pub ttl_secs: i64,
 }
 
-/// Takes a subnet: our own existing lease, else the recorded one if free,
-/// else a random free one; each in a transaction so no two hosts share one.
+/// Takes a subnet at start-up, as [`choose`] orders them; each in a
+/// transaction so no two hosts share one.
 pub async fn acquire(
-    registry: &mut Registry,
+    store: &mut impl Store,
     cfg: &NetworkConfig,
     me: &Identity,
     recorded: Option<Ipv4Net>,
 ) -> Result<Held> {
     let value = LeaseValue::for_backend(cfg, me.public_ip, me.vtep_mac).to_json();
     for _ in 0..MAX_RACES {
-        let (leases, _) = registry.list_subnets().await?;
+        let leases = store.list_subnets().await?;
         let existing: Vec<(Ipv4Net, Option<Ipv4Addr>, i64)> = leases
             .iter()
             .filter_map(|l| {
                 let subnet = parse_subnet_key(&l.key).ok()?;
-                let ip = LeaseValue::parse(&l.value).ok().map(|(v, _)| v.public_ip);
-                Some((subnet, ip, l.mod_revision))
+                Some((subnet, holder(l), l.mod_revision))
             })
             .collect();
         let pairs: Vec<(Ipv4Net, Option<Ipv4Addr>)> =
@@ -57,130 +155,507 @@ pub async fn acquire(
             existing: &pairs,
         };
         let choice = choose(cfg, &claim, &mut rand::rng());
-        let lease_id = registry.grant(me.ttl_secs).await?;
+        let subnet = match choice {
+            Choice::Reclaim(subnet) | Choice::Create(subnet) => subnet,
+            Choice::Exhausted => {
+                return Err(SubnetError::Exhausted {
+                    network: cfg.network,
+                    len: cfg.subnet_len,
+                });
+            }
+        };
+        let lease_id = store.grant(me.ttl_secs).await?;
+        let key = subnet_key(subnet);
         let won = match choice {
-            Choice::Reclaim(subnet) => {
+            Choice::Reclaim(_) => {
                 let rev = existing
                     .iter()
                     .find(|(s, ..)| *s == subnet)
-                    .map(|e| e.2)
-                    .unwrap_or(0);
-                registry
-                    .reclaim_subnet(&subnet_key(subnet), &value, lease_id, rev)
-                    .await?
-                    .then_some(subnet)
+                    .map_or(0, |e| e.2);
+                store.reclaim_subnet(&key, &value, lease_id, rev).await
             }
-            Choice::Create(subnet) => registry
-                .create_subnet(&subnet_key(subnet), &value, lease_id)
-                .await?
-                .then_some(subnet),
-            Choice::Exhausted => {
-                let _ = registry.revoke(lease_id).await;
-                bail!(
-                    "no free subnet left in {} (/{} subnets between SubnetMin and SubnetMax are all leased)",
-                    cfg.network,
-                    cfg.subnet_len
-                );
-            }
+            _ => store.create_subnet(&key, &value, lease_id).await,
         };
-        match won {
-            Some(subnet) => {
-                info!(%subnet, lease = lease_id, ttl = me.ttl_secs, "subnet lease acquired");
-                return Ok(Held { subnet, lease_id });
-            }
-            None => {
-                let _ = registry.revoke(lease_id).await;
-                info!(?choice, "another host won the subnet; retrying");
-            }
+        if won.as_ref().is_ok_and(|won| *won) {
+            info!(%subnet, lease = lease_id, ttl = me.ttl_secs, "subnet lease acquired");
+            return Ok(Held { subnet, lease_id });
         }
+        let _ = store.revoke(lease_id).await;
+        won?;
+        info!(?choice, "another host won the subnet; retrying");
     }
-    bail!("could not acquire a subnet: lost {MAX_RACES} races in a row")
+    Err(SubnetError::Races)
 }
 
-/// Keeps the lease alive, renewing at a third of the TTL. If etcd lost the
-/// lease, takes the same subnet back; if another host holds it by then,
-/// fails loudly rather than share it.
+/// The public IP a lease names, if its value parses.
+fn holder(lease: &RawLease) -> Option<Ipv4Addr> {
+    LeaseValue::parse(&lease.value)
+        .ok()
+        .map(|(v, _)| v.public_ip)
+}
+
+/// One attempt at holding `held.subnet` again, never another subnet: our
+/// key still bound to our live lease is kept as it is; our key on another
+/// (or a dead) lease is rebound to a new one; an absent key is created.
+/// `None`: a race was lost, look again.
+pub async fn retake(
+    store: &mut impl Store,
+    cfg: &NetworkConfig,
+    me: &Identity,
+    held: Held,
+) -> Result<Option<Held>> {
+    let key = subnet_key(held.subnet);
+    let leases = store.list_subnets().await?;
+    let ours = match leases.into_iter().find(|l| l.key == key) {
+        Some(lease) => match holder(&lease) {
+            Some(ip) if ip == me.public_ip => Some(lease),
+            other => {
+                return Err(SubnetError::Taken {
+                    subnet: held.subnet,
+                    by: other.map_or_else(|| "unreadable lease value".into(), |ip| ip.to_string()),
+                });
+            }
+        },
+        None => None,
+    };
+    if let Some(lease) = &ours
+        && lease.lease == held.lease_id
+        // etcd extends leases when it restarts: ours may still be alive.
+        && store.renew_once(held.lease_id).await? > 0
+    {
+        return Ok(Some(held));
+    }
+    let value = LeaseValue::for_backend(cfg, me.public_ip, me.vtep_mac).to_json();
+    let lease_id = store.grant(me.ttl_secs).await?;
+    let won = match &ours {
+        Some(lease) => {
+            store
+                .reclaim_subnet(&key, &value, lease_id, lease.mod_revision)
+                .await
+        }
+        None => store.create_subnet(&key, &value, lease_id).await,
+    };
+    if won.as_ref().is_ok_and(|won| *won) {
+        return Ok(Some(Held {
+            subnet: held.subnet,
+            lease_id,
+        }));
+    }
+    let _ = store.revoke(lease_id).await;
+    won?;
+    Ok(None)
+}
+
+/// Takes the same subnet back, retrying with backoff while etcd is away;
+/// fails only if another host holds the subnet now (or etcd refuses us).
+pub async fn reacquire(
+    store: &mut impl Store,
+    cfg: &NetworkConfig,
+    me: &Identity,
+    held: Held,
+    state: &watch::Sender<NodeState>,
+) -> Result<Held> {
+    let mut backoff = Backoff::new(RETRY_FIRST, RETRY_CAP);
+    let mut races = 0;
+    state.send_modify(|s| {
+        s.lease_lost_since.get_or_insert(now());
+    });
+    loop {
+        match retake(store, cfg, me, held).await {
+            Ok(Some(again)) => {
+                info!(subnet = %again.subnet, lease = again.lease_id, "subnet taken back");
+                state.send_modify(|s| {
+                    s.lease_id = again.lease_id;
+                    s.lease_lost_since = None;
+                    s.etcd = EtcdHealth::reachable();
+                    s.renewed(me.ttl_secs);
+                });
+                return Ok(again);
+            }
+            Ok(None) => {
+                races += 1;
+                if races >= MAX_RACES {
+                    return Err(SubnetError::Races);
+                }
+            }
+            Err(SubnetError::Transient(e)) => {
+                let delay = backoff.next_delay();
+                let error = format!("{:#}", anyhow::Error::from(e));
+                warn!(subnet = %held.subnet, "taking the subnet back: {error}; retrying in {delay:?}");
+                state.send_modify(|s| s.etcd.unreachable(&error));
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// How renewing ended.
+#[derive(Debug)]
+enum Interrupted {
+    /// etcd no longer has the lease.
+    Lost,
+    Etcd(RegistryError),
+    /// No keep-alive reply within the renewal interval.
+    NoReply,
+}
+
+/// Keeps the lease alive, renewing at a third of the TTL. A lost lease is
+/// taken back (the same subnet); an unreachable etcd is retried with
+/// backoff, and past the TTL without a renewal the lease is treated as
+/// lost. Returns only with an error that must end the data path.
 pub async fn hold(
     mut registry: Registry,
     cfg: NetworkConfig,
     me: Identity,
     mut held: Held,
     state: watch::Sender<NodeState>,
-) -> Result<()> {
+) -> SubnetError {
     let interval = Duration::from_secs((me.ttl_secs as u64 / 3).max(1));
+    let ttl = Duration::from_secs(me.ttl_secs as u64);
+    let mut backoff = Backoff::new(RETRY_FIRST, interval.min(RETRY_CAP));
+    let mut renewed = Instant::now();
     loop {
-        match renew_until_lost(&mut registry, held, interval, &state).await {
-            Ok(()) => {
+        let before = renewed;
+        let interrupted =
+            renew_until_lost(&mut registry, held, interval, &state, &mut renewed).await;
+        if renewed != before {
+            backoff.reset();
+        }
+        let lost = match interrupted {
+            Interrupted::Lost => {
                 warn!(subnet = %held.subnet, "lease expired in etcd; taking the subnet back");
-                held = reacquire(&mut registry, &cfg, &me, held).await?;
-                state.send_modify(|s| s.lease_id = held.lease_id);
+                true
             }
-            // etcd answers, but our lease expired while we could not reach
-            // it: take the subnet back like any lost lease.
-            Err(e) if lease_not_found(&e) => {
+            Interrupted::Etcd(e) if e.failure() == Failure::LeaseNotFound => {
                 warn!(subnet = %held.subnet, "lease expired while etcd was unreachable; taking the subnet back");
-                held = reacquire(&mut registry, &cfg, &me, held).await?;
-                state.send_modify(|s| {
-                    s.lease_id = held.lease_id;
-                    s.etcd = EtcdHealth::reachable();
-                });
+                true
             }
-            Err(e) => {
-                state.send_modify(|s| s.etcd.unreachable(&format!("{e:#}")));
-                warn!("lease renewal failed: {e:#}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+            Interrupted::Etcd(e) if !e.is_permanent() => {
+                note_unreachable(&state, &format!("{:#}", anyhow::Error::from(e)));
+                renewed.elapsed() >= ttl
             }
+            Interrupted::Etcd(e) => return SubnetError::Refused(e),
+            Interrupted::NoReply => {
+                note_unreachable(
+                    &state,
+                    "keep-alive stream ended or no reply within the renewal interval",
+                );
+                renewed.elapsed() >= ttl
+            }
+        };
+        if lost {
+            match reacquire(&mut registry, &cfg, &me, held, &state).await {
+                Ok(again) => {
+                    held = again;
+                    renewed = Instant::now();
+                    backoff.reset();
+                }
+                Err(e) => return e,
+            }
+        } else {
+            tokio::time::sleep(backoff.next_delay()).await;
         }
     }
 }
 
-/// Takes the same subnet again after losing its lease; fails if another
-/// host holds it now, rather than share it.
-async fn reacquire(
-    registry: &mut Registry,
-    cfg: &NetworkConfig,
-    me: &Identity,
-    held: Held,
-) -> Result<Held> {
-    let again = acquire(registry, cfg, me, Some(held.subnet)).await?;
-    if again.subnet != held.subnet {
-        let _ = registry.revoke(again.lease_id).await;
-        bail!(
-            "lease for {} was lost and the subnet is now held by another host",
-            held.subnet
-        );
-    }
-    Ok(again)
+fn note_unreachable(state: &watch::Sender<NodeState>, error: &str) {
+    warn!("lease renewal failed: {error}");
+    state.send_modify(|s| s.etcd.unreachable(error));
 }
 
-fn lease_not_found(e: &anyhow::Error) -> bool {
-    format!("{e:?}").contains("lease not found")
-}
-
-/// Renews until etcd reports the lease gone (`Ok`) or the connection fails.
+/// Renews until etcd reports the lease gone or the connection fails.
 async fn renew_until_lost(
     registry: &mut Registry,
     held: Held,
     interval: Duration,
     state: &watch::Sender<NodeState>,
-) -> Result<()> {
-    let (mut keeper, mut stream) = registry.keep_alive(held.lease_id).await?;
+    renewed: &mut Instant,
+) -> Interrupted {
+    let (mut keeper, mut stream) = match registry.keep_alive(held.lease_id).await {
+        Ok(pair) => pair,
+        Err(e) => return Interrupted::Etcd(e),
+    };
     loop {
-        keeper.keep_alive().await.context("sending keep-alive")?;
+        if let Err(e) = keeper.keep_alive().await {
+            return Interrupted::Etcd(registry.err(e));
+        }
         // A silently lost connection must not outlast the lease: give up
         // on a reply after one renewal interval and reconnect.
-        let resp = tokio::time::timeout(interval, stream.message())
-            .await
-            .context("no keep-alive reply within the renewal interval")?
-            .context("keep-alive reply")?
-            .context("keep-alive stream closed")?;
+        let resp = match tokio::time::timeout(interval, stream.message()).await {
+            Err(_) | Ok(Ok(None)) => return Interrupted::NoReply,
+            Ok(Err(e)) => return Interrupted::Etcd(registry.err(e)),
+            Ok(Ok(Some(resp))) => resp,
+        };
         if resp.ttl() <= 0 {
-            return Ok(());
+            return Interrupted::Lost;
         }
+        *renewed = Instant::now();
         state.send_modify(|s| {
             s.etcd = EtcdHealth::reachable();
             s.renewed(resp.ttl());
         });
         tokio::time::sleep(interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+
+    const ME: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+    const OTHER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+
+    /// An etcd in memory that fails the operations numbered in `fail`
+    /// (counted from 1) as a stopped etcd does.
+    #[derive(Default)]
+    struct FakeEtcd {
+        keys: BTreeMap<String, RawLease>,
+        alive: BTreeSet<i64>,
+        next_lease: i64,
+        revision: i64,
+        ops: usize,
+        fail: BTreeSet<usize>,
+        refuse: bool,
+        created: Vec<String>,
+    }
+
+    fn unavailable() -> RegistryError {
+        let source = etcd_client::Error::GRpcStatus(tonic::Status::unavailable("etcd stopped"));
+        RegistryError::Etcd {
+            endpoints: "http://198.18.0.254:2379".into(),
+            failure: Failure::of(&source),
+            hint: "",
+            source,
+        }
+    }
+
+    impl FakeEtcd {
+        fn op(&mut self) -> std::result::Result<(), RegistryError> {
+            self.ops += 1;
+            if self.refuse {
+                let source = etcd_client::Error::GRpcStatus(tonic::Status::permission_denied(
+                    "etcdserver: permission denied",
+                ));
+                return Err(RegistryError::Etcd {
+                    endpoints: String::new(),
+                    failure: Failure::of(&source),
+                    hint: "",
+                    source,
+                });
+            }
+            if self.fail.contains(&self.ops) {
+                return Err(unavailable());
+            }
+            Ok(())
+        }
+
+        fn put(&mut self, key: &str, ip: Ipv4Addr, lease: i64) {
+            self.revision += 1;
+            let value = LeaseValue::vxlan(ip, 1, Mac::vtep_for(ip)).to_json();
+            self.keys.insert(
+                key.to_string(),
+                RawLease {
+                    key: key.to_string(),
+                    value: value.into_bytes(),
+                    mod_revision: self.revision,
+                    lease,
+                },
+            );
+        }
+
+        fn bound(&self, key: &str) -> Option<(Ipv4Addr, i64)> {
+            let lease = self.keys.get(key)?;
+            Some((holder(lease)?, lease.lease))
+        }
+    }
+
+    impl Store for FakeEtcd {
+        async fn list_subnets(&mut self) -> std::result::Result<Vec<RawLease>, RegistryError> {
+            self.op()?;
+            Ok(self.keys.values().cloned().collect())
+        }
+        async fn grant(&mut self, _ttl: i64) -> std::result::Result<i64, RegistryError> {
+            self.op()?;
+            self.next_lease += 1;
+            self.alive.insert(self.next_lease);
+            Ok(self.next_lease)
+        }
+        async fn revoke(&mut self, lease: i64) -> std::result::Result<(), RegistryError> {
+            self.op()?;
+            self.alive.remove(&lease);
+            self.keys.retain(|_, l| l.lease != lease);
+            Ok(())
+        }
+        async fn create_subnet(
+            &mut self,
+            key: &str,
+            value: &str,
+            lease: i64,
+        ) -> std::result::Result<bool, RegistryError> {
+            self.op()?;
+            if self.keys.contains_key(key) {
+                return Ok(false);
+            }
+            let ip = LeaseValue::parse(value.as_bytes()).unwrap().0.public_ip;
+            self.put(key, ip, lease);
+            self.created.push(key.to_string());
+            Ok(true)
+        }
+        async fn reclaim_subnet(
+            &mut self,
+            key: &str,
+            value: &str,
+            lease: i64,
+            mod_revision: i64,
+        ) -> std::result::Result<bool, RegistryError> {
+            self.op()?;
+            if self.keys.get(key).map(|l| l.mod_revision) != Some(mod_revision) {
+                return Ok(false);
+            }
+            let ip = LeaseValue::parse(value.as_bytes()).unwrap().0.public_ip;
+            self.put(key, ip, lease);
+            Ok(true)
+        }
+        async fn renew_once(&mut self, lease: i64) -> std::result::Result<i64, RegistryError> {
+            self.op()?;
+            Ok(if self.alive.contains(&lease) { 60 } else { 0 })
+        }
+    }
+
+    fn cfg() -> NetworkConfig {
+        NetworkConfig::parse(br#"{"Network":"10.244.0.0/16"}"#).unwrap()
+    }
+
+    fn me() -> Identity {
+        Identity {
+            public_ip: ME,
+            vtep_mac: Mac::vtep_for(ME),
+            ttl_secs: 60,
+        }
+    }
+
+    fn held() -> Held {
+        Held {
+            subnet: "10.244.7.0/24".parse().unwrap(),
+            lease_id: 1000,
+        }
+    }
+
+    const KEY: &str = "10.244.7.0-24";
+
+    fn state() -> watch::Sender<NodeState> {
+        watch::channel(NodeState::default()).0
+    }
+
+    /// etcd stopped at each step of re-acquiring an expired lease, for
+    /// one call or for several: the same subnet comes back, on a live
+    /// lease, and no other subnet key is ever created.
+    #[tokio::test]
+    async fn reacquire_survives_etcd_stopping_at_any_step() {
+        for first in 1..=4 {
+            for len in [1, 3] {
+                let mut etcd = FakeEtcd {
+                    next_lease: 2000,
+                    fail: (first..first + len).collect(),
+                    ..Default::default()
+                };
+                // Another host's lease, so the list is not empty.
+                etcd.put("10.244.9.0-24", OTHER, 1);
+                let tx = state();
+                let again = reacquire(&mut etcd, &cfg(), &me(), held(), &tx)
+                    .await
+                    .unwrap_or_else(|e| panic!("failing ops {first}..+{len}: {e}"));
+                let what = format!("failing ops {first}..+{len}");
+                assert_eq!(again.subnet, held().subnet, "{what}");
+                assert_eq!(etcd.created, [KEY], "{what}");
+                assert_eq!(etcd.bound(KEY), Some((ME, again.lease_id)), "{what}");
+                assert!(etcd.alive.contains(&again.lease_id), "{what}");
+                let published = tx.borrow();
+                assert_eq!(published.lease_id, again.lease_id, "{what}");
+                assert_eq!(published.lease_lost_since, None, "{what}");
+                assert!(published.etcd.reachable, "{what}");
+            }
+        }
+    }
+
+    /// etcd restarted with our lease extended: kept as it is.
+    #[tokio::test]
+    async fn a_live_lease_is_kept() {
+        let mut etcd = FakeEtcd::default();
+        etcd.alive.insert(held().lease_id);
+        etcd.put(KEY, ME, held().lease_id);
+        let again = retake(&mut etcd, &cfg(), &me(), held()).await.unwrap();
+        assert_eq!(again, Some(held()));
+        assert_eq!(etcd.next_lease, 0, "granted a lease it did not need");
+    }
+
+    /// Our key on a dead lease is rebound to a new one, not recreated.
+    #[tokio::test]
+    async fn our_key_on_a_dead_lease_is_rebound() {
+        let mut etcd = FakeEtcd {
+            next_lease: 2000,
+            ..Default::default()
+        };
+        etcd.put(KEY, ME, 77);
+        let again = retake(&mut etcd, &cfg(), &me(), held())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.lease_id, 2001);
+        assert_eq!(etcd.bound(KEY), Some((ME, 2001)));
+        assert!(etcd.created.is_empty());
+    }
+
+    /// The subnet held by another host: the one fatal case; nothing written.
+    #[tokio::test]
+    async fn a_subnet_taken_by_another_host_is_fatal() {
+        let mut etcd = FakeEtcd::default();
+        etcd.put(KEY, OTHER, 5);
+        let err = reacquire(&mut etcd, &cfg(), &me(), held(), &state())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, SubnetError::Taken { by, .. } if by == "198.18.0.2"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("now held by another host"));
+        assert_eq!(etcd.bound(KEY), Some((OTHER, 5)));
+        assert_eq!(etcd.next_lease, 0);
+    }
+
+    /// etcd refusing us is not retried for ever.
+    #[tokio::test]
+    async fn refusal_is_not_retried() {
+        let mut etcd = FakeEtcd {
+            refuse: true,
+            ..Default::default()
+        };
+        let err = reacquire(&mut etcd, &cfg(), &me(), held(), &state())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SubnetError::Refused(_)), "{err}");
+        assert_eq!(etcd.ops, 1);
+    }
+
+    /// At start-up a transient failure is reported as such (the caller
+    /// retries), and a failed write leaves no granted lease behind.
+    #[tokio::test]
+    async fn acquire_reports_transient_failures() {
+        let mut etcd = FakeEtcd {
+            fail: [3].into(),
+            ..Default::default()
+        };
+        let err = acquire(&mut etcd, &cfg(), &me(), Some(held().subnet))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, SubnetError::Transient(_)), "{err}");
+        assert!(etcd.alive.is_empty(), "granted lease left alive");
+        let got = acquire(&mut etcd, &cfg(), &me(), Some(held().subnet))
+            .await
+            .unwrap();
+        assert_eq!(got.subnet, held().subnet);
     }
 }

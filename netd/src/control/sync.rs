@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::{
     control::config::{HOST_GW, NetworkConfig},
-    control::lease::{LeaseValue, parse_subnet_key},
+    control::lease::{LeaseError, LeaseValue, parse_subnet_key},
     control::registry::{RawLease, Registry, SubnetEvent},
     datapath::Maps,
     state::{EtcdHealth, NodeState},
@@ -74,7 +74,7 @@ pub fn desired<'a>(
                 out.insert(subnet, peer);
             }
             Ok(None) => {}
-            Err(why) => rejections.reject(lease, &why),
+            Err(why) => rejections.reject(lease, &why.to_string()),
         }
     }
     out
@@ -96,40 +96,57 @@ fn overlapping<V>(set: &BTreeMap<Ipv4Net, V>, subnet: &Ipv4Net) -> Option<Ipv4Ne
         .find(|s| overlaps(s, subnet))
 }
 
+/// Why a lease is not programmed.
+#[derive(Debug, thiserror::Error)]
+enum Rejection {
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error("{subnet} is not a /{len} subnet within {network} (SubnetMin..SubnetMax)")]
+    OutsideNetwork {
+        subnet: Ipv4Net,
+        len: u8,
+        network: Ipv4Net,
+    },
+    #[error("overlaps this host's {0}")]
+    OverlapsOwn(Ipv4Net),
+    #[error("claims this host's public IP {0}")]
+    ClaimsOwnIp(Ipv4Addr),
+    #[error(
+        "host-gw peer {0} is not on a directly connected subnet: it cannot be reached without encapsulation"
+    )]
+    HostGwNotDirect(Ipv4Addr),
+}
+
 /// One lease as a kernel entry; `None` for our own.
 fn peer_of(
     cfg: &NetworkConfig,
     own: Own,
     connected: &Connected,
     lease: &RawLease,
-) -> Result<Option<(Ipv4Net, Peer)>, String> {
-    let subnet = parse_subnet_key(&lease.key).map_err(|e| e.to_string())?;
+) -> Result<Option<(Ipv4Net, Peer)>, Rejection> {
+    let subnet = parse_subnet_key(&lease.key)?;
     if subnet == own.subnet {
         return Ok(None);
     }
     if !cfg.is_leasable(&subnet) {
-        return Err(format!(
-            "{subnet} is not a /{} subnet within {} (SubnetMin..SubnetMax)",
-            cfg.subnet_len, cfg.network
-        ));
+        return Err(Rejection::OutsideNetwork {
+            subnet,
+            len: cfg.subnet_len,
+            network: cfg.network,
+        });
     }
     if overlaps(&subnet, &own.subnet) {
-        return Err(format!("overlaps this host's {}", own.subnet));
+        return Err(Rejection::OverlapsOwn(own.subnet));
     }
-    let (value, mac) = LeaseValue::parse(&lease.value).map_err(|e| e.to_string())?;
-    value
-        .expect_backend(&cfg.backend.kind)
-        .map_err(|e| e.to_string())?;
+    let (value, mac) = LeaseValue::parse(&lease.value)?;
+    value.expect_backend(&cfg.backend.kind)?;
     if value.public_ip == own.public_ip {
-        return Err(format!("claims this host's public IP {}", own.public_ip));
+        return Err(Rejection::ClaimsOwnIp(own.public_ip));
     }
     let direct = connected.contains(value.public_ip);
     let mode = if cfg.backend.kind == HOST_GW {
         if !direct {
-            return Err(format!(
-                "host-gw peer {} is not on a directly connected subnet: it cannot be reached without encapsulation",
-                value.public_ip
-            ));
+            return Err(Rejection::HostGwNotDirect(value.public_ip));
         }
         PeerMode::Direct
     } else if cfg.backend.direct_routing && direct {
@@ -373,6 +390,7 @@ mod tests {
             key: key.into(),
             value: value.as_bytes().to_vec(),
             mod_revision: 1,
+            lease: 0,
         }
     }
 
@@ -421,6 +439,7 @@ mod direct {
             key: key.into(),
             value: json.as_bytes().to_vec(),
             mod_revision: 1,
+            lease: 0,
         }
     }
 
