@@ -266,24 +266,31 @@ fn output_interface(route: &RouteMessage) -> Option<u32> {
 }
 
 /// Runs `work` with a netlink socket inside the namespace at `netns`, on a
-/// thread of its own so this process's namespace never changes.
-pub fn in_netns<T, F>(netns: &Path, work: F) -> Result<T>
+/// thread of its own so this process's namespace never changes. The
+/// caller's runtime waits for the thread without blocking.
+pub async fn in_netns<T, F>(netns: &Path, work: F) -> Result<T>
 where
     T: Send + 'static,
     F: AsyncFnOnce(Netlink) -> Result<T> + Send + 'static,
 {
     let file = File::open(netns)
         .with_context(|| format!("opening network namespace {}", netns.display()))?;
-    std::thread::spawn(move || -> Result<T> {
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .context("entering network namespace")?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        runtime.block_on(async move { work(Netlink::connect()?).await })
-    })
-    .join()
-    .map_err(|_| anyhow!("namespace worker panicked"))?
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let run = || -> Result<T> {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .context("entering network namespace")?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move { work(Netlink::connect()?).await })
+        };
+        // The receiver only goes away with the caller.
+        let _ = done.send(run());
+    });
+    result
+        .await
+        .map_err(|_| anyhow!("namespace worker panicked"))?
 }
 
 /// Turns GRO on for `ifname` (ETHTOOL_SGRO). On a veth this also gives the
