@@ -7,6 +7,7 @@ mod endpoint;
 mod netlink;
 #[cfg(test)]
 mod proptests;
+mod selfheal;
 mod state;
 
 use std::process::ExitCode;

@@ -62,6 +62,9 @@ pub struct NodeState {
     pub lease_expires_at: u64,
     pub etcd: EtcdHealth,
     pub underlay: Option<Underlay>,
+    /// Attachments found missing in the kernel and put back since start.
+    #[serde(default)]
+    pub repairs: u64,
 }
 
 impl NodeState {

@@ -98,6 +98,10 @@ pub struct RunArgs {
     /// Lifetime of the subnet lease in seconds; renewed every third of it.
     #[arg(long, env = "NETD_LEASE_TTL")]
     pub lease_ttl: Option<u64>,
+    /// Seconds between checks that every program is still attached (link
+    /// and TC changes trigger a check at once too).
+    #[arg(long, env = "NETD_RECONCILE_INTERVAL", default_value_t = crate::selfheal::DEFAULT_INTERVAL.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    pub reconcile_interval: u64,
 }
 
 #[derive(Debug, Subcommand)]

@@ -20,6 +20,7 @@ use crate::{
     datapath::{self, Hook, Maps, PinDir},
     endpoint,
     netlink::{Link, Netlink},
+    selfheal,
     state::{EtcdHealth, NodeState, SubnetEnv},
 };
 
@@ -35,6 +36,7 @@ struct Options {
     public_ip: Option<Ipv4Addr>,
     decap: Hook,
     lease_ttl: u64,
+    reconcile_interval: Duration,
 }
 
 impl Options {
@@ -72,6 +74,7 @@ impl Options {
             public_ip: args.public_ip.or(file.public_ip),
             decap,
             lease_ttl,
+            reconcile_interval: Duration::from_secs(args.reconcile_interval),
         })
     }
 }
@@ -185,6 +188,23 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
             .collect();
         pending.switch_over(&pin, run_dir, &containers).await?;
     }
+    // The kernel, not a record, says what is attached: put back what is
+    // missing before announcing the node, then keep it so.
+    let mut healer = selfheal::Healer::new(
+        pin.clone(),
+        run_dir.to_path_buf(),
+        datapath::Underlay {
+            iface: underlay.name.clone(),
+            hook,
+        },
+    );
+    let repaired = healer.reconcile(&nl).await;
+    state_tx.send_modify(|s| s.repairs += repaired);
+    tokio::spawn(selfheal::run(
+        healer,
+        opts.reconcile_interval,
+        state_tx.clone(),
+    ));
     tokio::spawn(sync::run(
         registry.clone(),
         cfg.clone(),
