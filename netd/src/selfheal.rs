@@ -2,7 +2,9 @@
 //! underlay hook, `from_container` on every recorded container's veth) are
 //! compared with what the kernel has at start-up, after every link or TC
 //! change in this namespace, and on a timer (in case a notification is
-//! lost), and what is missing is attached again, counted and logged.
+//! lost), and what is missing is attached again, counted and logged. A
+//! re-created underlay NIC (new index, maybe new MAC) is followed in the
+//! node configuration too, since `from_container` redirects to it by index.
 
 use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 
@@ -13,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::{
     datapath::{
-        PinDir, Underlay,
+        Maps, PinDir, Underlay,
         attachments::{self, Attachment},
     },
     endpoint,
@@ -34,6 +36,8 @@ pub struct Healer {
     /// Said once each, until they are fine again: no log line per pass.
     reported_no_link: BTreeSet<Attachment>,
     reported_failed: BTreeSet<Attachment>,
+    /// The underlay index the node configuration holds, once checked.
+    underlay_index: Option<u32>,
 }
 
 impl Healer {
@@ -44,6 +48,7 @@ impl Healer {
             underlay,
             reported_no_link: BTreeSet::new(),
             reported_failed: BTreeSet::new(),
+            underlay_index: None,
         }
     }
 
@@ -84,7 +89,42 @@ impl Healer {
         let failed: BTreeSet<_> = outcome.failed.into_iter().map(|(a, _)| a).collect();
         self.reported_no_link.retain(|a| no_link.contains(a));
         self.reported_failed.retain(|a| failed.contains(a));
-        outcome.repaired.len() as u64
+        let followed = match self.follow_underlay(nl).await {
+            Ok(changed) => changed as u64,
+            Err(e) => {
+                warn!(iface = %self.underlay.iface, "checking the underlay's index: {e:#}");
+                0
+            }
+        };
+        outcome.repaired.len() as u64 + followed
+    }
+
+    /// Points the node configuration at the underlay link now under the
+    /// name, if its index or MAC changed. Returns whether it did.
+    async fn follow_underlay(&mut self, nl: &Netlink) -> Result<bool> {
+        let Some(link) = nl.link(&self.underlay.iface).await? else {
+            return Ok(false);
+        };
+        if self.underlay_index == Some(link.index) {
+            return Ok(false);
+        }
+        let mut maps = Maps::open(&self.pin)?;
+        let mut config = maps.config()?;
+        let mac = link.mac.unwrap_or(config.underlay_mac);
+        let changed = config.underlay_ifindex != link.index || config.underlay_mac != mac;
+        if changed {
+            warn!(
+                iface = %self.underlay.iface,
+                old_index = config.underlay_ifindex,
+                new_index = link.index,
+                "underlay interface was re-created; the data path now sends through the new one"
+            );
+            config.underlay_ifindex = link.index;
+            config.underlay_mac = mac;
+            maps.set_config(&config)?;
+        }
+        self.underlay_index = Some(link.index);
+        Ok(changed)
     }
 }
 

@@ -14,6 +14,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
+use netd_tests::topology::{BRIDGE, HOST_IFACE, UNDERLAY_PREFIX_LEN, switch_port};
 use netd_tests::traffic::Pattern;
 use netd_tests::{Cluster, NsRef, ping_stats, poll_until, require_root, strip_ansi, wait_for};
 use serde_json::Value;
@@ -599,4 +600,73 @@ fn vanished_container_is_reported_once_not_repaired() {
         "a vanished container counted as a repair"
     );
     cluster.daemons[0].as_mut().unwrap().assert_running();
+}
+
+#[test]
+fn recreated_underlay_nic_is_followed() {
+    require_root();
+    let (cluster, c0, c1) = two_hosts("tc");
+    let host = cluster.host(1);
+    let ns = host.ns().handle();
+    let link = |ns: &NsRef| json_in(ns, &["ip", "-j", "link", "show", "dev", HOST_IFACE]);
+    let before = link(&ns);
+    let old_index = before[0]["ifindex"].as_u64().expect("ifindex");
+    let mac = before[0]["address"].as_str().expect("MAC").to_string();
+    let repairs_before = repairs(&cluster, 1);
+    let (from, to) = (cluster.container(c0), cluster.container(c1));
+    let ping = PingRun::start(&from.ns.handle(), to.ip);
+    thread::sleep(Duration::from_millis(300));
+
+    // As a driver reload does: a new link under the old name, same MAC and
+    // address, new index, no programs.
+    let since = unix_now();
+    let switch = cluster.topo.switch().handle();
+    let port = switch_port(1);
+    switch.run_ok(&["ip", "link", "del", &port]);
+    switch.run_ok(&[
+        "ip",
+        "link",
+        "add",
+        &port,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        HOST_IFACE,
+        "address",
+        &mac,
+        "netns",
+        ns.name(),
+    ]);
+    switch.run_ok(&["ip", "link", "set", &port, "master", BRIDGE, "up"]);
+    let addr = format!("{}/{UNDERLAY_PREFIX_LEN}", host.ip());
+    ns.run_ok(&["ip", "addr", "add", &addr, "dev", HOST_IFACE]);
+    ns.run_ok(&["ip", "link", "set", HOST_IFACE, "up"]);
+    let new_index = link(&ns)[0]["ifindex"].as_u64().expect("ifindex");
+    assert_ne!(new_index, old_index, "the link was not re-created");
+
+    // Replies to c0 leave host 1 through from_container's redirect to the
+    // underlay index: they only flow once the daemon follows the new link.
+    let silence = ping.wait_resumed(since, "re-creating host 1's eth0");
+    assert_eq!(
+        tc_prog_id(&ns, HOST_IFACE),
+        Some(pinned_prog_id(&cluster, 1, TC_FROM_UNDERLAY)),
+        "tc_from_underlay not on the re-created eth0"
+    );
+    let log = daemon_log(&cluster, 1);
+    assert_eq!(
+        repair_lines(&log, HOST_IFACE, "tc ingress"),
+        1,
+        "log:\n{log}"
+    );
+    assert!(
+        log.contains("underlay interface was re-created")
+            && log.contains(&format!("new_index={new_index}")),
+        "the new underlay index is not logged:\n{log}"
+    );
+    // The filter and the node configuration's index.
+    assert_eq!(repairs(&cluster, 1), repairs_before + 2);
+    eprintln!(
+        "re-created eth0 on host 1 (index {old_index} -> {new_index}): longest ping silence {silence:?}"
+    );
 }
