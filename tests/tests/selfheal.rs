@@ -670,3 +670,66 @@ fn recreated_underlay_nic_is_followed() {
         "re-created eth0 on host 1 (index {old_index} -> {new_index}): longest ping silence {silence:?}"
     );
 }
+
+#[test]
+fn timer_pass_restores_what_no_notification_announced() {
+    require_root();
+    let mut cluster = Cluster::new(1, "tc");
+    cluster.run_args(&["--reconcile-interval", "1"]);
+    cluster.start(0);
+    let ns = cluster.host(0).ns().handle();
+    let veth = "ndvtimer0";
+    // A veth the daemon is told about (a link notification) while no
+    // record wants it...
+    ns.run_ok(&[
+        "ip",
+        "link",
+        "add",
+        veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ndttimer0",
+    ]);
+    let index = json_in(&ns, &["ip", "-j", "link", "show", "dev", veth])[0]["ifindex"]
+        .as_u64()
+        .expect("ifindex");
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        tc_prog_id(&ns, veth),
+        None,
+        "a veth nobody recorded got a program"
+    );
+    // ...then a record of it, written with no link or TC change after it:
+    // only the timer's pass can find the program missing.
+    let dir = cluster.host(0).run_dir().join("endpoints");
+    std::fs::create_dir_all(&dir).expect("endpoints dir");
+    let record = serde_json::json!({
+        "netns": "selfheal-timer",
+        "netns_path": "/run/netns/selfheal-timer",
+        "ifname": "eth0",
+        "host_ifname": veth,
+        "host_ifindex": index,
+        "ip": "10.244.250.9",
+        "mac": "02:00:00:00:00:09",
+        "host_mac": "02:00:00:00:00:0a",
+    });
+    std::fs::write(dir.join("selfheal-timer.json"), record.to_string()).expect("record");
+    let ours = pinned_prog_id(&cluster, 0, FROM_CONTAINER);
+    let started = Instant::now();
+    wait_for(
+        "the timer pass to attach from_container",
+        REPAIR_BOUND,
+        || tc_prog_id(&ns, veth) == Some(ours),
+    );
+    eprintln!(
+        "timer pass (--reconcile-interval 1): attached after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(repairs(&cluster, 0), 1);
+    assert_eq!(
+        repair_lines(&daemon_log(&cluster, 0), veth, "tc ingress"),
+        1
+    );
+}
