@@ -136,7 +136,13 @@ pub async fn run(
     state: watch::Sender<NodeState>,
 ) -> Result<()> {
     let nl = Netlink::connect()?;
-    let mut changes = Some(netlink::link_and_tc_changes()?);
+    let mut changes = match netlink::link_and_tc_changes() {
+        Ok(changes) => Some(changes),
+        Err(e) => {
+            warn!("{e:#}; checking attachments on the timer only");
+            None
+        }
+    };
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;

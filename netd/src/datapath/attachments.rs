@@ -99,7 +99,7 @@ pub enum AttachError {
 
 /// What the kernel has where an attachment should be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Found {
+enum Found {
     /// Our pinned program.
     Ours,
     /// Nothing, or another program in our slot.
@@ -158,7 +158,7 @@ pub async fn reconcile(pin: &PinDir, nl: &Netlink, wanted: &[Attachment]) -> Out
 }
 
 /// What the kernel has for `want`, given our program's id.
-pub async fn inspect(nl: &Netlink, want: &Attachment, our_id: u32) -> Result<Found, AttachError> {
+async fn inspect(nl: &Netlink, want: &Attachment, our_id: u32) -> Result<Found, AttachError> {
     let query = |cause| AttachError::Query {
         what: want.to_string(),
         cause,
