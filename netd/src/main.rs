@@ -8,6 +8,7 @@ mod metrics;
 mod netlink;
 #[cfg(test)]
 mod proptests;
+mod selfheal;
 mod state;
 
 use std::process::ExitCode;

@@ -10,15 +10,18 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow};
 use futures::TryStreamExt as _;
+use futures::{Stream, StreamExt as _};
 use ipnet::Ipv4Net;
 use netlink_packet_route::{
     AddressFamily,
     address::AddressAttribute,
-    link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    link::{
+        InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, LinkXdp,
+    },
     route::{RouteAttribute, RouteMessage, RouteScope},
-    tc::TcAttribute,
+    tc::{TcAttribute, TcFilterBpfOption, TcMessage, TcOption},
 };
-use rtnetlink::{Handle, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec, LinkVeth, LinkVxlan, MulticastGroup, RouteMessageBuilder};
 
 const EEXIST: i32 = -libc::EEXIST;
 
@@ -35,6 +38,46 @@ pub struct Link {
     pub mtu: Option<u32>,
     /// `veth`, `bridge`...; `None` for physical NICs.
     pub kind: Option<String>,
+    /// The XDP program attached, in whatever mode.
+    pub xdp_prog_id: Option<u32>,
+}
+
+/// A TC filter as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcFilter {
+    pub priority: u16,
+    /// The filter's handle, e.g. 1 for `handle 0:1`.
+    pub handle: u32,
+    /// `bpf`, `u32`, `matchall`...
+    pub kind: String,
+    /// The program of a `bpf` filter.
+    pub prog_id: Option<u32>,
+}
+
+impl From<&TcMessage> for TcFilter {
+    fn from(msg: &TcMessage) -> Self {
+        let mut filter = TcFilter {
+            // tcm_info holds the priority above the protocol.
+            priority: (msg.header.info >> 16) as u16,
+            handle: msg.header.handle.into(),
+            kind: String::new(),
+            prog_id: None,
+        };
+        for attr in &msg.attributes {
+            match attr {
+                TcAttribute::Kind(kind) => filter.kind = kind.clone(),
+                TcAttribute::Options(options) => {
+                    for option in options {
+                        if let TcOption::Bpf(TcFilterBpfOption::ProgId(id)) = option {
+                            filter.prog_id = Some(*id);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        filter
+    }
 }
 
 impl From<&LinkMessage> for Link {
@@ -45,6 +88,7 @@ impl From<&LinkMessage> for Link {
             mac: None,
             mtu: None,
             kind: None,
+            xdp_prog_id: None,
         };
         for attr in &msg.attributes {
             match attr {
@@ -57,6 +101,13 @@ impl From<&LinkMessage> for Link {
                     for info in infos {
                         if let LinkInfo::Kind(kind) = info {
                             link.kind = Some(kind_name(kind));
+                        }
+                    }
+                }
+                LinkAttribute::Xdp(xdp) => {
+                    for attr in xdp {
+                        if let LinkXdp::ProgId(id) = attr {
+                            link.xdp_prog_id = Some(*id).filter(|id| *id != 0);
                         }
                     }
                 }
@@ -312,6 +363,33 @@ impl Netlink {
             .context("deleting link")
     }
 
+    /// The filters on `index`'s clsact ingress; none when there is no
+    /// clsact qdisc.
+    pub async fn ingress_filters(&self, index: u32) -> Result<Vec<TcFilter>> {
+        let mut filters = self
+            .handle
+            .traffic_filter(index as i32)
+            .get()
+            .ingress()
+            .execute();
+        let mut out = Vec::new();
+        loop {
+            match filters.try_next().await {
+                Ok(Some(msg)) => out.push(TcFilter::from(&msg)),
+                Ok(None) => return Ok(out),
+                // The kernel's answer when the parent qdisc is missing.
+                Err(rtnetlink::Error::NetlinkError(m))
+                    if m.raw_code() == -libc::EINVAL || m.raw_code() == -libc::ENOENT =>
+                {
+                    return Ok(Vec::new());
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| format!("listing TC filters of link {index}"));
+                }
+            }
+        }
+    }
+
     /// Adds an address; one already present is fine.
     pub async fn add_address(&self, index: u32, ip: Ipv4Addr, prefix_len: u8) -> Result<()> {
         match self
@@ -361,25 +439,43 @@ fn output_interface(route: &RouteMessage) -> Option<u32> {
     })
 }
 
+/// A notification for every change of a link (created, deleted, up,
+/// down, XDP set or cleared) or of a TC qdisc or filter in this network
+/// namespace; needs a tokio runtime.
+pub fn link_and_tc_changes() -> Result<impl Stream<Item = ()> + Unpin> {
+    let (conn, _, messages) =
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Tc])
+            .context("subscribing to link and TC notifications")?;
+    tokio::spawn(conn);
+    Ok(messages.map(|_| ()))
+}
+
 /// Runs `work` with a netlink socket inside the namespace at `netns`, on a
-/// thread of its own so this process's namespace never changes.
-pub fn in_netns<T, F>(netns: &Path, work: F) -> Result<T>
+/// thread of its own so this process's namespace never changes. The
+/// caller's runtime waits for the thread without blocking.
+pub async fn in_netns<T, F>(netns: &Path, work: F) -> Result<T>
 where
     T: Send + 'static,
     F: AsyncFnOnce(Netlink) -> Result<T> + Send + 'static,
 {
     let file = File::open(netns)
         .with_context(|| format!("opening network namespace {}", netns.display()))?;
-    std::thread::spawn(move || -> Result<T> {
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .context("entering network namespace")?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        runtime.block_on(async move { work(Netlink::connect()?).await })
-    })
-    .join()
-    .map_err(|_| anyhow!("namespace worker panicked"))?
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let run = || -> Result<T> {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .context("entering network namespace")?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move { work(Netlink::connect()?).await })
+        };
+        // The receiver only goes away with the caller.
+        let _ = done.send(run());
+    });
+    result
+        .await
+        .map_err(|_| anyhow!("namespace worker panicked"))?
 }
 
 /// Turns GRO on for `ifname` (ETHTOOL_SGRO). On a veth this also gives the

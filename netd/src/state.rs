@@ -65,6 +65,9 @@ pub struct NodeState {
     pub lease_lost_since: Option<u64>,
     pub etcd: EtcdHealth,
     pub underlay: Option<Underlay>,
+    /// Attachments found missing in the kernel and put back since start.
+    #[serde(default)]
+    pub repairs: u64,
 }
 
 impl NodeState {

@@ -102,6 +102,10 @@ pub struct RunArgs {
     /// 198.18.0.1:9101 [default: off].
     #[arg(long, env = "NETD_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Seconds between checks that every program is still attached (link
+    /// and TC changes trigger a check at once too).
+    #[arg(long, env = "NETD_RECONCILE_INTERVAL", default_value_t = crate::selfheal::DEFAULT_INTERVAL.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    pub reconcile_interval: u64,
 }
 
 #[derive(Debug, Subcommand)]

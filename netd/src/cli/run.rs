@@ -29,6 +29,7 @@ use crate::{
     datapath::{self, Hook, Maps, PinDir},
     endpoint, metrics,
     netlink::{Link, Netlink},
+    selfheal,
     state::{EtcdHealth, NodeState, SubnetEnv},
 };
 
@@ -45,6 +46,7 @@ struct Options {
     decap: Hook,
     lease_ttl: u64,
     metrics_addr: Option<std::net::SocketAddr>,
+    reconcile_interval: Duration,
 }
 
 impl Options {
@@ -89,6 +91,7 @@ impl Options {
             decap,
             lease_ttl,
             metrics_addr: args.metrics_addr,
+            reconcile_interval: Duration::from_secs(args.reconcile_interval),
         })
     }
 }
@@ -239,6 +242,24 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
     if cfg.backend.kind == VXLAN {
         datapath::tunnel_device::start(&nl, &pin, cfg.backend.port).await;
     }
+    // The kernel, not a record, says what is attached: put back what is
+    // missing before announcing the node, then keep it so.
+    let underlay_hook = datapath::Underlay {
+        iface: underlay.name.clone(),
+        hook,
+    };
+    let repaired = selfheal::Healer::new(pin.clone(), run_dir.to_path_buf(), underlay_hook.clone())
+        .reconcile(&nl)
+        .await;
+    state_tx.send_modify(|s| s.repairs += repaired);
+    tasks.restarting("attachment reconcile", {
+        let (pin, run_dir, state) = (pin.clone(), run_dir.to_path_buf(), state_tx.clone());
+        let interval = opts.reconcile_interval;
+        move || -> Task {
+            let healer = selfheal::Healer::new(pin.clone(), run_dir.clone(), underlay_hook.clone());
+            Box::pin(selfheal::run(healer, interval, state.clone()))
+        }
+    });
     tasks.restarting("subnet sync", {
         let (pin, registry, cfg, state) =
             (pin.clone(), registry.clone(), cfg.clone(), state_tx.clone());

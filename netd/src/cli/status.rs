@@ -100,6 +100,10 @@ fn print_human(r: &serde_json::Value) {
         text(&r["underlay"]["iface"]),
         text(&r["underlay"]["hook"])
     );
+    println!(
+        "repairs:  {} attachments put back since the daemon started",
+        text(&s["repairs"])
+    );
     println!("peers:");
     for p in r["peers"].as_array().into_iter().flatten() {
         println!(

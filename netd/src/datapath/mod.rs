@@ -5,8 +5,11 @@
 //! Attachments are netlink ones (a TC filter at a fixed priority and handle,
 //! XDP set on the link), which the kernel keeps with no netd process alive,
 //! so forwarding goes on while the daemon restarts. A new object replaces
-//! the program behind each attachment in place.
+//! the program behind each attachment in place. Whether an attachment is
+//! there is asked of the kernel ([`attachments`]); `datapath.json` only
+//! remembers which build is pinned and which decapsulation hook was chosen.
 
+pub mod attachments;
 mod maps;
 mod pins;
 pub mod tunnel_device;
@@ -237,7 +240,8 @@ pub fn detach_tc(iface: &str) -> Result<()> {
 use xdp::XdpFlags;
 
 /// Attaches decapsulation to the underlay NIC with the chosen hook, unless
-/// the same attachment is already in place. Returns the hook in use.
+/// that hook was chosen already: then whatever of it is missing in the
+/// kernel is put back by [`attachments::reconcile`]. Returns the hook.
 pub async fn attach_underlay(
     pin: &PinDir,
     run_dir: &Path,
@@ -248,7 +252,7 @@ pub async fn attach_underlay(
     let mut state = State::read(run_dir);
     if let Some(current) = &state.underlay {
         if current.iface == iface && (hook == Hook::Auto || hook == current.hook) {
-            info!(iface, hook = ?current.hook, "underlay program already attached");
+            info!(iface, hook = ?current.hook, "underlay hook chosen before; keeping it");
             return Ok(current.hook);
         }
         detach_underlay(current).await;

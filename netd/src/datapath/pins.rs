@@ -24,7 +24,11 @@ impl PinDir {
         }
     }
 
-    /// Creates the directory, refusing anything that is not on bpffs.
+    /// Creates the directory, refusing anything that is not on bpffs. No
+    /// bpffs is mounted here: under `ip netns exec` (the usual way to find
+    /// /sys/fs/bpf missing) the mount would live in that command's private
+    /// mount namespace and vanish with it, pins and all, so the next
+    /// `netd` would not find them.
     pub fn create(&self) -> Result<()> {
         let base = self.dir.parent().expect("versioned dir has a parent");
         let mount = base
@@ -33,7 +37,9 @@ impl PinDir {
             .unwrap_or(Path::new("/"));
         if !on_bpffs(mount)? {
             bail!(
-                "{} is not on a bpf filesystem: mount one (mount -t bpf bpf /sys/fs/bpf) or pass --pin-path",
+                "{} is not on a bpf filesystem: mount one (mount -t bpf bpf /sys/fs/bpf) or pass --pin-path; \
+                 under `ip netns exec`, which remounts /sys without it, enter the namespace with \
+                 `nsenter --net=/run/netns/NAME` instead",
                 mount.display()
             );
         }

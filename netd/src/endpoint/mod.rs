@@ -201,7 +201,8 @@ async fn wire(
         nl.replace_route("0.0.0.0/0".parse()?, link.index, Some(gw))
             .await?;
         link.mac.context("container interface has no MAC")
-    })?;
+    })
+    .await?;
 
     // The host stack reaches the container (and answers its ARP for the
     // gateway) through this route.
