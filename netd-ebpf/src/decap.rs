@@ -33,8 +33,12 @@ const DECAP_PROBE_LEN: usize = INNER_IP + IPV4_HLEN;
 /// The outer headers, copied out of the packet.
 struct Outer {
     ip: Ipv4Hdr,
-    /// `None` when the packet ends before a whole UDP header.
-    udp: Option<UdpHdr>,
+    /// The UDP destination port (network order); 0, which is never the
+    /// VXLAN port, when the packet ends before a whole UDP header. A plain
+    /// number rather than an `Option<UdpHdr>`: LLVM compares an absent
+    /// header's undefined bytes speculatively, which the verifier rejects
+    /// as a read of a register never written.
+    udp_dest: u16,
 }
 
 /// What the outer headers say.
@@ -92,7 +96,7 @@ fn classify_outer(cfg: &NodeConfig, outer: &Outer) -> Outcome {
     // Options on the outer header: not something we ever send.
     let vxlan_port = ip.proto == IPPROTO_UDP
         && ip.header_len() == IPV4_HLEN
-        && outer.udp.is_some_and(|udp| udp.dest == cfg.port.to_be());
+        && outer.udp_dest == cfg.port.to_be();
     if !vxlan_port {
         return plain(ip).unwrap_or(Outcome::Pass);
     }
@@ -120,12 +124,15 @@ fn fragment(cfg: &NodeConfig, outer: &Outer) -> Outcome {
             Outcome::Pass
         };
     }
-    let first = u16::from_be(ip.frag_off) & IP_OFFSET == 0;
-    let to_vxlan = outer.udp.is_some_and(|udp| udp.dest == cfg.port.to_be());
-    if first && to_vxlan {
-        return Outcome::Drop(Counter::DropFragment);
+    // Later fragments carry no UDP header: nothing to tell them by.
+    if u16::from_be(ip.frag_off) & IP_OFFSET != 0 {
+        return Outcome::Pass;
     }
-    Outcome::Pass
+    if outer.udp_dest == cfg.port.to_be() {
+        Outcome::Drop(Counter::DropFragment)
+    } else {
+        Outcome::Pass
+    }
 }
 
 /// The second step, on a frame in `[start, end)` known to be VXLAN from a
@@ -200,10 +207,11 @@ fn xdp_outer(ctx: &XdpContext) -> Option<Outer> {
         return None;
     }
     let ip = ptr_at::<Ipv4Hdr>(start, end, ETH_HLEN)?;
-    let udp = ptr_at::<UdpHdr>(start, end, ETH_HLEN + IPV4_HLEN).map(|u| unsafe { *u });
+    let udp_dest =
+        ptr_at::<UdpHdr>(start, end, ETH_HLEN + IPV4_HLEN).map_or(0, |u| unsafe { (*u).dest });
     Some(Outer {
         ip: unsafe { *ip },
-        udp,
+        udp_dest,
     })
 }
 
@@ -341,8 +349,32 @@ fn tc_outer(ctx: &TcContext) -> Option<Outer> {
     }
     Some(Outer {
         ip: tc_read::<Ipv4Hdr>(ctx, ETH_HLEN)?,
-        udp: tc_read::<UdpHdr>(ctx, ETH_HLEN + IPV4_HLEN),
+        udp_dest: tc_udp_dest(ctx),
     })
+}
+
+/// The outer UDP destination port, 0 when the packet is too short: read
+/// into zeroed memory, so no path leaves it undefined.
+#[inline(always)]
+fn tc_udp_dest(ctx: &TcContext) -> u16 {
+    const OFFSET: usize = ETH_HLEN + IPV4_HLEN;
+    if let Some(udp) = ptr_at::<UdpHdr>(ctx.data(), ctx.data_end(), OFFSET) {
+        return unsafe { (*udp).dest };
+    }
+    let mut ports = [0u8; 4];
+    let read = unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            OFFSET as u32,
+            ports.as_mut_ptr() as *mut _,
+            ports.len() as u32,
+        )
+    };
+    if read == 0 {
+        u16::from_ne_bytes([ports[2], ports[3]])
+    } else {
+        0
+    }
 }
 
 #[inline(always)]
