@@ -312,3 +312,31 @@ impl Cluster {
         self.wait_ready(i);
     }
 }
+
+/// What a host's daemon left on disk and logged.
+impl Cluster {
+    /// Host `i`'s daemon log (every run under the current guard), uncoloured.
+    pub fn daemon_log(&self, i: usize) -> String {
+        crate::strip_ansi(&self.daemons[i].as_ref().expect("daemon started").log())
+    }
+
+    /// Host-side veth names of host `i`'s containers, from netd's records.
+    pub fn host_veths(&self, i: usize) -> Vec<String> {
+        let dir = self.host(i).run_dir().join("endpoints");
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .map(|e| {
+                let record: Value = serde_json::from_slice(&std::fs::read(e.path()).unwrap())
+                    .unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
+                record["host_ifname"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("no host_ifname in {record}"))
+                    .to_string()
+            })
+            .collect();
+        names.sort();
+        names
+    }
+}

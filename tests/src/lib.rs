@@ -5,10 +5,12 @@
 //! down by `Drop` guards, also when a test panics. Most of it needs root and
 //! panics (never skips) without it.
 
+pub mod bpftool;
 pub mod capture;
 pub mod cluster;
 pub mod daemon;
 pub mod etcd;
+pub mod links;
 pub mod netns;
 pub mod topology;
 pub mod traffic;
