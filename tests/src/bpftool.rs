@@ -57,3 +57,18 @@ pub fn prog_exists(id: u64) -> bool {
         .status
         .success()
 }
+
+/// Id of the map pinned at `path` (`bpftool map show pinned`).
+pub fn pinned_map_id(path: &Path) -> u64 {
+    let out = bpftool(&["-j", "map", "show", "pinned"], Some(path));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bpftool map show pinned {}: {e}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    v["id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no id for {}: {v}", path.display()))
+}

@@ -340,3 +340,14 @@ impl Cluster {
         names
     }
 }
+
+/// Daemons of another build than `NETD_BIN` (see [`crate::builds`]).
+impl Cluster {
+    /// Like [`Cluster::start`], running the netd binary at `program`.
+    pub fn start_with_bin(&mut self, i: usize, program: &std::path::Path) {
+        let args = self.run_argv(i);
+        let _ = std::fs::remove_file(self.host(i).run_dir().join("state.json"));
+        self.daemons[i] = Some(self.host(i).start(program, args));
+        self.wait_ready(i);
+    }
+}

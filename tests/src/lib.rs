@@ -6,10 +6,12 @@
 //! panics (never skips) without it.
 
 pub mod bpftool;
+pub mod builds;
 pub mod capture;
 pub mod cluster;
 pub mod daemon;
 pub mod etcd;
+pub mod lease;
 pub mod links;
 pub mod netns;
 pub mod topology;
