@@ -1,14 +1,27 @@
 //! Leases as they stand in etcd: flannel's key and value format, and the
 //! VTEP MAC netd derives from a public IP.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
+use serde_json::Value;
+
+use crate::Etcd;
 use crate::cluster::PREFIX;
 
 /// `0e:6e:` + the four bytes of the public IP, as netd derives VTEP MACs.
-pub fn vtep_mac(ip: Ipv4Addr) -> String {
+pub fn vtep_mac_bytes(ip: Ipv4Addr) -> [u8; 6] {
     let [a, b, c, d] = ip.octets();
-    format!("0e:6e:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+    [0x0e, 0x6e, a, b, c, d]
+}
+
+/// [`vtep_mac_bytes`] as `ip` prints a MAC: `0e:6e:c6:12:00:0a`.
+pub fn vtep_mac(ip: Ipv4Addr) -> String {
+    let m = vtep_mac_bytes(ip);
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
 }
 
 /// `10.244.7.0/24` → `/netd/network/subnets/10.244.7.0-24`.
@@ -22,6 +35,19 @@ pub fn lease_value(public_ip: Ipv4Addr) -> String {
         r#"{{"PublicIP":"{public_ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
         vtep_mac(public_ip)
     )
+}
+
+/// Valid leases in `etcd`: subnet (`a.b.c.d/len`) → PublicIP; values that
+/// do not parse are left out.
+pub fn leases_in(etcd: &Etcd) -> BTreeMap<String, String> {
+    etcd.get_prefix(&format!("{PREFIX}/subnets/"))
+        .into_iter()
+        .filter_map(|kv| {
+            let key = kv.key.rsplit('/').next()?.replacen('-', "/", 1);
+            let value: Value = serde_json::from_str(&kv.value).ok()?;
+            Some((key, value["PublicIP"].as_str()?.to_string()))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use netd_tests::bpftool::{map_dump, pinned_map_id, pinned_prog_id, prog_exists};
 use netd_tests::builds::netd_of_another_build;
-use netd_tests::cluster::{NETWORK, PREFIX};
+use netd_tests::cluster::NETWORK;
 use netd_tests::etcd::EtcdCluster;
 use netd_tests::lease::{lease_key, lease_value};
 use netd_tests::links::{tc_filters, tc_prog_id, xdp_prog_id};
@@ -48,29 +48,6 @@ const DOOMED_SUBNET: &str = "10.244.251.0/24";
 const DOOMED_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 98);
 
 // ---------------------------------------------------------------- etcd data
-
-/// Valid leases in `etcd`: subnet → PublicIP (as [`Cluster::etcd_leases`],
-/// for any etcd).
-fn leases_in(etcd: &Etcd) -> std::collections::BTreeMap<String, String> {
-    etcd.get_prefix(&format!("{PREFIX}/subnets/"))
-        .into_iter()
-        .filter_map(|kv| {
-            let key = kv.key.rsplit('/').next()?.replacen('-', "/", 1);
-            let value: Value = serde_json::from_str(&kv.value).ok()?;
-            Some((key, value["PublicIP"].as_str()?.to_string()))
-        })
-        .collect()
-}
-
-/// Waits until host `i`'s map holds exactly the other leases in `etcd`.
-fn wait_peers_match(cluster: &Cluster, etcd: &Etcd, i: usize, timeout: Duration) {
-    let own = cluster.subnet(i);
-    wait_for(&format!("host {i} map equal to etcd"), timeout, || {
-        let mut want = leases_in(etcd);
-        want.remove(&own);
-        cluster.peers(i) == want
-    });
-}
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -194,27 +171,6 @@ fn assert_no_loss(result: &PingResult, what: &str) {
         result.transmitted,
         result.missing
     );
-}
-
-/// Pings between containers `a` and `b` both ways (a few, 200 ms apart).
-fn assert_ping_both_ways(cluster: &Cluster, a: usize, b: usize) {
-    for (from, to) in [(a, b), (b, a)] {
-        let (cf, ct) = (cluster.container(from), cluster.container(to));
-        let mut stats = ping_stats(&cf.ns.handle(), ct.ip, 3);
-        // The first echo may wait for ARP on a fresh path; retry once.
-        if !stats.all_received() {
-            stats = ping_stats(&cf.ns.handle(), ct.ip, 3);
-        }
-        assert!(
-            stats.all_received(),
-            "ping {} (host {}) -> {} (host {}) failed:\n{}",
-            cf.ip,
-            cf.host,
-            ct.ip,
-            ct.host,
-            stats.output
-        );
-    }
 }
 
 // ---------------------------------------------------------------- TCP stream
@@ -386,7 +342,7 @@ fn restart_under_traffic_is_invisible() {
     for i in 0..2 {
         cluster.wait_peers_match_etcd(i, CONVERGE);
     }
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
     let etcd = cluster.topo.etcd();
     // A lease that will be deleted while host 1's daemon is down.
     etcd.put(&lease_key(DOOMED_SUBNET), &lease_value(DOOMED_IP));
@@ -515,7 +471,7 @@ fn upgrade(
     );
     simulate(&pin);
     // The attached programs hold the old maps: forwarding goes on.
-    assert_ping_both_ways(cluster, local, remote);
+    cluster.assert_ping_both_ways(local, remote);
 
     let (from, to) = (cluster.container(remote), cluster.container(local));
     let ping = PingRun::start(&from.ns.handle(), to.ip, 400);
@@ -535,7 +491,7 @@ fn upgrade(
             ping_stats(&a.ns.handle(), b.ip, 1).all_received()
         },
     );
-    assert_ping_both_ways(cluster, local, remote);
+    cluster.assert_ping_both_ways(local, remote);
     cluster.wait_peers_match_etcd(host, CONVERGE);
     let endpoints = map_dump(&pin.join("v1/ENDPOINTS")).len();
     let containers = cluster.containers.iter().filter(|c| c.host == host).count();
@@ -615,7 +571,7 @@ fn upgrade_to_new_map_layout_rebuilds_the_data_path() {
     for i in 0..2 {
         cluster.wait_peers_match_etcd(i, CONVERGE);
     }
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
 
     // Host 1: its layout's pins are gone altogether.
     upgrade(
@@ -691,7 +647,7 @@ fn upgrade_to_a_new_build_replaces_each_program_in_place() {
     for i in 0..2 {
         cluster.wait_peers_match_etcd(i, CONVERGE);
     }
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
     let slots = tc_slots(&cluster, 1);
     assert_eq!(
         slots.len(),
@@ -740,13 +696,6 @@ fn etcd_health(cluster: &Cluster, i: usize) -> (bool, u64, String) {
     )
 }
 
-/// Host `i`'s etcd lease id, from its state.
-fn state_lease_id(cluster: &Cluster, i: usize) -> i64 {
-    cluster.status(i)["state"]["lease_id"]
-        .as_i64()
-        .expect("lease_id in state")
-}
-
 /// Asserts host `i` holds `subnet` in `etcd`: the key carries its public
 /// IP and is bound to the etcd lease its state names, which is alive.
 fn assert_holds(cluster: &Cluster, etcd: &Etcd, i: usize, subnet: &str) {
@@ -761,7 +710,7 @@ fn assert_holds(cluster: &Cluster, etcd: &Etcd, i: usize, subnet: &str) {
         "host {i}'s lease {subnet}: {}",
         kv.value
     );
-    let lease = state_lease_id(cluster, i);
+    let lease = cluster.state_lease_id(i);
     assert_eq!(
         kv.lease, lease,
         "host {i}'s key is bound to another lease than its state names"
@@ -789,9 +738,9 @@ fn etcd_outage_keeps_forwarding_and_recovers() {
     for i in 0..2 {
         cluster.wait_peers_match_etcd(i, CONVERGE);
     }
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
     let subnets = [cluster.subnet(0), cluster.subnet(1)];
-    let leases_before = [state_lease_id(&cluster, 0), state_lease_id(&cluster, 1)];
+    let leases_before = [cluster.state_lease_id(0), cluster.state_lease_id(1)];
     for i in 0..2 {
         assert!(etcd_health(&cluster, i).0, "host {i} before the outage");
     }
@@ -863,7 +812,7 @@ fn etcd_outage_keeps_forwarding_and_recovers() {
     let programmed = put.elapsed();
     let result = ping.finish(Duration::from_secs(60));
 
-    let leases_after = [state_lease_id(&cluster, 0), state_lease_id(&cluster, 1)];
+    let leases_after = [cluster.state_lease_id(0), cluster.state_lease_id(1)];
     eprintln!(
         "etcd outage of {OUTAGE:?} (TTL {TTL} s): unreachable shown after {noticed:?}, \
          reachable again {recovered:?} after etcd's restart, a new lease programmed \
@@ -889,7 +838,7 @@ fn etcd_outage_keeps_forwarding_and_recovers() {
     for i in 0..2 {
         cluster.wait_peers_match_etcd(i, CONVERGE);
     }
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
 }
 
 /// Remote addresses of host `i`'s established TCP connections to etcd's
@@ -1077,11 +1026,11 @@ fn etcd_cluster_member_loss() {
     let c0 = cluster.attach(0);
     let c1 = cluster.attach(1);
     for i in 0..2 {
-        wait_peers_match(&cluster, etcd.client(), i, CONVERGE);
+        cluster.wait_peers_match(i, etcd.client(), CONVERGE);
     }
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
     let subnets = [cluster.subnet(0), cluster.subnet(1)];
-    let leases = [state_lease_id(&cluster, 0), state_lease_id(&cluster, 1)];
+    let leases = [cluster.state_lease_id(0), cluster.state_lease_id(1)];
     for i in 0..2 {
         eprintln!(
             "host {i} talks to etcd members {:?}",
@@ -1130,13 +1079,13 @@ fn etcd_cluster_member_loss() {
         cluster.daemons[i].as_mut().unwrap().assert_running();
         assert_holds(&cluster, etcd.client(), i, &subnets[i]);
         assert_eq!(
-            state_lease_id(&cluster, i),
+            cluster.state_lease_id(i),
             leases[i],
             "host {i} lost its etcd lease although a quorum was up all along"
         );
-        wait_peers_match(&cluster, etcd.client(), i, CONVERGE);
+        cluster.wait_peers_match(i, etcd.client(), CONVERGE);
     }
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
     eprintln!(
         "etcd member loss: reconnect times (leader stopped, follower stopped, leader cut off) {:?}",
         rounds.iter().map(|r| r.reconnected).collect::<Vec<_>>()
@@ -1165,7 +1114,7 @@ fn partition_cluster(ttl: u64) -> (Cluster, usize, usize) {
     for i in 0..2 {
         cluster.wait_peers_match_etcd(i, CONVERGE);
     }
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
     (cluster, c0, c1)
 }
 
@@ -1173,7 +1122,7 @@ fn partition_cluster(ttl: u64) -> (Cluster, usize, usize) {
 /// forgotten it; returns host 1's subnet and its (dead) lease id.
 fn partition_until_expired(cluster: &Cluster) -> (String, i64) {
     let subnet = cluster.subnet(1);
-    let lease = state_lease_id(cluster, 1);
+    let lease = cluster.state_lease_id(1);
     let cut = Instant::now();
     partition_from_etcd(cluster, 1, true);
     // Both at once: which comes first is part of the story.
@@ -1229,7 +1178,7 @@ fn partition_past_the_ttl_takes_the_same_subnet_back() {
     let took_back = poll_until(Duration::from_secs(20), || {
         let (reachable, ..) = etcd_health(&cluster, 1);
         reachable
-            && state_lease_id(&cluster, 1) != lease
+            && cluster.state_lease_id(1) != lease
             && cluster.topo.etcd().get(&lease_key(&subnet)).is_some()
     });
     let (reachable, since, error) = etcd_health(&cluster, 1);
@@ -1250,7 +1199,7 @@ fn partition_past_the_ttl_takes_the_same_subnet_back() {
     for i in 0..2 {
         cluster.wait_peers_match_etcd(i, CONVERGE);
     }
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
 }
 
 // 5b. As 5a, but another host took the subnet meanwhile: the daemon must

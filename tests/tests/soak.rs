@@ -8,20 +8,19 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use netd_tests::cluster::PREFIX;
+use netd_tests::bpftool::map_dump;
+use netd_tests::counters::delta;
+use netd_tests::lease::{lease_key, lease_value, vtep_mac};
 use netd_tests::strip_ansi;
 use netd_tests::traffic::Pattern;
 use netd_tests::util::output_text;
-use netd_tests::{
-    Capture, Cluster, Etcd, NsRef, PingStats, ping_stats, require_root, tcp_transfer, wait_for,
-};
+use netd_tests::{Capture, Cluster, Etcd, NsRef, PingStats, require_root, tcp_transfer, wait_for};
 use serde_json::Value;
 
 /// How long a host may take to follow etcd once churn pauses.
@@ -30,34 +29,6 @@ const CONVERGE: Duration = Duration::from_secs(20);
 // ---------------------------------------------------------------------------
 // Shared helpers
 // ---------------------------------------------------------------------------
-
-/// `0e:6e:` + the four bytes of the public IP, as netd derives VTEP MACs.
-fn vtep_mac(ip: Ipv4Addr) -> String {
-    let [a, b, c, d] = ip.octets();
-    format!("0e:6e:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
-}
-
-/// A lease value exactly as netd (and flannel) writes it.
-fn lease_value(public_ip: Ipv4Addr) -> String {
-    format!(
-        r#"{{"PublicIP":"{public_ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
-        vtep_mac(public_ip)
-    )
-}
-
-/// `10.245.7.0/24` → `/netd/network/subnets/10.245.7.0-24`.
-fn lease_key(subnet: &str) -> String {
-    format!("{PREFIX}/subnets/{}", subnet.replacen('/', "-", 1))
-}
-
-/// Host `i`'s counters, by name.
-fn counters(cluster: &Cluster, i: usize) -> BTreeMap<String, u64> {
-    cluster.counters(i)
-}
-
-fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, name: &str) -> u64 {
-    after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
-}
 
 /// Every counter that changed, for messages.
 fn changed(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
@@ -97,21 +68,6 @@ fn ping_summary(output: &str) -> Option<(u32, u32)> {
     Some((transmitted, received))
 }
 
-/// Pings `to` from `from` and panics with ping's output unless all arrive.
-fn assert_ping(cluster: &Cluster, from: usize, to: usize, count: u32) {
-    let (cf, ct) = (cluster.container(from), cluster.container(to));
-    let stats = ping_stats(&cf.ns.handle(), ct.ip, count);
-    assert!(
-        stats.all_received(),
-        "ping {} (host {}) -> {} (host {}) failed:\n{}",
-        cf.ip,
-        cf.host,
-        ct.ip,
-        ct.host,
-        stats.output
-    );
-}
-
 /// `ip -j link show dev IFACE` in `ns`, parsed (with `-s`, statistics too).
 fn link_json(ns: &NsRef, iface: &str, stats: bool) -> Value {
     let mut argv = vec!["ip", "-j"];
@@ -122,31 +78,6 @@ fn link_json(ns: &NsRef, iface: &str, stats: bool) -> Value {
     let out = ns.run_ok(&argv);
     let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("ip -j link: {e}: {out}"));
     v[0].clone()
-}
-
-/// `bpftool -j map dump pinned PATH`, parsed. bpffs is global, so this runs
-/// from the test's own namespace.
-fn bpftool_dump(path: &Path) -> Vec<Value> {
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(path)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run bpftool (install bpftool): {e}"));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bpftool map dump {} failed ({}): {text}{}",
-        path.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    match serde_json::from_str(&text) {
-        Ok(Value::Array(entries)) => entries,
-        other => panic!(
-            "bpftool dump of {} is not a JSON array: {other:?}",
-            path.display()
-        ),
-    }
 }
 
 /// The bytes of a BTF-formatted `u8` array (`[198, 19, 0, 1]`).
@@ -163,7 +94,7 @@ fn btf_ip(v: &Value, what: &str) -> String {
 
 /// Underlay addresses in host `i`'s `PEERS` map (bpftool, through BTF).
 fn peers_map(cluster: &Cluster, i: usize) -> BTreeSet<String> {
-    bpftool_dump(&cluster.host(i).pin_path().join("v1/PEERS"))
+    map_dump(&cluster.host(i).pin_path().join("v1/PEERS"))
         .iter()
         .map(|e| {
             let key = e
@@ -177,7 +108,7 @@ fn peers_map(cluster: &Cluster, i: usize) -> BTreeSet<String> {
 
 /// Number of entries in host `i`'s `SUBNETS` map (bpftool).
 fn subnets_map_len(cluster: &Cluster, i: usize) -> usize {
-    bpftool_dump(&cluster.host(i).pin_path().join("v1/SUBNETS")).len()
+    map_dump(&cluster.host(i).pin_path().join("v1/SUBNETS")).len()
 }
 
 /// Host `i`'s peers from `netd status`: subnet → (public IP, VTEP MAC).
@@ -529,8 +460,8 @@ fn churn_soak_keeps_maps_exact_traffic_lossless_and_daemon_bounded() {
     let b = cluster.attach(1);
     let (sizes, _) = assert_maps_equal_etcd(&cluster, "before churn");
     assert_eq!(sizes, [1, 1]);
-    assert_ping(&cluster, a, b, 3);
-    assert_ping(&cluster, b, a, 3);
+    cluster.assert_ping(a, b, 3, Duration::ZERO);
+    cluster.assert_ping(b, a, 3, Duration::ZERO);
 
     let own = [cluster.subnet(0), cluster.subnet(1)];
     let subnets = sim_subnets(&own);
@@ -738,7 +669,7 @@ fn overlay_mtu_is_learnt_tcp_never_stalls_and_oversized_df_is_answered_or_counte
     let b = cluster.attach(1);
     cluster.wait_peers_match_etcd(0, CONVERGE);
     cluster.wait_peers_match_etcd(1, CONVERGE);
-    assert_ping(&cluster, a, b, 2);
+    cluster.assert_ping(a, b, 2, Duration::ZERO);
     let (ca, cb) = (cluster.container(a), cluster.container(b));
     let (na, nb) = (ca.ns.handle(), cb.ns.handle());
     for (c, ns) in [(ca, &na), (cb, &nb)] {
@@ -792,7 +723,7 @@ fn overlay_mtu_is_learnt_tcp_never_stalls_and_oversized_df_is_answered_or_counte
     // or at least drop and count them; never lose them silently.
     na.run_ok(&["ip", "link", "set", "eth0", "mtu", "1500"]);
     let eth0_before = link_json(&na, "eth0", true);
-    let (h0, h1) = (counters(&cluster, 0), counters(&cluster, 1));
+    let (h0, h1) = (cluster.counters(0), cluster.counters(1));
     let mut cap = Capture::start(&na, "eth0", "icmp");
     // tshark says "Capturing" a little before packets are really captured.
     thread::sleep(Duration::from_millis(500));
@@ -824,7 +755,7 @@ fn overlay_mtu_is_learnt_tcp_never_stalls_and_oversized_df_is_answered_or_counte
                 .collect()
         })
         .collect();
-    let (g0, g1) = (counters(&cluster, 0), counters(&cluster, 1));
+    let (g0, g1) = (cluster.counters(0), cluster.counters(1));
     let eth0_after = link_json(&na, "eth0", true);
 
     // The capture shows what crossed A's eth0 when tshark caught it (it
@@ -924,7 +855,7 @@ fn overlay_mtu_is_learnt_tcp_never_stalls_and_oversized_df_is_answered_or_counte
     }
     // Back to the overlay MTU: normal traffic still flows.
     na.run_ok(&["ip", "link", "set", "eth0", "mtu", "1450"]);
-    assert_ping(&cluster, a, b, 2);
+    cluster.assert_ping(a, b, 2, Duration::ZERO);
 }
 
 /// A container that raised its MTU to 1500 sends 1500-byte packets without
@@ -940,12 +871,12 @@ fn oversized_non_df_from_a_raised_mtu_is_delivered_or_counted() {
     let b = cluster.attach(1);
     cluster.wait_peers_match_etcd(0, CONVERGE);
     cluster.wait_peers_match_etcd(1, CONVERGE);
-    assert_ping(&cluster, a, b, 2);
+    cluster.assert_ping(a, b, 2, Duration::ZERO);
     let (ca, cb) = (cluster.container(a), cluster.container(b));
     let na = ca.ns.handle();
     na.run_ok(&["ip", "link", "set", "eth0", "mtu", "1500"]);
     let underlay = cluster.host(0).ns().handle();
-    let (h0, h1) = (counters(&cluster, 0), counters(&cluster, 1));
+    let (h0, h1) = (cluster.counters(0), cluster.counters(1));
     let tx0 = link_json(&underlay, "eth0", true)["stats64"]["tx"].clone();
     let big = ping_args(
         &na,
@@ -954,7 +885,7 @@ fn oversized_non_df_from_a_raised_mtu_is_delivered_or_counted() {
         ],
         cb.ip,
     );
-    let (g0, g1) = (counters(&cluster, 0), counters(&cluster, 1));
+    let (g0, g1) = (cluster.counters(0), cluster.counters(1));
     let tx1 = link_json(&underlay, "eth0", true)["stats64"]["tx"].clone();
     let evidence = format!(
         "1500-byte non-DF ping from {} (eth0 MTU raised to 1500) to {}:\n{}\n\
@@ -981,7 +912,7 @@ fn oversized_non_df_from_a_raised_mtu_is_delivered_or_counted() {
         );
     }
     na.run_ok(&["ip", "link", "set", "eth0", "mtu", "1450"]);
-    assert_ping(&cluster, a, b, 2);
+    cluster.assert_ping(a, b, 2, Duration::ZERO);
 }
 
 // ---------------------------------------------------------------------------
@@ -992,11 +923,11 @@ fn oversized_non_df_from_a_raised_mtu_is_delivered_or_counted() {
 /// with extra ping `args`, and asserts that all five were dropped by host
 /// 0 as spoofed: no reply, no encapsulation, no local delivery.
 fn assert_spoof_dropped(cluster: &Cluster, from: &NsRef, args: &[&str], dst: Ipv4Addr, what: &str) {
-    let (h0, h1) = (counters(cluster, 0), counters(cluster, 1));
+    let (h0, h1) = (cluster.counters(0), cluster.counters(1));
     let mut argv = args.to_vec();
     argv.extend(["-c", "5", "-i", "0.2", "-W", "1"]);
     let spoofed = ping_args(from, &argv, dst);
-    let (g0, g1) = (counters(cluster, 0), counters(cluster, 1));
+    let (g0, g1) = (cluster.counters(0), cluster.counters(1));
     let why = format!(
         "{what}: ping {args:?} {dst}:\n{}\nhost 0 changed {:?}, host 1 changed {:?}",
         spoofed.output,
@@ -1025,8 +956,8 @@ fn live_spoofed_address_and_mac_are_dropped_and_counted() {
     let c = cluster.attach(0);
     cluster.wait_peers_match_etcd(0, CONVERGE);
     cluster.wait_peers_match_etcd(1, CONVERGE);
-    assert_ping(&cluster, a, b, 3);
-    assert_ping(&cluster, a, c, 3);
+    cluster.assert_ping(a, b, 3, Duration::ZERO);
+    cluster.assert_ping(a, c, 3, Duration::ZERO);
     let (ca, cb, cc) = (
         cluster.container(a),
         cluster.container(b),
@@ -1043,7 +974,7 @@ fn live_spoofed_address_and_mac_are_dropped_and_counted() {
     assert_spoof_dropped(&cluster, &na, &["-I", &alias_arg], cb.ip, "alias, remote");
     assert_spoof_dropped(&cluster, &na, &["-I", &alias_arg], cc.ip, "alias, local");
     // Its own address still works while the alias is there.
-    assert_ping(&cluster, a, b, 3);
+    cluster.assert_ping(a, b, 3, Duration::ZERO);
     na.run_ok(&["ip", "addr", "del", &format!("{alias}/32"), "dev", "eth0"]);
 
     // A foreign MAC on the container's eth0: dropped and counted.
@@ -1057,11 +988,11 @@ fn live_spoofed_address_and_mac_are_dropped_and_counted() {
 
     // Its own MAC back: traffic flows again, nothing more is dropped.
     na.run_ok(&["ip", "link", "set", "eth0", "address", &mac]);
-    let h0 = counters(&cluster, 0);
-    assert_ping(&cluster, a, b, 5);
-    assert_ping(&cluster, b, a, 5);
-    assert_ping(&cluster, a, c, 5);
-    let g0 = counters(&cluster, 0);
+    let h0 = cluster.counters(0);
+    cluster.assert_ping(a, b, 5, Duration::ZERO);
+    cluster.assert_ping(b, a, 5, Duration::ZERO);
+    cluster.assert_ping(a, c, 5, Duration::ZERO);
+    let g0 = cluster.counters(0);
     assert_eq!(
         delta(&h0, &g0, "drop_spoofed"),
         0,
