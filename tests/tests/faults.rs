@@ -330,19 +330,26 @@ fn attachments(cluster: &Cluster, i: usize) -> Vec<(String, Option<u64>)> {
     all
 }
 
-// ================================================================ tests
-
-// 1. kill -9 and restart under live traffic.
-#[test]
-fn restart_under_traffic_is_invisible() {
-    require_root();
-    let mut cluster = Cluster::up(2, "tc");
+/// Two hosts running netd with `decap`, a container on each (containers 0
+/// and 1), maps converged and the containers reaching each other.
+fn two_hosts(decap: &str) -> (Cluster, usize, usize) {
+    let mut cluster = Cluster::up(2, decap);
     let c0 = cluster.attach(0);
     let c1 = cluster.attach(1);
     for i in 0..2 {
         cluster.wait_peers_match_etcd(i, CONVERGE);
     }
     cluster.assert_ping_both_ways(c0, c1);
+    (cluster, c0, c1)
+}
+
+// ================================================================ tests
+
+// 1. kill -9 and restart under live traffic.
+#[test]
+fn restart_under_traffic_is_invisible() {
+    require_root();
+    let (mut cluster, c0, c1) = two_hosts("tc");
     let etcd = cluster.topo.etcd();
     // A lease that will be deleted while host 1's daemon is down.
     etcd.put(&lease_key(DOOMED_SUBNET), &lease_value(DOOMED_IP));
@@ -565,13 +572,7 @@ fn upgrade(
 #[test]
 fn upgrade_to_new_map_layout_rebuilds_the_data_path() {
     require_root();
-    let mut cluster = Cluster::up(2, "xdp");
-    let c0 = cluster.attach(0);
-    let c1 = cluster.attach(1);
-    for i in 0..2 {
-        cluster.wait_peers_match_etcd(i, CONVERGE);
-    }
-    cluster.assert_ping_both_ways(c0, c1);
+    let (mut cluster, c0, c1) = two_hosts("xdp");
 
     // Host 1: its layout's pins are gone altogether.
     upgrade(
@@ -641,13 +642,7 @@ fn map_ids(cluster: &Cluster, i: usize) -> Vec<(&'static str, u64)> {
 #[test]
 fn upgrade_to_a_new_build_replaces_each_program_in_place() {
     require_root();
-    let mut cluster = Cluster::up(2, "xdp");
-    let c0 = cluster.attach(0);
-    let c1 = cluster.attach(1);
-    for i in 0..2 {
-        cluster.wait_peers_match_etcd(i, CONVERGE);
-    }
-    cluster.assert_ping_both_ways(c0, c1);
+    let (mut cluster, c0, c1) = two_hosts("xdp");
     let slots = tc_slots(&cluster, 1);
     assert_eq!(
         slots.len(),
