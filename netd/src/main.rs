@@ -56,6 +56,6 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Attach(args) => cli::attach::attach(&pin, run_dir, args).await,
         Command::Detach(args) => cli::attach::detach(&pin, run_dir, args).await,
         Command::Status(args) => cli::status::status(&pin, run_dir, args),
-        Command::Teardown => cli::attach::teardown(&pin, run_dir).await,
+        Command::Teardown => cli::teardown::teardown(&pin, run_dir).await,
     }
 }

@@ -404,6 +404,33 @@ impl Netlink {
         }
     }
 
+    /// Removes `ip/prefix_len` from an interface; one already absent is
+    /// fine. Returns whether it was there.
+    pub async fn remove_address(&self, index: u32, ip: Ipv4Addr, prefix_len: u8) -> Result<bool> {
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(IpAddr::V4(ip))
+            .set_prefix_length_filter(prefix_len)
+            .execute();
+        let mut found = Vec::new();
+        while let Some(msg) = addrs.try_next().await? {
+            found.push(msg);
+        }
+        let removed = !found.is_empty();
+        for msg in found {
+            self.handle
+                .address()
+                .del(msg)
+                .execute()
+                .await
+                .with_context(|| format!("removing {ip}/{prefix_len}"))?;
+        }
+        Ok(removed)
+    }
+
     /// Adds (or replaces) a route to `dst` out of `index`, via `gateway`
     /// on-link when given, otherwise scope link.
     pub async fn replace_route(

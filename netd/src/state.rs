@@ -155,6 +155,23 @@ impl SubnetEnv {
     }
 }
 
+/// Removes what the daemon published here (`state.json`, `subnet.env` and
+/// a temporary file a write may have left); what is absent is fine.
+pub fn remove_published(run_dir: &Path) -> Vec<anyhow::Error> {
+    let files = [NodeState::path(run_dir), SubnetEnv::path(run_dir)];
+    let tmps = files.clone().map(|f| f.with_extension("tmp"));
+    files
+        .iter()
+        .chain(&tmps)
+        .filter_map(|path| match fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Some(anyhow::Error::new(e).context(format!("removing {}", path.display())))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

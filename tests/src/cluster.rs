@@ -204,23 +204,20 @@ impl Cluster {
 
     /// Leases in etcd: subnet (a.b.c.d/len) → PublicIP, for valid values.
     pub fn etcd_leases(&self) -> BTreeMap<String, String> {
-        self.topo
-            .etcd()
-            .get_prefix(&format!("{PREFIX}/subnets/"))
-            .into_iter()
-            .filter_map(|kv| {
-                let key = kv.key.rsplit('/').next()?.replacen('-', "/", 1);
-                let value: Value = serde_json::from_str(&kv.value).ok()?;
-                Some((key, value["PublicIP"].as_str()?.to_string()))
-            })
-            .collect()
+        crate::lease::leases_in(self.topo.etcd())
     }
 
     /// Waits until host `i`'s map holds exactly the other hosts' leases.
     pub fn wait_peers_match_etcd(&self, i: usize, timeout: Duration) {
+        self.wait_peers_match(i, self.topo.etcd(), timeout);
+    }
+
+    /// Like [`Cluster::wait_peers_match_etcd`], with the leases in `etcd`
+    /// (e.g. one member of an etcd cluster).
+    pub fn wait_peers_match(&self, i: usize, etcd: &crate::Etcd, timeout: Duration) {
         let own = self.subnet(i);
         wait_for(&format!("host {i} map equal to etcd"), timeout, || {
-            let mut want = self.etcd_leases();
+            let mut want = crate::lease::leases_in(etcd);
             want.remove(&own);
             self.peers(i) == want
         });
@@ -310,5 +307,87 @@ impl Cluster {
         let daemon = self.spawn_with_endpoints(i, endpoints);
         self.daemons[i] = Some(daemon);
         self.wait_ready(i);
+    }
+}
+
+/// What a host's daemon left on disk and logged.
+impl Cluster {
+    /// Host `i`'s daemon log (every run under the current guard), uncoloured.
+    pub fn daemon_log(&self, i: usize) -> String {
+        crate::strip_ansi(&self.daemons[i].as_ref().expect("daemon started").log())
+    }
+
+    /// Host-side veth names of host `i`'s containers, from netd's records.
+    pub fn host_veths(&self, i: usize) -> Vec<String> {
+        let dir = self.host(i).run_dir().join("endpoints");
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .map(|e| {
+                let record: Value = serde_json::from_slice(&std::fs::read(e.path()).unwrap())
+                    .unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
+                record["host_ifname"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("no host_ifname in {record}"))
+                    .to_string()
+            })
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+/// Daemons of another build than `NETD_BIN` (see [`crate::builds`]).
+impl Cluster {
+    /// Like [`Cluster::start`], running the netd binary at `program`.
+    pub fn start_with_bin(&mut self, i: usize, program: &std::path::Path) {
+        let args = self.run_argv(i);
+        let _ = std::fs::remove_file(self.host(i).run_dir().join("state.json"));
+        self.daemons[i] = Some(self.host(i).start(program, args));
+        self.wait_ready(i);
+    }
+}
+
+/// Reachability between containers, and the lease a host's state names.
+impl Cluster {
+    /// Asserts container `from` reaches container `to`: `count` pings all
+    /// answered, tried again until `timeout` (once when it is zero).
+    pub fn assert_ping(&self, from: usize, to: usize, count: u32, timeout: Duration) {
+        let (a, b) = (self.container(from), self.container(to));
+        let what = format!(
+            "container {from} ({} on host {}) -> container {to} ({} on host {})",
+            a.ip, a.host, b.ip, b.host
+        );
+        crate::traffic::assert_ping(&a.ns, b.ip, count, timeout, &what);
+    }
+
+    /// Asserts containers `a` and `b` reach each other (3 pings each way,
+    /// 200 ms apart; the first echo on a fresh path may wait for ARP, so a
+    /// direction is tried twice).
+    pub fn assert_ping_both_ways(&self, a: usize, b: usize) {
+        for (from, to) in [(a, b), (b, a)] {
+            let (cf, ct) = (self.container(from), self.container(to));
+            let mut stats = crate::ping_stats(&cf.ns, ct.ip, 3);
+            if !stats.all_received() {
+                stats = crate::ping_stats(&cf.ns, ct.ip, 3);
+            }
+            assert!(
+                stats.all_received(),
+                "ping {} (host {}) -> {} (host {}) failed:\n{}",
+                cf.ip,
+                cf.host,
+                ct.ip,
+                ct.host,
+                stats.output
+            );
+        }
+    }
+
+    /// Host `i`'s etcd lease id, from its state.
+    pub fn state_lease_id(&self, i: usize) -> i64 {
+        self.status(i)["state"]["lease_id"]
+            .as_i64()
+            .expect("lease_id in state")
     }
 }

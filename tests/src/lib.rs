@@ -5,12 +5,18 @@
 //! down by `Drop` guards, also when a test panics. Most of it needs root and
 //! panics (never skips) without it.
 
+pub mod bpftool;
+pub mod builds;
 pub mod capture;
 pub mod cluster;
+pub mod counters;
 pub mod daemon;
 pub mod etcd;
+pub mod flannel;
 pub mod http;
 pub mod icmp;
+pub mod lease;
+pub mod links;
 pub mod netns;
 pub mod prometheus;
 pub mod topology;

@@ -70,6 +70,24 @@ pub fn ping(from: &NsRef, ip: impl Into<IpAddr>, count: u32) -> bool {
     ping_stats(from, ip, count).all_received()
 }
 
+/// Asserts that `count` pings from `from` to `to` are all answered, trying
+/// again until `timeout` (once when it is zero): a fresh path may still be
+/// converging. `what` names the path in the panic message.
+pub fn assert_ping(from: &NsRef, to: Ipv4Addr, count: u32, timeout: Duration, what: &str) {
+    let mut last: Option<PingStats> = None;
+    let ok = crate::poll_until(timeout, || {
+        let stats = ping_stats(from, to, count);
+        let ok = stats.all_received();
+        last = Some(stats);
+        ok
+    });
+    assert!(
+        ok,
+        "{what}: no full ping to {to} within {timeout:?}; last ping:\n{}",
+        last.map(|s| s.output).unwrap_or_default()
+    );
+}
+
 /// Extracts "N packets transmitted, M received" from ping's output.
 pub(crate) fn parse_ping_summary(output: &str) -> Option<(u32, u32)> {
     let line = output.lines().find(|l| l.contains("packets transmitted"))?;

@@ -5,10 +5,11 @@
 //!
 //! The data plane must not notice the first four: pings every 10 ms lose
 //! nothing and a TCP stream carries on, while the control plane reports the
-//! fault and recovers. (The layout upgrade's pings are counted, not
-//! asserted: new programs are attached before their maps are filled.) Waits
-//! are generous (the machine is small and shared); the figures measured are
-//! printed (`--nocapture`) rather than asserted.
+//! fault and recovers. The same holds for upgrades, to a new map layout and
+//! to a new build of the same layout: the new programs are put behind the
+//! attachments only once their maps are filled, so pings lose nothing there
+//! either. Waits are generous (the machine is small and shared); timings
+//! measured are printed (`--nocapture`) rather than asserted.
 
 // Hosts are numbered; loops over them index per-host arrays.
 #![allow(clippy::needless_range_loop)]
@@ -23,9 +24,12 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use netd_tests::cluster::{NETWORK, PREFIX};
+use netd_tests::bpftool::{map_dump, pinned_map_id, pinned_prog_id, prog_exists};
+use netd_tests::builds::netd_of_another_build;
+use netd_tests::cluster::NETWORK;
 use netd_tests::etcd::EtcdCluster;
-use netd_tests::strip_ansi;
+use netd_tests::lease::{lease_key, lease_value};
+use netd_tests::links::{tc_filters, tc_prog_id, xdp_prog_id};
 use netd_tests::traffic::Pattern;
 use netd_tests::{
     Cluster, Etcd, NsRef, SWITCH_IP, Topology, ping_stats, poll_until, require_root, wait_for,
@@ -45,52 +49,11 @@ const DOOMED_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 98);
 
 // ---------------------------------------------------------------- etcd data
 
-/// `10.244.7.0/24` → `/netd/network/subnets/10.244.7.0-24`.
-fn lease_key(subnet: &str) -> String {
-    format!("{PREFIX}/subnets/{}", subnet.replacen('/', "-", 1))
-}
-
-/// A valid lease value as flannel (and netd) writes it.
-fn lease_value(public_ip: Ipv4Addr) -> String {
-    let [a, b, c, d] = public_ip.octets();
-    format!(
-        r#"{{"PublicIP":"{public_ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"0e:6e:{a:02x}:{b:02x}:{c:02x}:{d:02x}"}}}}"#
-    )
-}
-
-/// Valid leases in `etcd`: subnet → PublicIP (as [`Cluster::etcd_leases`],
-/// for any etcd).
-fn leases_in(etcd: &Etcd) -> std::collections::BTreeMap<String, String> {
-    etcd.get_prefix(&format!("{PREFIX}/subnets/"))
-        .into_iter()
-        .filter_map(|kv| {
-            let key = kv.key.rsplit('/').next()?.replacen('-', "/", 1);
-            let value: Value = serde_json::from_str(&kv.value).ok()?;
-            Some((key, value["PublicIP"].as_str()?.to_string()))
-        })
-        .collect()
-}
-
-/// Waits until host `i`'s map holds exactly the other leases in `etcd`.
-fn wait_peers_match(cluster: &Cluster, etcd: &Etcd, i: usize, timeout: Duration) {
-    let own = cluster.subnet(i);
-    wait_for(&format!("host {i} map equal to etcd"), timeout, || {
-        let mut want = leases_in(etcd);
-        want.remove(&own);
-        cluster.peers(i) == want
-    });
-}
-
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("clock after 1970")
         .as_secs()
-}
-
-/// Host `i`'s daemon log (every run under the current guard), uncoloured.
-fn daemon_log(cluster: &Cluster, i: usize) -> String {
-    strip_ansi(&cluster.daemons[i].as_ref().expect("daemon started").log())
 }
 
 // ---------------------------------------------------------------- ping
@@ -208,27 +171,6 @@ fn assert_no_loss(result: &PingResult, what: &str) {
         result.transmitted,
         result.missing
     );
-}
-
-/// Pings between containers `a` and `b` both ways (a few, 200 ms apart).
-fn assert_ping_both_ways(cluster: &Cluster, a: usize, b: usize) {
-    for (from, to) in [(a, b), (b, a)] {
-        let (cf, ct) = (cluster.container(from), cluster.container(to));
-        let mut stats = ping_stats(&cf.ns.handle(), ct.ip, 3);
-        // The first echo may wait for ARP on a fresh path; retry once.
-        if !stats.all_received() {
-            stats = ping_stats(&cf.ns.handle(), ct.ip, 3);
-        }
-        assert!(
-            stats.all_received(),
-            "ping {} (host {}) -> {} (host {}) failed:\n{}",
-            cf.ip,
-            cf.host,
-            ct.ip,
-            ct.host,
-            stats.output
-        );
-    }
 }
 
 // ---------------------------------------------------------------- TCP stream
@@ -372,72 +314,11 @@ fn stream_receive(port: u16, ready: mpsc::Sender<Result<()>>, received: &AtomicU
 
 // ---------------------------------------------------------------- attachments
 
-/// Runs `argv` in `ns`, panics on failure, returns stdout parsed as JSON.
-fn json_in(ns: &NsRef, argv: &[&str]) -> Value {
-    let out = ns.run_ok(argv);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{argv:?}: bad JSON ({e}): {out}"))
-}
-
-/// Id of the BPF program of the TC ingress filter on `dev` in `ns`
-/// (`tc -j filter show`), `None` if there is none.
-fn tc_prog_id(ns: &NsRef, dev: &str) -> Option<u64> {
-    let filters = json_in(ns, &["tc", "-j", "filter", "show", "dev", dev, "ingress"]);
-    let ids: Vec<u64> = filters
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|f| f["options"]["prog"]["id"].as_u64())
-        .collect();
-    assert!(ids.len() <= 1, "several BPF filters on {dev}: {filters}");
-    ids.first().copied()
-}
-
-/// Id of the XDP program on `dev` in `ns` (`ip -j link show`), if any.
-fn xdp_prog_id(ns: &NsRef, dev: &str) -> Option<u64> {
-    let links = json_in(ns, &["ip", "-j", "link", "show", "dev", dev]);
-    let xdp = &links[0]["xdp"];
-    xdp["prog"]["id"].as_u64().or_else(|| {
-        xdp["attached"]
-            .as_array()?
-            .iter()
-            .find_map(|a| a["prog"]["id"].as_u64())
-    })
-}
-
-/// Whether a BPF program with this id still exists in the kernel.
-fn prog_exists(id: u64) -> bool {
-    Command::new("bpftool")
-        .args(["prog", "show", "id", &id.to_string()])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run bpftool (install bpftool): {e}"))
-        .status
-        .success()
-}
-
-/// Host-side veth names of host `i`'s containers, from netd's records.
-fn host_veths(cluster: &Cluster, i: usize) -> Vec<String> {
-    let dir = cluster.host(i).run_dir().join("endpoints");
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-        .map(|e| {
-            let record: Value = serde_json::from_slice(&std::fs::read(e.path()).unwrap())
-                .unwrap_or_else(|err| panic!("{}: {err}", e.path().display()));
-            record["host_ifname"]
-                .as_str()
-                .unwrap_or_else(|| panic!("no host_ifname in {record}"))
-                .to_string()
-        })
-        .collect();
-    names.sort();
-    names
-}
-
 /// Program ids behind every attachment of host `i`: (where, id).
 fn attachments(cluster: &Cluster, i: usize) -> Vec<(String, Option<u64>)> {
     let ns = cluster.host(i).ns().handle();
-    let mut all: Vec<(String, Option<u64>)> = host_veths(cluster, i)
+    let mut all: Vec<(String, Option<u64>)> = cluster
+        .host_veths(i)
         .into_iter()
         .map(|veth| {
             let id = tc_prog_id(&ns, &veth);
@@ -449,21 +330,17 @@ fn attachments(cluster: &Cluster, i: usize) -> Vec<(String, Option<u64>)> {
     all
 }
 
-/// Entries of a pinned map, through bpftool (bpffs is global).
-fn pinned_map_len(path: &Path) -> usize {
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(path)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run bpftool (install bpftool): {e}"));
-    assert!(
-        out.status.success(),
-        "bpftool map dump {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
-    v.as_array().map_or(0, Vec::len)
+/// Two hosts running netd with `decap`, a container on each (containers 0
+/// and 1), maps converged and the containers reaching each other.
+fn two_hosts(decap: &str) -> (Cluster, usize, usize) {
+    let mut cluster = Cluster::up(2, decap);
+    let c0 = cluster.attach(0);
+    let c1 = cluster.attach(1);
+    for i in 0..2 {
+        cluster.wait_peers_match_etcd(i, CONVERGE);
+    }
+    cluster.assert_ping_both_ways(c0, c1);
+    (cluster, c0, c1)
 }
 
 // ================================================================ tests
@@ -472,13 +349,7 @@ fn pinned_map_len(path: &Path) -> usize {
 #[test]
 fn restart_under_traffic_is_invisible() {
     require_root();
-    let mut cluster = Cluster::up(2, "tc");
-    let c0 = cluster.attach(0);
-    let c1 = cluster.attach(1);
-    for i in 0..2 {
-        cluster.wait_peers_match_etcd(i, CONVERGE);
-    }
-    assert_ping_both_ways(&cluster, c0, c1);
+    let (mut cluster, c0, c1) = two_hosts("tc");
     let etcd = cluster.topo.etcd();
     // A lease that will be deleted while host 1's daemon is down.
     etcd.put(&lease_key(DOOMED_SUBNET), &lease_value(DOOMED_IP));
@@ -536,7 +407,7 @@ fn restart_under_traffic_is_invisible() {
         },
     );
     let resynced = ready.elapsed();
-    let restarted_log = daemon_log(&cluster, 1);
+    let restarted_log = cluster.daemon_log(1);
     assert!(
         ping.is_running(),
         "ping finished before the restart was over: raise its count"
@@ -579,38 +450,21 @@ fn restart_under_traffic_is_invisible() {
     cluster.daemons[1].as_mut().unwrap().assert_running();
 }
 
-/// Id of the program pinned at `path` (`bpftool prog show pinned`).
-fn pinned_prog_id(path: &Path) -> u64 {
-    let out = Command::new("bpftool")
-        .args(["-j", "prog", "show", "pinned"])
-        .arg(path)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run bpftool (install bpftool): {e}"));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "bpftool prog show pinned {}: {e}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    v["id"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no id for {}: {v}", path.display()))
-}
-
 /// Stops host `host`'s daemon, lets `simulate` turn its pins into those of
 /// an older map layout, and starts it again while container `remote`
 /// pings container `local` (on `host`) every 10 ms. Checks the data path
 /// kept forwarding while the daemon was down, and that afterwards every
-/// attachment runs the newly pinned programs, whose fresh maps hold the
-/// endpoints and the peers. Returns the pings lost during the upgrade.
+/// attachment runs the newly pinned programs, whose maps hold the
+/// endpoints and the peers, and that no ping was lost. `start` starts the
+/// daemon again (the same binary, or another build).
 fn upgrade(
     cluster: &mut Cluster,
     host: usize,
     local: usize,
     remote: usize,
     simulate: impl FnOnce(&Path),
-) -> u32 {
+    start: impl FnOnce(&mut Cluster),
+) {
     let pin = cluster.host(host).pin_path().to_path_buf();
     let before = attachments(cluster, host);
     assert!(
@@ -624,15 +478,16 @@ fn upgrade(
     );
     simulate(&pin);
     // The attached programs hold the old maps: forwarding goes on.
-    assert_ping_both_ways(cluster, local, remote);
+    cluster.assert_ping_both_ways(local, remote);
 
     let (from, to) = (cluster.container(remote), cluster.container(local));
     let ping = PingRun::start(&from.ns.handle(), to.ip, 400);
-    cluster.start(host);
-    let log = daemon_log(cluster, host);
+    start(cluster);
+    let log = cluster.daemon_log(host);
     assert!(
-        log.contains("loaded and pinned data path"),
-        "host {host} did not load new programs into the missing layout dir; log:\n{log}"
+        log.contains("loaded and pinned data path")
+            && log.contains("attachments now run this build's programs"),
+        "host {host} did not load and switch to new programs; log:\n{log}"
     );
     // Endpoints restored into the new ENDPOINTS map, peers from etcd.
     wait_for(
@@ -643,13 +498,13 @@ fn upgrade(
             ping_stats(&a.ns.handle(), b.ip, 1).all_received()
         },
     );
-    assert_ping_both_ways(cluster, local, remote);
+    cluster.assert_ping_both_ways(local, remote);
     cluster.wait_peers_match_etcd(host, CONVERGE);
-    let endpoints = pinned_map_len(&pin.join(netd_tests::layout_dir()).join("ENDPOINTS"));
+    let endpoints = map_dump(&pin.join(netd_tests::layout_dir()).join("ENDPOINTS")).len();
     let containers = cluster.containers.iter().filter(|c| c.host == host).count();
     assert_eq!(
         endpoints, containers,
-        "host {host}'s new ENDPOINTS map vs its containers"
+        "host {host}'s ENDPOINTS map vs its containers"
     );
 
     let after = attachments(cluster, host);
@@ -718,13 +573,7 @@ fn upgrade(
             .collect();
         eprintln!("replies after each lost one: {missing:?}");
     }
-    eprintln!(
-        "upgrade of host {host}: {} of {} pings lost (missing sequence numbers {:?})",
-        result.lost(),
-        result.transmitted,
-        result.missing
-    );
-    result.lost()
+    assert_no_loss(&result, &format!("upgrade of host {host}"));
 }
 
 // 2. An upgrade to a new map layout, simulated: the daemon finds no pins of
@@ -732,29 +581,111 @@ fn upgrade(
 #[test]
 fn upgrade_to_new_map_layout_rebuilds_the_data_path() {
     require_root();
-    let mut cluster = Cluster::up(2, "xdp");
-    let c0 = cluster.attach(0);
-    let c1 = cluster.attach(1);
-    for i in 0..2 {
-        cluster.wait_peers_match_etcd(i, CONVERGE);
-    }
-    assert_ping_both_ways(&cluster, c0, c1);
+    let (mut cluster, c0, c1) = two_hosts("xdp");
 
     // Host 1: its layout's pins are gone altogether.
-    let lost_rm = upgrade(&mut cluster, 1, c1, c0, |pin| {
-        std::fs::remove_dir_all(pin.join(netd_tests::layout_dir())).expect("rm -rf the layout dir");
-    });
+    upgrade(
+        &mut cluster,
+        1,
+        c1,
+        c0,
+        |pin| {
+            std::fs::remove_dir_all(pin.join(netd_tests::layout_dir()))
+                .expect("rm -rf the layout dir")
+        },
+        |cluster| cluster.start(1),
+    );
     // Host 0: the pins are those of an older layout (v0), which the new
     // daemon unpins once its own are in place.
-    let lost_mv = upgrade(&mut cluster, 0, c0, c1, |pin| {
-        std::fs::rename(pin.join(netd_tests::layout_dir()), pin.join("v0"))
-            .expect("mv the layout dir to v0 on bpffs");
-    });
+    upgrade(
+        &mut cluster,
+        0,
+        c0,
+        c1,
+        |pin| {
+            std::fs::rename(pin.join(netd_tests::layout_dir()), pin.join("v0"))
+                .expect("mv the layout dir to v0 on bpffs")
+        },
+        |cluster| cluster.start(0),
+    );
     assert!(
         !cluster.host(0).pin_path().join("v0").exists(),
         "host 0 left the older layout's pins behind"
     );
-    eprintln!("upgrade: pings lost: {lost_rm} (pins removed), {lost_mv} (older layout)");
+    for i in 0..2 {
+        cluster.daemons[i].as_mut().unwrap().assert_running();
+    }
+}
+
+/// (where, priority, handle) of every TC filter of host `i`'s attachments.
+fn tc_slots(cluster: &Cluster, i: usize) -> Vec<(String, u64, String)> {
+    let ns = cluster.host(i).ns().handle();
+    let mut devs = cluster.host_veths(i);
+    devs.push("eth0".into());
+    devs.into_iter()
+        .flat_map(|dev| {
+            tc_filters(&ns, &dev)
+                .into_iter()
+                .filter(|f| f["options"]["prog"]["id"].is_u64())
+                .map(|f| {
+                    (
+                        dev.clone(),
+                        f["pref"].as_u64().unwrap_or_else(|| panic!("no pref: {f}")),
+                        f["options"]["handle"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_string(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Ids of host `i`'s pinned maps, by name.
+fn map_ids(cluster: &Cluster, i: usize) -> Vec<(&'static str, u64)> {
+    let dir = cluster.host(i).pin_path().join(netd_tests::layout_dir());
+    ["SUBNETS", "PEERS", "ENDPOINTS", "CONFIG", "STATS"]
+        .into_iter()
+        .map(|name| (name, pinned_map_id(&dir.join(name))))
+        .collect()
+}
+
+// 3. A new build of the same map layout (another eBPF object, so another
+// object hash): the daemon loads it and puts it behind every attachment in
+// place, in the same TC slot, keeping the pinned maps.
+#[test]
+fn upgrade_to_a_new_build_replaces_each_program_in_place() {
+    require_root();
+    let (mut cluster, c0, c1) = two_hosts("xdp");
+    let slots = tc_slots(&cluster, 1);
+    assert_eq!(
+        slots.len(),
+        2,
+        "TC filters of host 1 (veth, eth0): {slots:?}"
+    );
+    let maps = map_ids(&cluster, 1);
+
+    let build_dir = tempfile::tempdir().expect("temp dir for the other build");
+    let other = netd_of_another_build(build_dir.path());
+    upgrade(
+        &mut cluster,
+        1,
+        c1,
+        c0,
+        |_| {},
+        |cluster| cluster.start_with_bin(1, &other),
+    );
+    assert_eq!(
+        tc_slots(&cluster, 1),
+        slots,
+        "a TC filter was re-created elsewhere instead of replaced in place"
+    );
+    assert_eq!(
+        map_ids(&cluster, 1),
+        maps,
+        "the same layout's pinned maps were replaced"
+    );
     for i in 0..2 {
         cluster.daemons[i].as_mut().unwrap().assert_running();
     }
@@ -775,13 +706,6 @@ fn etcd_health(cluster: &Cluster, i: usize) -> (bool, u64, String) {
     )
 }
 
-/// Host `i`'s etcd lease id, from its state.
-fn state_lease_id(cluster: &Cluster, i: usize) -> i64 {
-    cluster.status(i)["state"]["lease_id"]
-        .as_i64()
-        .expect("lease_id in state")
-}
-
 /// Asserts host `i` holds `subnet` in `etcd`: the key carries its public
 /// IP and is bound to the etcd lease its state names, which is alive.
 fn assert_holds(cluster: &Cluster, etcd: &Etcd, i: usize, subnet: &str) {
@@ -796,7 +720,7 @@ fn assert_holds(cluster: &Cluster, etcd: &Etcd, i: usize, subnet: &str) {
         "host {i}'s lease {subnet}: {}",
         kv.value
     );
-    let lease = state_lease_id(cluster, i);
+    let lease = cluster.state_lease_id(i);
     assert_eq!(
         kv.lease, lease,
         "host {i}'s key is bound to another lease than its state names"
@@ -807,7 +731,7 @@ fn assert_holds(cluster: &Cluster, etcd: &Etcd, i: usize, subnet: &str) {
     );
 }
 
-// 3. etcd stopped for longer than the lease TTL: forwarding goes on, the
+// 4. etcd stopped for longer than the lease TTL: forwarding goes on, the
 // status says since when etcd is unreachable, and on its return the daemon
 // keeps its subnet and follows etcd again.
 #[test]
@@ -824,9 +748,9 @@ fn etcd_outage_keeps_forwarding_and_recovers() {
     for i in 0..2 {
         cluster.wait_peers_match_etcd(i, CONVERGE);
     }
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
     let subnets = [cluster.subnet(0), cluster.subnet(1)];
-    let leases_before = [state_lease_id(&cluster, 0), state_lease_id(&cluster, 1)];
+    let leases_before = [cluster.state_lease_id(0), cluster.state_lease_id(1)];
     for i in 0..2 {
         assert!(etcd_health(&cluster, i).0, "host {i} before the outage");
     }
@@ -898,7 +822,7 @@ fn etcd_outage_keeps_forwarding_and_recovers() {
     let programmed = put.elapsed();
     let result = ping.finish(Duration::from_secs(60));
 
-    let leases_after = [state_lease_id(&cluster, 0), state_lease_id(&cluster, 1)];
+    let leases_after = [cluster.state_lease_id(0), cluster.state_lease_id(1)];
     eprintln!(
         "etcd outage of {OUTAGE:?} (TTL {TTL} s): unreachable shown after {noticed:?}, \
          reachable again {recovered:?} after etcd's restart, a new lease programmed \
@@ -924,7 +848,7 @@ fn etcd_outage_keeps_forwarding_and_recovers() {
     for i in 0..2 {
         cluster.wait_peers_match_etcd(i, CONVERGE);
     }
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
 }
 
 /// Remote addresses of host `i`'s established TCP connections to etcd's
@@ -1077,7 +1001,7 @@ fn bring_back(etcd: &mut EtcdCluster, m: usize, how: Loss) {
     wait_leader(etcd);
 }
 
-// 4. A 3-member etcd cluster loses members one at a time: the leader, a
+// 5. A 3-member etcd cluster loses members one at a time: the leader, a
 // follower, and a leader cut off the network without closing anything.
 #[test]
 fn etcd_cluster_member_loss() {
@@ -1112,11 +1036,11 @@ fn etcd_cluster_member_loss() {
     let c0 = cluster.attach(0);
     let c1 = cluster.attach(1);
     for i in 0..2 {
-        wait_peers_match(&cluster, etcd.client(), i, CONVERGE);
+        cluster.wait_peers_match(i, etcd.client(), CONVERGE);
     }
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
     let subnets = [cluster.subnet(0), cluster.subnet(1)];
-    let leases = [state_lease_id(&cluster, 0), state_lease_id(&cluster, 1)];
+    let leases = [cluster.state_lease_id(0), cluster.state_lease_id(1)];
     for i in 0..2 {
         eprintln!(
             "host {i} talks to etcd members {:?}",
@@ -1165,13 +1089,13 @@ fn etcd_cluster_member_loss() {
         cluster.daemons[i].as_mut().unwrap().assert_running();
         assert_holds(&cluster, etcd.client(), i, &subnets[i]);
         assert_eq!(
-            state_lease_id(&cluster, i),
+            cluster.state_lease_id(i),
             leases[i],
             "host {i} lost its etcd lease although a quorum was up all along"
         );
-        wait_peers_match(&cluster, etcd.client(), i, CONVERGE);
+        cluster.wait_peers_match(i, etcd.client(), CONVERGE);
     }
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
     eprintln!(
         "etcd member loss: reconnect times (leader stopped, follower stopped, leader cut off) {:?}",
         rounds.iter().map(|r| r.reconnected).collect::<Vec<_>>()
@@ -1200,7 +1124,7 @@ fn partition_cluster(ttl: u64) -> (Cluster, usize, usize) {
     for i in 0..2 {
         cluster.wait_peers_match_etcd(i, CONVERGE);
     }
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
     (cluster, c0, c1)
 }
 
@@ -1208,7 +1132,7 @@ fn partition_cluster(ttl: u64) -> (Cluster, usize, usize) {
 /// forgotten it; returns host 1's subnet and its (dead) lease id.
 fn partition_until_expired(cluster: &Cluster) -> (String, i64) {
     let subnet = cluster.subnet(1);
-    let lease = state_lease_id(cluster, 1);
+    let lease = cluster.state_lease_id(1);
     let cut = Instant::now();
     partition_from_etcd(cluster, 1, true);
     // Both at once: which comes first is part of the story.
@@ -1241,7 +1165,7 @@ fn partition_until_expired(cluster: &Cluster) -> (String, i64) {
 
 /// Lines of host `i`'s log with `needle`, for messages.
 fn log_lines(cluster: &Cluster, i: usize, needle: &str) -> String {
-    let log = daemon_log(cluster, i);
+    let log = cluster.daemon_log(i);
     let lines: Vec<&str> = log.lines().filter(|l| l.contains(needle)).collect();
     format!(
         "{} line(s) with {needle:?}, last: {:?}",
@@ -1264,7 +1188,7 @@ fn partition_past_the_ttl_takes_the_same_subnet_back() {
     let took_back = poll_until(Duration::from_secs(20), || {
         let (reachable, ..) = etcd_health(&cluster, 1);
         reachable
-            && state_lease_id(&cluster, 1) != lease
+            && cluster.state_lease_id(1) != lease
             && cluster.topo.etcd().get(&lease_key(&subnet)).is_some()
     });
     let (reachable, since, error) = etcd_health(&cluster, 1);
@@ -1285,7 +1209,7 @@ fn partition_past_the_ttl_takes_the_same_subnet_back() {
     for i in 0..2 {
         cluster.wait_peers_match_etcd(i, CONVERGE);
     }
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
 }
 
 // 5b. As 5a, but another host took the subnet meanwhile: the daemon must
@@ -1315,7 +1239,7 @@ fn partition_past_the_ttl_with_the_subnet_taken_disables_the_host() {
         )
     });
     assert!(!status.success(), "host 1 exited with {status}");
-    let log = daemon_log(&cluster, 1);
+    let log = cluster.daemon_log(1);
     assert!(
         log.contains("now held by another host"),
         "host 1 exited without saying why; log:\n{log}"

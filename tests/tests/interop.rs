@@ -15,11 +15,15 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use netd_tests::cluster::{NETWORK, PREFIX};
+use netd_tests::counters::{Counters, assert_grew, delta};
+use netd_tests::flannel;
+use netd_tests::lease::{lease_key, vtep_mac};
 use netd_tests::strip_ansi;
 use netd_tests::topology::segment_b_ip;
+use netd_tests::traffic::assert_ping;
 use netd_tests::{
-    Capture, Cluster, Etcd, EtcdTls, Host, NsRef, PingStats, SWITCH_IP, Topology, VXLAN_PORT,
-    host_ip, ping_stats, poll_until, require_root, tcp_transfer, wait_for,
+    Capture, Cluster, Etcd, EtcdTls, Host, NsRef, SWITCH_IP, Topology, VXLAN_PORT, host_ip,
+    ping_stats, poll_until, require_root, tcp_transfer, wait_for,
 };
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -46,73 +50,16 @@ const AUTH_HINTS: [&str; 5] = ["auth", "password", "user", "credential", "permis
 /// command line and no log.
 const PASSWORD: &str = "Pw-netd-interop-7731";
 
-type Counters = BTreeMap<String, u64>;
-
 // ------------------------------------------------------------ helpers
-
-/// The VTEP MAC netd derives from a public IP a.b.c.d: 0e:6e:a:b:c:d.
-fn vtep_mac(ip: Ipv4Addr) -> String {
-    let o = ip.octets();
-    format!("0e:6e:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
-}
-
-/// `a.b.c.0/24` → `a.b.c.1`, etc.
-fn subnet_addr(subnet: &str, last: u8) -> Ipv4Addr {
-    let net: Ipv4Addr = subnet
-        .split_once('/')
-        .map_or(subnet, |(a, _)| a)
-        .parse()
-        .unwrap_or_else(|e| panic!("subnet {subnet}: {e}"));
-    let [a, b, c, _] = net.octets();
-    Ipv4Addr::new(a, b, c, last)
-}
 
 fn counters_of(cluster: &Cluster, hosts: &[usize]) -> BTreeMap<usize, Counters> {
     hosts.iter().map(|&h| (h, cluster.counters(h))).collect()
 }
 
-/// How much counter `name` grew between two snapshots.
-fn delta(before: &Counters, after: &Counters, name: &str) -> u64 {
-    let (b, a) = (before[name], after[name]);
-    assert!(a >= b, "counter {name} went backwards: {b} -> {a}");
-    a - b
-}
-
-fn assert_grew(host: usize, before: &Counters, after: &Counters, name: &str, min: u64, why: &str) {
-    let d = delta(before, after, name);
-    assert!(
-        d >= min,
-        "host {host}: counter {name} grew by {d}, expected >= {min} ({why}); \
-         before {before:?}, after {after:?}"
-    );
-}
-
-/// Pings `to` from `from` until one run of `count` echo requests is
-/// answered in full (bounded by [`CONVERGE`]).
-fn assert_ping(from: &NsRef, to: Ipv4Addr, count: u32, what: &str) {
-    let mut last: Option<PingStats> = None;
-    let ok = poll_until(CONVERGE, || {
-        let stats = ping_stats(from, to, count);
-        let ok = stats.all_received();
-        last = Some(stats);
-        ok
-    });
-    assert!(
-        ok,
-        "{what}: no full ping to {to} within {CONVERGE:?}; last ping:\n{}",
-        last.map(|s| s.output).unwrap_or_default()
-    );
-}
-
 /// Pings container `b` from container `a` and back.
 fn ping_both_ways(cluster: &Cluster, a: usize, b: usize) {
     for (from, to) in [(a, b), (b, a)] {
-        let (f, t) = (cluster.container(from), cluster.container(to));
-        let what = format!(
-            "container {from} ({} on host {}) -> container {to} (host {})",
-            f.ip, f.host, t.host
-        );
-        assert_ping(&f.ns, t.ip, 3, &what);
+        cluster.assert_ping(from, to, 3, CONVERGE);
     }
 }
 
@@ -823,6 +770,7 @@ fn two_segments(init_flags: &[&str]) -> Cluster {
             topo.host(h).ns(),
             to,
             1,
+            CONVERGE,
             &format!("underlay host {h} -> {to}"),
         );
     }
@@ -894,7 +842,13 @@ fn vxlan_direct_routing_across_two_segments() {
     // Same segment: direct. A capture on host 1's underlay shows the
     // containers' ICMP itself, and no VXLAN.
     const PINGS: u32 = 4;
-    assert_ping(&c0.ns, c1.ip, 1, "container 0 -> container 1 (warm-up)");
+    assert_ping(
+        &c0.ns,
+        c1.ip,
+        1,
+        CONVERGE,
+        "container 0 -> container 1 (warm-up)",
+    );
     let mut cap = Capture::start(
         cluster.host(1).ns(),
         "eth0",
@@ -948,7 +902,13 @@ fn vxlan_direct_routing_across_two_segments() {
 
     // Across the router: VXLAN both ways.
     let before = counters_of(&cluster, &[0, 2]);
-    assert_ping(&c0.ns, c2.ip, PINGS, "container 0 -> container 2 (VXLAN)");
+    assert_ping(
+        &c0.ns,
+        c2.ip,
+        PINGS,
+        CONVERGE,
+        "container 0 -> container 2 (VXLAN)",
+    );
     let after = counters_of(&cluster, &[0, 2]);
     let why = "pings between hosts 0 and 2 across the router";
     for (s, r) in [(0, 2), (2, 0)] {
@@ -1152,51 +1112,18 @@ impl FlannelHost {
     ) -> Self {
         let ns = host.ns().handle();
         let ip = host.ip();
-        let net0 = subnet_addr(subnet, 0);
-        let value = if backend == FlannelBackend::HostGw {
-            format!(r#"{{"PublicIP":"{ip}","BackendType":"host-gw"}}"#)
-        } else {
-            sh(
-                &ns,
-                &format!(
-                    "ip link add flannel.1 type vxlan id 1 dstport 8472 local {ip} dev eth0 \
-                     nolearning"
-                ),
-            );
-            sh(&ns, "ip link set flannel.1 mtu 1450");
-            sh(&ns, "ip link set flannel.1 up");
-            sh(&ns, &format!("ip addr add {net0}/32 dev flannel.1"));
-            let mac = link_mac(&ns, "flannel.1");
-            format!(
+        let vtep_mac =
+            (backend != FlannelBackend::HostGw).then(|| flannel::add_vxlan_device(&ns, ip, subnet));
+        let value = match &vtep_mac {
+            None => format!(r#"{{"PublicIP":"{ip}","BackendType":"host-gw"}}"#),
+            Some(mac) => format!(
                 r#"{{"PublicIP":"{ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#
-            )
-        };
-        let key = format!("{PREFIX}/subnets/{}", subnet.replacen('/', "-", 1));
-        let lease = etcd.lease_grant(600);
-        etcd.put_with_lease(&key, &value, lease);
-        let vtep_mac = (backend != FlannelBackend::HostGw).then(|| link_mac(&ns, "flannel.1"));
-
-        // What the flannel CNI plugin (bridge) does for a pod.
-        let gw = subnet_addr(subnet, 1);
-        let container_ip = subnet_addr(subnet, 2);
-        ns.sysctl("net.ipv4.ip_forward", "1");
-        sh(&ns, "ip link add cni0 mtu 1450 type bridge");
-        sh(&ns, &format!("ip addr add {gw}/24 dev cni0"));
-        sh(&ns, "ip link set cni0 up");
-        sh(
-            &ns,
-            &format!(
-                "ip link add vethfl0 mtu 1450 type veth peer name eth0 mtu 1450 netns {}",
-                container.name()
             ),
-        );
-        sh(&ns, "ip link set vethfl0 master cni0 up");
-        sh(
-            container,
-            &format!("ip addr add {container_ip}/24 dev eth0"),
-        );
-        sh(container, "ip link set eth0 up");
-        sh(container, &format!("ip route add default via {gw}"));
+        };
+        let lease = etcd.lease_grant(600);
+        etcd.put_with_lease(&lease_key(subnet), &value, lease);
+        let container_ip =
+            flannel::add_cni_container(&ns, container, "vethfl0", subnet, flannel::VXLAN_MTU);
         FlannelHost {
             ns,
             public_ip: ip,
@@ -1231,27 +1158,11 @@ impl FlannelHost {
                 FlannelBackend::HostGw => true,
             };
             if direct {
-                sh(
-                    &self.ns,
-                    &format!("ip route replace {subnet} via {public_ip} dev eth0"),
-                );
+                flannel::add_direct_peer(&self.ns, &subnet, public_ip);
                 continue;
             }
             let mac = v["BackendData"]["VtepMAC"].as_str().expect("VtepMAC");
-            let net0 = subnet_addr(&subnet, 0);
-            let ns = &self.ns;
-            sh(
-                ns,
-                &format!("ip route replace {subnet} via {net0} dev flannel.1 onlink"),
-            );
-            sh(
-                ns,
-                &format!("ip neigh replace {net0} lladdr {mac} dev flannel.1 nud permanent"),
-            );
-            sh(
-                ns,
-                &format!("bridge fdb append {mac} dev flannel.1 dst {public_ip}"),
-            );
+            flannel::add_vxlan_peer(&self.ns, &subnet, mac, public_ip);
         }
     }
 
@@ -1270,16 +1181,6 @@ impl FlannelHost {
         let n = |dir: &str| stats[dir]["packets"].as_u64().unwrap_or(0);
         (n("rx"), n("tx"))
     }
-}
-
-/// MAC address of `iface` in `ns`.
-fn link_mac(ns: &NsRef, iface: &str) -> String {
-    let out = ns.run_ok(&["ip", "-j", "link", "show", "dev", iface]);
-    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("ip -j link: {e}: {out}"));
-    v[0]["address"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no address for {iface} in {}: {out}", ns.name()))
-        .to_string()
 }
 
 /// The flannel host's subnet in the interop tests (free: leased before any
@@ -1362,8 +1263,8 @@ fn exchange_with_flannel(
     let before = cluster.counters(c.host);
     let to_netd = format!("flannel container -> netd container {}", c.ip);
     let to_flannel = format!("netd container {} -> flannel container", c.ip);
-    assert_ping(fc, c.ip, 3, &to_netd);
-    assert_ping(&c.ns, flannel.container_ip, 3, &to_flannel);
+    assert_ping(fc, c.ip, 3, CONVERGE, &to_netd);
+    assert_ping(&c.ns, flannel.container_ip, 3, CONVERGE, &to_flannel);
     tcp_ok(fc, &c.ns, c.ip, port, &to_netd);
     tcp_ok(&c.ns, fc, flannel.container_ip, port + 1, &to_flannel);
     (before, cluster.counters(c.host))

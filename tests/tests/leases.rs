@@ -7,27 +7,14 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use netd_tests::cluster::{NETWORK, PREFIX};
-use netd_tests::strip_ansi;
-use netd_tests::{Cluster, ping, ping_stats, poll_until, require_root, wait_for};
+use netd_tests::lease::{lease_key, lease_value};
+use netd_tests::{Cluster, ping, poll_until, require_root, wait_for};
 
 /// How long a host may take to see a change in etcd (watch-driven).
 const SYNC: Duration = Duration::from_secs(5);
 
 fn subnets_prefix() -> String {
     format!("{PREFIX}/subnets/")
-}
-
-/// `10.244.7.0/24` → `/netd/network/subnets/10.244.7.0-24`.
-fn lease_key(subnet: &str) -> String {
-    format!("{}{}", subnets_prefix(), subnet.replacen('/', "-", 1))
-}
-
-/// A lease value exactly as netd (and flannel) writes it.
-fn lease_value(public_ip: Ipv4Addr) -> String {
-    let [a, b, c, d] = public_ip.octets();
-    format!(
-        r#"{{"PublicIP":"{public_ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"0e:6e:{a:02x}:{b:02x}:{c:02x}:{d:02x}"}}}}"#
-    )
 }
 
 /// `10.244.7.0/24` → `10.244.7.1/24`, as NETD_SUBNET carries it.
@@ -69,13 +56,6 @@ fn assert_subnet_env(cluster: &Cluster, i: usize, subnet: &str) {
     );
 }
 
-/// Host `i`'s etcd lease id, from its state.
-fn state_lease_id(cluster: &Cluster, i: usize) -> i64 {
-    cluster.status(i)["state"]["lease_id"]
-        .as_i64()
-        .expect("lease_id in state")
-}
-
 /// Waits until every host in `hosts` has exactly the other hosts' leases in
 /// its kernel map; returns how long that took.
 fn wait_all_match_etcd(cluster: &Cluster, hosts: &[usize], timeout: Duration) -> Duration {
@@ -87,23 +67,6 @@ fn wait_all_match_etcd(cluster: &Cluster, hosts: &[usize], timeout: Duration) ->
     started.elapsed()
 }
 
-/// Pings `to` from container `from` and back; panics with ping's output.
-fn assert_ping_both_ways(cluster: &Cluster, a: usize, b: usize) {
-    for (from, to) in [(a, b), (b, a)] {
-        let (cf, ct) = (cluster.container(from), cluster.container(to));
-        let stats = ping_stats(&cf.ns.handle(), ct.ip, 3);
-        assert!(
-            stats.all_received(),
-            "ping {} (host {}) -> {} (host {}) failed:\n{}",
-            cf.ip,
-            cf.host,
-            ct.ip,
-            ct.host,
-            stats.output
-        );
-    }
-}
-
 /// Lines of `log` that reject the lease whose key suffix is `key`.
 fn rejection_lines<'a>(log: &'a str, key: &str) -> Vec<&'a str> {
     let needle = format!("key={key}");
@@ -111,11 +74,6 @@ fn rejection_lines<'a>(log: &'a str, key: &str) -> Vec<&'a str> {
         .filter(|l| l.contains("ignoring lease"))
         .filter(|l| l.split_whitespace().any(|w| w == needle))
         .collect()
-}
-
-/// Host `i`'s daemon log (all runs of this daemon guard), uncoloured.
-fn daemon_log(cluster: &Cluster, i: usize) -> String {
-    strip_ansi(&cluster.daemons[i].as_ref().expect("daemon started").log())
 }
 
 // 1. A host joining a running cluster.
@@ -128,7 +86,7 @@ fn late_join_syncs_everywhere_and_traffic_flows() {
     let c0 = cluster.attach(0);
     let c1 = cluster.attach(1);
     wait_all_match_etcd(&cluster, &[0, 1], SYNC);
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
 
     let joined = Instant::now();
     cluster.start(2);
@@ -152,8 +110,8 @@ fn late_join_syncs_everywhere_and_traffic_flows() {
         assert_eq!(peers.len(), 2, "host {i} peers: {peers:?}");
     }
     // The old hosts learnt the new one: its containers are reachable both ways.
-    assert_ping_both_ways(&cluster, c2, c0);
-    assert_ping_both_ways(&cluster, c2, c1);
+    cluster.assert_ping_both_ways(c2, c0);
+    cluster.assert_ping_both_ways(c2, c1);
     for i in 0..3 {
         cluster.daemons[i].as_mut().unwrap().assert_running();
     }
@@ -188,9 +146,9 @@ fn leave_lease_expiry_removes_the_host_everywhere() {
     assert!(status.success(), "SIGTERM exit: {status}");
     assert_eq!(status.code(), Some(0));
     assert!(
-        daemon_log(&cluster, 2).contains("SIGTERM"),
+        cluster.daemon_log(2).contains("SIGTERM"),
         "{}",
-        daemon_log(&cluster, 2)
+        cluster.daemon_log(2)
     );
     // SIGTERM does not revoke: the lease is still there right after the stop.
     assert!(
@@ -232,7 +190,7 @@ fn leave_lease_expiry_removes_the_host_everywhere() {
         2,
         "a live host's lease expired"
     );
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
 }
 
 // 2b. A stopped host's lease is revoked by an operator: removal is prompt.
@@ -250,7 +208,7 @@ fn leave_revoked_lease_is_removed_quickly() {
         .get_kv(&key)
         .expect("host 1's lease")
         .lease;
-    assert_eq!(lease, state_lease_id(&cluster, 1));
+    assert_eq!(lease, cluster.state_lease_id(1));
 
     let status = cluster.stop(1);
     assert_eq!(status.code(), Some(0), "SIGTERM exit: {status}");
@@ -316,7 +274,7 @@ fn assert_distinct_consistent_leases(cluster: &Cluster) -> BTreeSet<String> {
         );
         assert_eq!(
             kv.lease,
-            state_lease_id(cluster, i),
+            cluster.state_lease_id(i),
             "host {i}'s etcd lease id"
         );
         assert_subnet_env(cluster, i, &subnet);
@@ -349,7 +307,7 @@ fn concurrent_start_with_exactly_enough_subnets() {
     assert_eq!(subnets, all);
     wait_all_match_etcd(&cluster, &[0, 1, 2, 3], SYNC);
     let races: usize = (0..4)
-        .map(|i| daemon_log(&cluster, i).matches("another host won").count())
+        .map(|i| cluster.daemon_log(i).matches("another host won").count())
         .sum();
     eprintln!("tight pool: {races} lost races");
 }
@@ -361,7 +319,7 @@ fn assert_data_path_survives(cluster: &mut Cluster, down: usize, local: usize, r
     let status = cluster.status(down);
     assert_eq!(status["daemon_running"], false, "{status}");
     let before = cluster.counters(down);
-    assert_ping_both_ways(cluster, remote, local);
+    cluster.assert_ping_both_ways(remote, local);
     let after = cluster.counters(down);
     assert!(
         after["decapsulated"] >= before["decapsulated"] + 3,
@@ -391,7 +349,7 @@ fn check_kept_subnet(cluster: &Cluster, i: usize, subnet: &str, old_lease: i64) 
         .etcd()
         .get_kv(&lease_key(subnet))
         .expect("lease back in etcd");
-    let lease = state_lease_id(cluster, i);
+    let lease = cluster.state_lease_id(i);
     assert_eq!(
         kv.lease, lease,
         "key bound to another lease than the state says"
@@ -408,9 +366,9 @@ fn restart_keeps_subnet_and_data_path_survives() {
     let c0 = cluster.attach(0);
     let c1 = cluster.attach(1);
     wait_all_match_etcd(&cluster, &[0, 1], SYNC);
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
     let subnet = cluster.subnet(1);
-    let lease = state_lease_id(&cluster, 1);
+    let lease = cluster.state_lease_id(1);
 
     // Graceful stop.
     let status = cluster.stop(1);
@@ -418,7 +376,7 @@ fn restart_keeps_subnet_and_data_path_survives() {
     assert_data_path_survives(&mut cluster, 1, c1, c0);
     let lease = restart_and_check_subnet(&mut cluster, 1, &subnet, lease);
     wait_all_match_etcd(&cluster, &[0, 1], SYNC);
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
 
     // Crash.
     let status = cluster.daemons[1].as_mut().unwrap().kill();
@@ -430,7 +388,7 @@ fn restart_keeps_subnet_and_data_path_survives() {
     assert_data_path_survives(&mut cluster, 1, c1, c0);
     restart_and_check_subnet(&mut cluster, 1, &subnet, lease);
     wait_all_match_etcd(&cluster, &[0, 1], SYNC);
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
     // Old etcd leases were not revoked by the restarts but hold no key.
     let keys = cluster.topo.etcd().get_prefix(&subnets_prefix());
     assert_eq!(keys.len(), 2, "{keys:?}");
@@ -448,7 +406,7 @@ fn restart_after_lease_expired_reuses_recorded_subnet() {
     let c0 = cluster.attach(0);
     let c1 = cluster.attach(1);
     let subnet = cluster.subnet(1);
-    let lease = state_lease_id(&cluster, 1);
+    let lease = cluster.state_lease_id(1);
     assert_eq!(cluster.stop(1).code(), Some(0));
     let key = lease_key(&subnet);
     wait_for(
@@ -461,7 +419,7 @@ fn restart_after_lease_expired_reuses_recorded_subnet() {
     });
     restart_and_check_subnet(&mut cluster, 1, &subnet, lease);
     wait_all_match_etcd(&cluster, &[0, 1], SYNC);
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
 }
 
 /// Third octets of /24s in 10.244.0.0/16 no host holds, from 240 down.
@@ -545,7 +503,7 @@ fn malformed_and_conflicting_leases_are_ignored() {
             ok,
             "host {i} peers {:?}, want {want:?}; log:\n{}",
             cluster.peers(i),
-            daemon_log(&cluster, i)
+            cluster.daemon_log(i)
         );
     }
     // The valid fake peer is programmed with its VTEP MAC.
@@ -564,11 +522,11 @@ fn malformed_and_conflicting_leases_are_ignored() {
         invalid.iter().all(|(key, _, hosts)| {
             hosts
                 .iter()
-                .all(|&i| !rejection_lines(&daemon_log(&cluster, i), key).is_empty())
+                .all(|&i| !rejection_lines(&cluster.daemon_log(i), key).is_empty())
         })
     });
     for i in [0, 1] {
-        let log = daemon_log(&cluster, i);
+        let log = cluster.daemon_log(i);
         for (key, _, hosts) in &invalid {
             let lines = rejection_lines(&log, key);
             let want = usize::from(hosts.contains(&i));
@@ -585,7 +543,7 @@ fn malformed_and_conflicting_leases_are_ignored() {
     }
 
     // Real containers are unaffected.
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
 
     // Deleting the garbage changes nothing; deleting the fake peer removes it.
     for (key, _, _) in &invalid {
@@ -618,7 +576,7 @@ fn restart_ignores_an_impostor_lease_with_our_public_ip() {
     let c1 = cluster.attach(1);
     wait_all_match_etcd(&cluster, &[0, 1], SYNC);
     let subnet = cluster.subnet(1);
-    let lease = state_lease_id(&cluster, 1);
+    let lease = cluster.state_lease_id(1);
     // Impostors whose keys sort before and after the real one (etcd lists
     // keys in byte order).
     let impostors = impostor_keys(&cluster, &subnet);
@@ -628,7 +586,7 @@ fn restart_ignores_an_impostor_lease_with_our_public_ip() {
     }
     // While running, host 1 already refuses them as peers.
     wait_for("host 1 to reject the impostors", SYNC, || {
-        let log = daemon_log(&cluster, 1);
+        let log = cluster.daemon_log(1);
         impostors
             .iter()
             .all(|k| !rejection_lines(&log, &k.replacen('/', "-", 1)).is_empty())
@@ -637,7 +595,8 @@ fn restart_ignores_an_impostor_lease_with_our_public_ip() {
     cluster.start(1);
     let got = cluster.subnet(1);
     if got != subnet {
-        let acquired: Vec<String> = daemon_log(&cluster, 1)
+        let acquired: Vec<String> = cluster
+            .daemon_log(1)
             .lines()
             .filter(|l| l.contains("subnet lease acquired"))
             .map(str::to_string)
@@ -669,7 +628,7 @@ fn restart_ignores_an_impostor_lease_with_our_public_ip() {
         );
         assert!(!cluster.peers(1).contains_key(key.as_str()));
     }
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
 }
 
 /// Free subnets whose etcd keys sort first and last, around `subnet`'s.

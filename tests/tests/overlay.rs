@@ -11,9 +11,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use netd_tests::bpftool::map_dump;
+use netd_tests::counters::{Counters, assert_grew, delta};
+use netd_tests::lease::vtep_mac;
+use netd_tests::links::link_mac;
 use netd_tests::{
-    Capture, Cluster, NsRef, PingStats, VXLAN_PORT, ping, ping_stats, poll_until, require_root,
-    tcp_transfer, wait_for,
+    Capture, Cluster, NsRef, VXLAN_PORT, ping, ping_stats, require_root, tcp_transfer, wait_for,
 };
 use serde_json::Value;
 
@@ -36,8 +39,6 @@ const DROPS: &[&str] = &[
     "drop_ttl_expired",
 ];
 
-type Counters = BTreeMap<String, u64>;
-
 // ---------------------------------------------------------------- helpers
 
 /// Waits until every host's map holds exactly the other hosts' leases.
@@ -53,23 +54,6 @@ fn all_counters(cluster: &Cluster) -> Vec<Counters> {
         .collect()
 }
 
-/// How much counter `name` grew between two snapshots.
-fn delta(before: &Counters, after: &Counters, name: &str) -> u64 {
-    let (b, a) = (before[name], after[name]);
-    assert!(a >= b, "counter {name} went backwards: {b} -> {a}");
-    a - b
-}
-
-/// Asserts that `name` grew by at least `min` on host `host`.
-fn assert_grew(host: usize, before: &Counters, after: &Counters, name: &str, min: u64, why: &str) {
-    let d = delta(before, after, name);
-    assert!(
-        d >= min,
-        "host {host}: counter {name} grew by {d}, expected >= {min} ({why}); \
-         before {before:?}, after {after:?}"
-    );
-}
-
 /// Asserts that no host dropped a packet, and none routed one around the
 /// tunnel (the network is plain VXLAN, without DirectRouting, even though
 /// the hosts share an L2 segment).
@@ -83,29 +67,6 @@ fn assert_no_drops(cluster: &Cluster) {
     }
 }
 
-/// Pings container `to` from container `from` until one run of `count`
-/// echo requests is answered in full (bounded by [`CONVERGE`]).
-fn assert_ping(cluster: &Cluster, from: usize, to: usize, count: u32) {
-    let (a, b) = (cluster.container(from), cluster.container(to));
-    let mut last: Option<PingStats> = None;
-    let ok = poll_until(CONVERGE, || {
-        let stats = ping_stats(&a.ns, b.ip, count);
-        let ok = stats.all_received();
-        last = Some(stats);
-        ok
-    });
-    assert!(
-        ok,
-        "container {from} ({} on host {}) cannot ping container {to} ({} on host {}) \
-         within {CONVERGE:?}; last ping:\n{}",
-        a.ip,
-        a.host,
-        b.ip,
-        b.host,
-        last.map(|s| s.output).unwrap_or_default()
-    );
-}
-
 /// Pings every ordered pair of containers, then checks each host's counters
 /// against the number of echo requests and replies that had to cross it.
 ///
@@ -117,7 +78,7 @@ fn mesh(cluster: &Cluster, decap_counters: &[&str]) {
     for from in 0..n {
         for to in 0..n {
             if from != to {
-                assert_ping(cluster, from, to, MESH_PINGS);
+                cluster.assert_ping(from, to, MESH_PINGS, CONVERGE);
             }
         }
     }
@@ -176,12 +137,6 @@ fn tcp_across(cluster: &Cluster, from: usize, to: usize, port: u16, decap_counte
     }
 }
 
-/// The VTEP MAC netd derives from a public IP a.b.c.d: 0e:6e:a:b:c:d.
-fn vtep_mac(ip: Ipv4Addr) -> String {
-    let o = ip.octets();
-    format!("0e:6e:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
-}
-
 fn mac_string(bytes: &[u8]) -> String {
     bytes
         .iter()
@@ -190,46 +145,11 @@ fn mac_string(bytes: &[u8]) -> String {
         .join(":")
 }
 
-/// MAC address of `iface` in namespace `ns`.
-fn link_mac(ns: &NsRef, iface: &str) -> String {
-    let out = ns.run_ok(&["ip", "-j", "link", "show", "dev", iface]);
-    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("ip -j link: {e}: {out}"));
-    v[0]["address"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no address for {iface} in {}: {out}", ns.name()))
-        .to_string()
-}
-
 /// Whether `iface` exists in `ns`.
 fn link_exists(ns: &NsRef, iface: &str) -> bool {
     ns.exec(&["ip", "link", "show", "dev", iface])
         .status
         .success()
-}
-
-/// `bpftool -j map dump pinned PATH`, parsed. bpffs is global, so this runs
-/// from the test's own namespace.
-fn bpftool_dump(path: &Path) -> Vec<Value> {
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(path)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run bpftool (install bpftool): {e}"));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bpftool map dump {} failed ({}): {text}{}",
-        path.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    match serde_json::from_str(&text) {
-        Ok(Value::Array(entries)) => entries,
-        other => panic!(
-            "bpftool dump of {} is not a JSON array: {other:?}",
-            path.display()
-        ),
-    }
 }
 
 /// The bytes of a BTF-formatted `u8` array field (`[10, 244, 1, 0]`).
@@ -256,7 +176,7 @@ struct Route {
 /// `SUBNETS` of `pin`, decoded through the BTF field names.
 fn subnets_map(pin: &Path) -> BTreeSet<Route> {
     let path = pin.join(netd_tests::layout_dir()).join("SUBNETS");
-    bpftool_dump(&path)
+    map_dump(&path)
         .iter()
         .map(|entry| {
             let f = entry.get("formatted").unwrap_or_else(|| {
@@ -398,7 +318,7 @@ fn three_hosts_mesh_and_tcp_tc() {
     // Same host: delivered by from_container straight into the peer, never
     // encapsulated (nothing else sends while this runs).
     let before = cluster.counters(0);
-    assert_ping(&cluster, 0, 1, 3);
+    cluster.assert_ping(0, 1, 3, CONVERGE);
     let local = (cluster.container(0), cluster.container(1));
     let dst = SocketAddr::new(local.1.ip.into(), 5004);
     tcp_transfer(&local.0.ns, &local.1.ns, dst, 1 << 20)
@@ -790,7 +710,7 @@ fn kernel_maps_equal_etcd_leases() {
             );
             // PEERS: the underlay addresses VXLAN is accepted from.
             let peers: BTreeSet<String> =
-                bpftool_dump(&host.pin_path().join(netd_tests::layout_dir()).join("PEERS"))
+                map_dump(&host.pin_path().join(netd_tests::layout_dir()).join("PEERS"))
                     .iter()
                     .map(|e| {
                         let ip = btf_bytes(&e["formatted"]["key"], "PEERS key");
@@ -858,8 +778,8 @@ fn detach_removes_container_from_overlay() {
     let stays = cluster.attach(0);
     let remote = cluster.attach(1);
     converge(&cluster);
-    assert_ping(&cluster, remote, gone, 2);
-    assert_ping(&cluster, remote, stays, 2);
+    cluster.assert_ping(remote, gone, 2, CONVERGE);
+    cluster.assert_ping(remote, stays, 2, CONVERGE);
 
     let status = cluster.status(0);
     let c = cluster.container(gone);
@@ -908,7 +828,7 @@ fn detach_removes_container_from_overlay() {
             .any(|e| e["ip"] == cluster.container(stays).ip.to_string()),
         "the other container's endpoint went too: {endpoints:#?}"
     );
-    let map_ips: BTreeSet<String> = bpftool_dump(
+    let map_ips: BTreeSet<String> = map_dump(
         &cluster
             .host(0)
             .pin_path()
@@ -949,5 +869,5 @@ fn detach_removes_container_from_overlay() {
         before[0],
         after[0]
     );
-    assert_ping(&cluster, remote, stays, 2);
+    cluster.assert_ping(remote, stays, 2, CONVERGE);
 }

@@ -9,8 +9,10 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use netd_tests::counters::deltas;
+use netd_tests::lease::vtep_mac_bytes as vtep_mac;
+use netd_tests::links::link_mac;
 use netd_tests::{Cluster, NsRef, VXLAN_PORT, ping, require_root};
-use serde_json::Value;
 
 /// Counter the host's own underlay chatter (etcd, ARP) keeps moving.
 const NOISY: &str = "underlay_passed";
@@ -89,11 +91,6 @@ fn vxlan(flags: u8, vni: u32, inner: &[u8]) -> Vec<u8> {
     v
 }
 
-fn vtep_mac(ip: Ipv4Addr) -> Mac {
-    let [a, b, c, d] = ip.octets();
-    [0x0e, 0x6e, a, b, c, d]
-}
-
 fn parse_mac(s: &str) -> Mac {
     let v: Vec<u8> = s
         .split(':')
@@ -147,21 +144,6 @@ fn endpoint_macs(cluster: &Cluster, host: usize, ip: Ipv4Addr) -> (Mac, Mac) {
         .unwrap_or_else(|| panic!("no endpoint {ip} in {status}"));
     let mac = |f: &str| parse_mac(ep[f].as_str().unwrap_or_else(|| panic!("{f} in {ep}")));
     (mac("mac"), mac("host_mac"))
-}
-
-/// MAC of `iface` in namespace `ns`.
-fn link_mac(ns: &NsRef, iface: &str) -> Mac {
-    let out = ns.run_ok(&["ip", "-j", "link", "show", iface]);
-    let v: Value = serde_json::from_str(&out).expect("ip -j link");
-    parse_mac(v[0]["address"].as_str().expect("address"))
-}
-
-fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-    after
-        .iter()
-        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
-        .filter(|(_, d)| *d != 0)
-        .collect()
 }
 
 /// A UDP socket created inside `ns` (it stays there whichever thread uses it).
@@ -231,7 +213,7 @@ fn vxlan_from_strangers_and_bad_vni_are_dropped(decap: &str) {
     }
     let rogue_got = drain(&listener, Duration::from_millis(500));
     let after = cluster.counters(0);
-    let d = delta(&before, &after);
+    let d = deltas(&before, &after);
     assert_eq!(
         d.get("drop_unknown_peer").copied(),
         Some(sent),
@@ -250,7 +232,7 @@ fn vxlan_from_strangers_and_bad_vni_are_dropped(decap: &str) {
     }
     let bad_got = drain(&listener, Duration::from_millis(500));
     let after = cluster.counters(0);
-    let d = delta(&before, &after);
+    let d = deltas(&before, &after);
     assert_eq!(
         d.get("drop_bad_vni").copied(),
         Some(2 * sent),
@@ -264,7 +246,7 @@ fn vxlan_from_strangers_and_bad_vni_are_dropped(decap: &str) {
     let before = cluster.counters(0);
     peer.send_to(&frame(0x08, 1, b"good"), target).unwrap();
     let good = drain(&listener, Duration::from_millis(1000));
-    let d = delta(&before, &cluster.counters(0));
+    let d = deltas(&before, &cluster.counters(0));
     assert_eq!(good, vec![b"good".to_vec()], "[{decap}] counters {d:?}");
     assert_eq!(d.get("decapsulated").copied(), Some(1), "[{decap}] {d:?}");
     for bad in ["drop_unknown_peer", "drop_bad_vni", "drop_malformed"] {
@@ -420,7 +402,7 @@ impl<'a> Runner<'a> {
             .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
             .and_then(|r| r.parse::<u32>().ok());
         let after = self.cluster.counters(self.host);
-        let mut moved = delta(&self.counters, &after);
+        let mut moved = deltas(&self.counters, &after);
         self.counters = after;
         let ctx = format!("{prog} on {label} ({} bytes)", data.len());
         match want {
@@ -505,7 +487,7 @@ fn prog_run_on_crafted_and_truncated_frames() {
     let (ip0, ip1) = (cluster.container(c0).ip, cluster.container(c1).ip);
     let (host0, host1) = (cluster.host(0).ip(), cluster.host(1).ip());
     let (c0_mac, c0_host_mac) = endpoint_macs(&cluster, 0, ip0);
-    let eth0_mac = link_mac(cluster.host(0).ns(), "eth0");
+    let eth0_mac = parse_mac(&link_mac(cluster.host(0).ns(), "eth0"));
     let switch_mac = [0x02, 0, 0, 0, 0, 0xfe];
     let host1_mac = [0x02, 0, 0, 0, 0, 0x02];
     let stranger: Ipv4Addr = "198.18.0.254".parse().unwrap();
@@ -942,7 +924,7 @@ fn prog_run_on_randomised_frames() {
     let (ip0, ip1) = (cluster.container(c0).ip, cluster.container(c1).ip);
     let (host0, host1) = (cluster.host(0).ip(), cluster.host(1).ip());
     let (c0_mac, c0_host_mac) = endpoint_macs(&cluster, 0, ip0);
-    let eth0_mac = link_mac(cluster.host(0).ns(), "eth0");
+    let eth0_mac = parse_mac(&link_mac(cluster.host(0).ns(), "eth0"));
     let host1_mac = [0x02, 0, 0, 0, 0, 0x02];
     let inner = eth(
         vtep_mac(host0),

@@ -79,7 +79,7 @@ fn pinned_prog_id(cluster: &Cluster, i: usize, program: &str) -> u64 {
     let path = cluster
         .host(i)
         .pin_path()
-        .join("v1")
+        .join(netd_tests::layout_dir())
         .join(format!("prog_{program}"));
     let out = Command::new("bpftool")
         .args(["-j", "prog", "show", "pinned"])

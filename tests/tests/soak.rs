@@ -9,14 +9,15 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use netd_tests::cluster::PREFIX;
+use netd_tests::bpftool::map_dump;
+use netd_tests::counters::delta;
+use netd_tests::lease::{lease_key, lease_value, vtep_mac};
 use netd_tests::strip_ansi;
 use netd_tests::traffic::Pattern;
 use netd_tests::util::output_text;
@@ -32,34 +33,6 @@ const CONVERGE: Duration = Duration::from_secs(20);
 // ---------------------------------------------------------------------------
 // Shared helpers
 // ---------------------------------------------------------------------------
-
-/// `0e:6e:` + the four bytes of the public IP, as netd derives VTEP MACs.
-fn vtep_mac(ip: Ipv4Addr) -> String {
-    let [a, b, c, d] = ip.octets();
-    format!("0e:6e:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
-}
-
-/// A lease value exactly as netd (and flannel) writes it.
-fn lease_value(public_ip: Ipv4Addr) -> String {
-    format!(
-        r#"{{"PublicIP":"{public_ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{}"}}}}"#,
-        vtep_mac(public_ip)
-    )
-}
-
-/// `10.245.7.0/24` → `/netd/network/subnets/10.245.7.0-24`.
-fn lease_key(subnet: &str) -> String {
-    format!("{PREFIX}/subnets/{}", subnet.replacen('/', "-", 1))
-}
-
-/// Host `i`'s counters, by name.
-fn counters(cluster: &Cluster, i: usize) -> BTreeMap<String, u64> {
-    cluster.counters(i)
-}
-
-fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, name: &str) -> u64 {
-    after.get(name).copied().unwrap_or(0) - before.get(name).copied().unwrap_or(0)
-}
 
 /// The gateway of a container's default route.
 fn default_gateway(ns: &NsRef) -> Ipv4Addr {
@@ -136,31 +109,6 @@ fn link_json(ns: &NsRef, iface: &str, stats: bool) -> Value {
     v[0].clone()
 }
 
-/// `bpftool -j map dump pinned PATH`, parsed. bpffs is global, so this runs
-/// from the test's own namespace.
-fn bpftool_dump(path: &Path) -> Vec<Value> {
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(path)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run bpftool (install bpftool): {e}"));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "bpftool map dump {} failed ({}): {text}{}",
-        path.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    match serde_json::from_str(&text) {
-        Ok(Value::Array(entries)) => entries,
-        other => panic!(
-            "bpftool dump of {} is not a JSON array: {other:?}",
-            path.display()
-        ),
-    }
-}
-
 /// The bytes of a BTF-formatted `u8` array (`[198, 19, 0, 1]`).
 fn btf_ip(v: &Value, what: &str) -> String {
     let bytes: Vec<u8> = v
@@ -175,7 +123,7 @@ fn btf_ip(v: &Value, what: &str) -> String {
 
 /// Underlay addresses in host `i`'s `PEERS` map (bpftool, through BTF).
 fn peers_map(cluster: &Cluster, i: usize) -> BTreeSet<String> {
-    bpftool_dump(
+    map_dump(
         &cluster
             .host(i)
             .pin_path()
@@ -195,7 +143,7 @@ fn peers_map(cluster: &Cluster, i: usize) -> BTreeSet<String> {
 
 /// Number of entries in host `i`'s `SUBNETS` map (bpftool).
 fn subnets_map_len(cluster: &Cluster, i: usize) -> usize {
-    bpftool_dump(
+    map_dump(
         &cluster
             .host(i)
             .pin_path()
@@ -829,14 +777,14 @@ fn overlay_mtu_is_learnt_tcp_never_stalls_and_oversized_df_gets_frag_needed() {
         },
     );
     let (sport, dport) = (tx.local_addr().unwrap().port(), 5303u16);
-    let (h0, h1) = (counters(&cluster, 0), counters(&cluster, 1));
+    let (h0, h1) = (cluster.counters(0), cluster.counters(1));
     let sent = 3;
     for _ in 0..sent {
         tx.send_to(&[0x5a; 1472], (cb.ip, dport))
             .expect("a 1500-byte DF datagram leaves A (its MTU is 1500)");
     }
     let errors = icmp.errors(Duration::from_millis(700), Duration::from_secs(5));
-    let (g0, g1) = (counters(&cluster, 0), counters(&cluster, 1));
+    let (g0, g1) = (cluster.counters(0), cluster.counters(1));
     let evidence = format!(
         "{sent} 1500-byte DF datagrams from {} to {}: ICMP errors at A {errors:?}\n\
          host 0 counters changed: {:?}\nhost 1 counters changed: {:?}",
@@ -938,7 +886,7 @@ fn oversized_non_df_from_a_raised_mtu_is_delivered_or_counted() {
     let na = ca.ns.handle();
     na.run_ok(&["ip", "link", "set", "eth0", "mtu", "1500"]);
     let underlay = cluster.host(0).ns().handle();
-    let (h0, h1) = (counters(&cluster, 0), counters(&cluster, 1));
+    let (h0, h1) = (cluster.counters(0), cluster.counters(1));
     let tx0 = link_json(&underlay, "eth0", true)["stats64"]["tx"].clone();
     let big = ping_args(
         &na,
@@ -947,7 +895,7 @@ fn oversized_non_df_from_a_raised_mtu_is_delivered_or_counted() {
         ],
         cb.ip,
     );
-    let (g0, g1) = (counters(&cluster, 0), counters(&cluster, 1));
+    let (g0, g1) = (cluster.counters(0), cluster.counters(1));
     let tx1 = link_json(&underlay, "eth0", true)["stats64"]["tx"].clone();
     let evidence = format!(
         "1500-byte non-DF ping from {} (eth0 MTU raised to 1500) to {}:\n{}\n\
@@ -985,11 +933,11 @@ fn oversized_non_df_from_a_raised_mtu_is_delivered_or_counted() {
 /// with extra ping `args`, and asserts that all five were dropped by host
 /// 0 as spoofed: no reply, no encapsulation, no local delivery.
 fn assert_spoof_dropped(cluster: &Cluster, from: &NsRef, args: &[&str], dst: Ipv4Addr, what: &str) {
-    let (h0, h1) = (counters(cluster, 0), counters(cluster, 1));
+    let (h0, h1) = (cluster.counters(0), cluster.counters(1));
     let mut argv = args.to_vec();
     argv.extend(["-c", "5", "-i", "0.2", "-W", "1"]);
     let spoofed = ping_args(from, &argv, dst);
-    let (g0, g1) = (counters(cluster, 0), counters(cluster, 1));
+    let (g0, g1) = (cluster.counters(0), cluster.counters(1));
     let why = format!(
         "{what}: ping {args:?} {dst}:\n{}\nhost 0 changed {:?}, host 1 changed {:?}",
         spoofed.output,
@@ -1050,11 +998,11 @@ fn live_spoofed_address_and_mac_are_dropped_and_counted() {
 
     // Its own MAC back: traffic flows again, nothing more is dropped.
     na.run_ok(&["ip", "link", "set", "eth0", "address", &mac]);
-    let h0 = counters(&cluster, 0);
+    let h0 = cluster.counters(0);
     assert_ping(&cluster, a, b, 5);
     assert_ping(&cluster, b, a, 5);
     assert_ping(&cluster, a, c, 5);
-    let g0 = counters(&cluster, 0);
+    let g0 = cluster.counters(0);
     assert_eq!(
         delta(&h0, &g0, "drop_spoofed"),
         0,

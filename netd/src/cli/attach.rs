@@ -1,4 +1,4 @@
-//! `netd attach`, `netd detach` and `netd teardown`.
+//! `netd attach` and `netd detach`.
 
 use std::path::Path;
 
@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use super::{AttachArgs, DetachArgs};
 use crate::{
-    datapath::{self, PinDir},
+    datapath::PinDir,
     endpoint::{self, AttachRequest},
 };
 
@@ -24,29 +24,4 @@ pub async fn attach(pin: &PinDir, run_dir: &Path, args: AttachArgs) -> Result<()
 pub async fn detach(pin: &PinDir, run_dir: &Path, args: DetachArgs) -> Result<()> {
     endpoint::detach(pin, run_dir, &args.netns).await?;
     Ok(())
-}
-
-/// Removes every container attachment, then every pin of this node.
-pub async fn teardown(pin: &PinDir, run_dir: &Path) -> Result<()> {
-    let mut errors = Vec::new();
-    for record in endpoint::records(run_dir)? {
-        if let Err(e) = endpoint::detach(pin, run_dir, &record.netns).await {
-            errors.push(format!("{e:#}"));
-        }
-    }
-    if let Err(e) = remove_tunnel_device().await {
-        errors.push(format!("{e:#}"));
-    }
-    if let Err(e) = datapath::teardown(pin, run_dir).await {
-        errors.push(format!("{e:#}"));
-    }
-    if !errors.is_empty() {
-        anyhow::bail!("teardown finished with errors: {}", errors.join("; "));
-    }
-    Ok(())
-}
-
-async fn remove_tunnel_device() -> Result<()> {
-    let nl = crate::netlink::Netlink::connect()?;
-    Ok(datapath::tunnel_device::remove(&nl).await?)
 }

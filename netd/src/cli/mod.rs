@@ -4,6 +4,7 @@ pub mod attach;
 pub mod network;
 pub mod run;
 pub mod status;
+pub mod teardown;
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
@@ -46,7 +47,8 @@ pub enum Command {
     Detach(DetachArgs),
     /// Show this node's lease, peers, attachments and counters.
     Status(StatusArgs),
-    /// Detach every program and remove every pin of this node.
+    /// Remove everything netd made on this host: containers, programs,
+    /// pins, the gateway address and the run-directory files.
     Teardown,
 }
 

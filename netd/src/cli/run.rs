@@ -35,7 +35,7 @@ use crate::{
 
 /// Holds each host's gateway address (as /32, so no route comes with it):
 /// containers ARP for it and the host answers from their veth.
-const GATEWAY_LINK: &str = "lo";
+pub(super) const GATEWAY_LINK: &str = "lo";
 const DEFAULT_LEASE_TTL: u64 = 60;
 
 /// Flags over `NETD_*` variables over the config file over defaults.

@@ -228,15 +228,21 @@ pub fn attach_tc(pin: &PinDir, program: &str, iface: &str) -> Result<()> {
     Ok(())
 }
 
-/// Removes our TC filter from `iface`, if present.
+/// Removes our TC filter from `iface`; one already gone is fine.
 pub fn detach_tc(iface: &str) -> Result<()> {
     let link =
         SchedClassifierLink::attached(iface, TcAttachType::Ingress, TC_PRIORITY, TC_HANDLE, None)?;
-    aya::programs::Link::detach(link)
-        .with_context(|| format!("detaching TC program from {iface}"))?;
-    Ok(())
+    match aya::programs::Link::detach(link) {
+        Err(aya::programs::ProgramError::NetlinkError(e))
+            if e.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other.with_context(|| format!("detaching TC program from {iface}")),
+    }
 }
 
+use crate::netlink::Netlink;
 use xdp::XdpFlags;
 
 /// Attaches decapsulation to the underlay NIC with the chosen hook, unless
@@ -294,14 +300,33 @@ async fn attach_underlay_xdp(pin: &PinDir, iface: &str, flags: XdpFlags) -> Resu
 }
 
 async fn detach_underlay(underlay: &Underlay) {
+    for e in remove_underlay(underlay).await {
+        warn!(iface = %underlay.iface, "{e:#}");
+    }
+}
+
+/// Takes our programs off the underlay NIC, trying each even when another
+/// fails. An interface that no longer exists holds nothing of ours.
+async fn remove_underlay(underlay: &Underlay) -> Vec<anyhow::Error> {
+    let iface = underlay.iface.as_str();
+    match Netlink::connect() {
+        Ok(nl) => match nl.link(iface).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return Vec::new(),
+            Err(e) => return vec![e],
+        },
+        Err(e) => return vec![e],
+    }
+    let mut errors = Vec::new();
     if underlay.hook == Hook::Xdp
-        && let Err(e) = xdp::detach(&underlay.iface).await
+        && let Err(e) = xdp::detach(iface).await
     {
-        warn!(iface = %underlay.iface, "detaching XDP: {e:#}");
+        errors.push(e);
     }
-    if let Err(e) = detach_tc(&underlay.iface) {
-        warn!(iface = %underlay.iface, "detaching TC: {e:#}");
+    if let Err(e) = detach_tc(iface) {
+        errors.push(e);
     }
+    errors
 }
 
 /// The underlay attachment recorded for this node, if any.
@@ -309,17 +334,28 @@ pub fn underlay(run_dir: &Path) -> Option<Underlay> {
     State::read(run_dir).underlay
 }
 
-/// Detaches the underlay program and removes every pin of this node.
-pub async fn teardown(pin: &PinDir, run_dir: &Path) -> Result<()> {
-    if let Some(underlay) = underlay(run_dir) {
-        detach_underlay(&underlay).await;
+/// Detaches the underlay programs (those recorded here, or `fallback` when
+/// this record is gone), removes the pins of every layout version and this
+/// module's record. Keeps going past failures and returns them all.
+pub async fn teardown(
+    pin: &PinDir,
+    run_dir: &Path,
+    fallback: Option<Underlay>,
+) -> Vec<anyhow::Error> {
+    let mut errors = Vec::new();
+    if let Some(underlay) = underlay(run_dir).or(fallback) {
+        errors.extend(remove_underlay(&underlay).await);
     }
-    if pin.dir().exists() {
-        fs::remove_dir_all(pin.dir())
-            .with_context(|| format!("removing {}", pin.dir().display()))?;
+    if let Err(e) = pin.remove_all_versions() {
+        errors.push(e);
     }
-    let _ = fs::remove_file(State::path(run_dir));
-    Ok(())
+    match fs::remove_file(State::path(run_dir)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => errors.push(
+            anyhow::Error::new(e).context(format!("removing {}", State::path(run_dir).display())),
+        ),
+        _ => {}
+    }
+    errors
 }
 
 /// Loads a pinned XDP program (for the netlink attachment).

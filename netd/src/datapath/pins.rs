@@ -57,10 +57,7 @@ impl PinDir {
         };
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let versioned = name
-                .to_str()
-                .is_some_and(|n| n.starts_with('v') && n[1..].parse::<u32>().is_ok());
-            if versioned && name != ours {
+            if is_version_dir(&name) && name != ours {
                 match fs::remove_dir_all(entry.path()) {
                     Ok(()) => {
                         tracing::info!(dir = %entry.path().display(), "removed pins of an older layout")
@@ -71,6 +68,35 @@ impl PinDir {
                 }
             }
         }
+    }
+
+    /// Removes the pins of every layout version, then the pin path itself
+    /// when nothing else is left in it. Tries every version before
+    /// reporting the first failure.
+    pub fn remove_all_versions(&self) -> Result<()> {
+        let Some(base) = self.dir.parent() else {
+            return Ok(());
+        };
+        let entries = match fs::read_dir(base) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("listing {}", base.display())),
+        };
+        let mut failed = Vec::new();
+        for entry in entries.flatten() {
+            if is_version_dir(&entry.file_name())
+                && let Err(e) = fs::remove_dir_all(entry.path())
+            {
+                failed.push(format!("{}: {e}", entry.path().display()));
+            }
+        }
+        if !failed.is_empty() {
+            bail!("removing pins: {}", failed.join("; "));
+        }
+        // Only an empty directory goes; a mount point or one holding
+        // others' pins stays.
+        let _ = fs::remove_dir(base);
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
@@ -90,4 +116,10 @@ fn on_bpffs(path: &Path) -> Result<bool> {
     let stat =
         nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
     Ok(stat.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// `v1`, `v2`, ...: a directory of one map layout version.
+fn is_version_dir(name: &std::ffi::OsStr) -> bool {
+    name.to_str()
+        .is_some_and(|n| n.len() > 1 && n.starts_with('v') && n[1..].parse::<u32>().is_ok())
 }

@@ -301,6 +301,18 @@ pub async fn detach(pin: &PinDir, run_dir: &Path, netns: &str) -> Result<Record>
     Ok(record)
 }
 
+/// Removes the records directory once every container is detached; one
+/// still holding a record is left (and reported) so nothing is forgotten.
+pub fn remove_records_dir(run_dir: &Path) -> Result<()> {
+    let dir = records_dir(run_dir);
+    match fs::remove_dir(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use netd_tests::flannel::{self, VXLAN_MTU as FLANNEL_MTU};
 use netd_tests::{Cluster, NetNs, NsRef, Topology, host_ip, ping};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -75,15 +76,17 @@ impl Mode {
     }
 }
 
-/// The bridge and VXLAN device names flannel uses.
-const CNI_BRIDGE: &str = "cni0";
-const FLANNEL_DEV: &str = "flannel.1";
-const FLANNEL_MTU: u32 = 1450;
+/// Host side of a flannel-style container's veth.
 const HOST_VETH: &str = "vethc0";
 
 /// The pod subnet of host `i` in the flannel-style modes: 10.244.(i+1).0/24.
 fn pod_subnet(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, i as u8 + 1, 0)
+}
+
+/// [`pod_subnet`] with its length, as flannel writes a lease's subnet.
+fn pod_net(i: usize) -> String {
+    format!("{}/24", pod_subnet(i))
 }
 
 fn with_last(ip: Ipv4Addr, last: u8) -> Ipv4Addr {
@@ -275,73 +278,18 @@ fn flannel_style(mode: Mode) -> Result<Testbed> {
     })
 }
 
-/// Host `i`: bridge cni0 holding the subnet's gateway .1/24, a container
-/// at .2/24 on a veth enslaved to it, default route via the gateway.
+/// Host `i`: a container on the flannel CNI plugin's bridge, at .2 of the
+/// host's pod subnet (see [`flannel::add_cni_container`]).
 fn cni_container(topo: &Topology, i: usize, mtu: u32) -> Result<NetNs> {
-    let host = topo.host(i).ns();
     let ns = topo.add_container(i);
-    let subnet = pod_subnet(i);
-    let gateway = with_last(subnet, 1).to_string();
-    let mtu = mtu.to_string();
-    sh(
-        host,
-        &[
-            "ip", "link", "add", CNI_BRIDGE, "mtu", &mtu, "type", "bridge",
-        ],
-    )?;
-    sh(
-        host,
-        &[
-            "ip",
-            "addr",
-            "add",
-            &format!("{gateway}/24"),
-            "dev",
-            CNI_BRIDGE,
-        ],
-    )?;
-    sh(host, &["ip", "link", "set", CNI_BRIDGE, "up"])?;
-    sh(
-        host,
-        &[
-            "ip",
-            "link",
-            "add",
-            HOST_VETH,
-            "mtu",
-            &mtu,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "mtu",
-            &mtu,
-            "netns",
-            ns.name(),
-        ],
-    )?;
-    sh(
-        host,
-        &["ip", "link", "set", HOST_VETH, "master", CNI_BRIDGE, "up"],
-    )?;
-    let addr = format!("{}/24", with_last(subnet, 2));
-    sh(&ns, &["ip", "addr", "add", &addr, "dev", "eth0"])?;
-    sh(&ns, &["ip", "link", "set", "eth0", "up"])?;
-    sh(&ns, &["ip", "route", "add", "default", "via", &gateway])?;
-    host.sysctl("net.ipv4.ip_forward", "1");
+    flannel::add_cni_container(topo.host(i).ns(), &ns, HOST_VETH, &pod_net(i), mtu);
     Ok(ns)
 }
 
 /// host-gw: each host routes the other's subnet via its underlay address.
 fn host_gw_routes(topo: &Topology) -> Result<()> {
     for (i, j) in [(0, 1), (1, 0)] {
-        let dst = format!("{}/24", pod_subnet(j));
-        let via = host_ip(j).to_string();
-        sh(
-            topo.host(i).ns(),
-            &["ip", "route", "add", &dst, "via", &via, "dev", "eth0"],
-        )?;
+        flannel::add_direct_peer(topo.host(i).ns(), &pod_net(j), &host_ip(j).to_string());
     }
     Ok(())
 }
@@ -349,104 +297,18 @@ fn host_gw_routes(topo: &Topology) -> Result<()> {
 /// flannel's vxlan backend: flannel.1 with the subnet's .0/32, and per
 /// remote host an onlink route, a permanent ARP entry and an FDB entry.
 fn flannel_vxlan(topo: &Topology) -> Result<()> {
-    let mut vtep_macs = Vec::new();
-    for i in 0..2 {
-        vtep_macs.push(vxlan_device(topo.host(i).ns(), i)?);
-    }
+    let vtep_macs: Vec<String> = (0..2)
+        .map(|i| flannel::add_vxlan_device(topo.host(i).ns(), host_ip(i), &pod_net(i)))
+        .collect();
     for (i, j) in [(0, 1), (1, 0)] {
-        let host = topo.host(i).ns();
-        let remote = pod_subnet(j);
-        let (net, vtep) = (format!("{remote}/24"), remote.to_string());
-        let (mac, dst) = (vtep_macs[j].as_str(), host_ip(j).to_string());
-        sh(
-            host,
-            &[
-                "ip",
-                "route",
-                "add",
-                &net,
-                "via",
-                &vtep,
-                "dev",
-                FLANNEL_DEV,
-                "onlink",
-            ],
-        )?;
-        sh(
-            host,
-            &[
-                "ip",
-                "neigh",
-                "add",
-                &vtep,
-                "lladdr",
-                mac,
-                "dev",
-                FLANNEL_DEV,
-                "nud",
-                "permanent",
-            ],
-        )?;
-        sh(
-            host,
-            &[
-                "bridge",
-                "fdb",
-                "append",
-                mac,
-                "dev",
-                FLANNEL_DEV,
-                "dst",
-                &dst,
-            ],
-        )?;
+        flannel::add_vxlan_peer(
+            topo.host(i).ns(),
+            &pod_net(j),
+            &vtep_macs[j],
+            &host_ip(j).to_string(),
+        );
     }
     Ok(())
-}
-
-/// Creates flannel.1 on host `i`; returns its MAC (the VTEP MAC flannel
-/// publishes in the lease).
-fn vxlan_device(host: &NsRef, i: usize) -> Result<String> {
-    let local = host_ip(i).to_string();
-    sh(
-        host,
-        &[
-            "ip",
-            "link",
-            "add",
-            FLANNEL_DEV,
-            "type",
-            "vxlan",
-            "id",
-            "1",
-            "dstport",
-            "8472",
-            "local",
-            &local,
-            "dev",
-            "eth0",
-            "nolearning",
-        ],
-    )?;
-    sh(
-        host,
-        &[
-            "ip",
-            "link",
-            "set",
-            FLANNEL_DEV,
-            "mtu",
-            &FLANNEL_MTU.to_string(),
-        ],
-    )?;
-    let addr = format!("{}/32", pod_subnet(i));
-    sh(host, &["ip", "addr", "add", &addr, "dev", FLANNEL_DEV])?;
-    sh(host, &["ip", "link", "set", FLANNEL_DEV, "up"])?;
-    let link: Value = serde_json::from_str(&sh(host, &["ip", "-j", "link", "show", FLANNEL_DEV])?)?;
-    link[0]["address"]
-        .as_str()
-        .map(str::to_string)
-        .context("flannel.1 has no MAC")
 }
 
 /// netd daemons on both hosts, a container attached on each.
