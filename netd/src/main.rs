@@ -1,19 +1,12 @@
 //! netd: an eBPF VXLAN overlay for containers across hosts.
 
-mod cli;
-mod control;
-mod datapath;
-mod endpoint;
-mod netlink;
-#[cfg(test)]
-mod proptests;
-mod state;
-
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use cli::{Cli, Command, NetworkCommand};
-use datapath::PinDir;
+use netd::{
+    cli::{self, Cli, Command, NetworkCommand},
+    datapath::PinDir,
+};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {

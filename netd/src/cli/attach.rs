@@ -11,11 +11,7 @@ use crate::{
 };
 
 pub async fn attach(pin: &PinDir, run_dir: &Path, args: AttachArgs) -> Result<()> {
-    let req = AttachRequest {
-        netns: args.netns,
-        ip: args.ip,
-        ifname: args.ifname,
-    };
+    let req = AttachRequest::for_netns(args.netns, args.ip, args.ifname);
     let record = endpoint::attach(pin, run_dir, req).await?;
     println!("{}", record.ip);
     Ok(())
@@ -29,10 +25,8 @@ pub async fn detach(pin: &PinDir, run_dir: &Path, args: DetachArgs) -> Result<()
 /// Removes every container attachment, then every pin of this node.
 pub async fn teardown(pin: &PinDir, run_dir: &Path) -> Result<()> {
     let mut errors = Vec::new();
-    for record in endpoint::records(run_dir)? {
-        if let Err(e) = endpoint::detach(pin, run_dir, &record.netns).await {
-            errors.push(format!("{e:#}"));
-        }
+    if let Err(e) = endpoint::detach_all(pin, run_dir).await {
+        errors.push(format!("{e:#}"));
     }
     if let Err(e) = datapath::teardown(pin, run_dir).await {
         errors.push(format!("{e:#}"));
