@@ -7,9 +7,11 @@
 
 pub mod capture;
 pub mod cluster;
+pub mod cni;
 pub mod daemon;
 pub mod etcd;
 pub mod netns;
+pub mod podman;
 pub mod topology;
 pub mod traffic;
 pub mod util;
