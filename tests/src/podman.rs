@@ -17,7 +17,7 @@ use crate::{Host, NsRef, util::output_text};
 pub const IMAGE: &str = "localhost/netd-busybox";
 
 const APPLETS: &[&str] = &[
-    "sh", "ping", "nc", "sleep", "ip", "cat", "seq", "md5sum", "echo",
+    "sh", "ping", "nc", "sleep", "ip", "cat", "seq", "md5sum", "echo", "wc",
 ];
 
 /// One host's podman. The network config directory holds `conflist`.

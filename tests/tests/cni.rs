@@ -245,11 +245,19 @@ fn add_check_gc_del_do_what_the_spec_says() {
         let link = ns.run_ok(&["ip", "-o", "link", "show", "dev", "eth0"]);
         let mtu = word_after(&link, "mtu");
         let env = std::fs::read_to_string(host.run_dir().join("subnet.env")).unwrap();
-        let want = env.lines().find_map(|l| l.strip_prefix("NETD_MTU=")).unwrap();
+        let want = env
+            .lines()
+            .find_map(|l| l.strip_prefix("NETD_MTU="))
+            .unwrap();
         assert_eq!(mtu, want, "MTU as attach sets it: NETD_MTU");
-        let link = host.ns().run_ok(&["ip", "-o", "link", "show", "dev", &host_if]);
+        let link = host
+            .ns()
+            .run_ok(&["ip", "-o", "link", "show", "dev", &host_if]);
         let ifindex: u64 = link.split(':').next().unwrap().trim().parse().unwrap();
-        assert_eq!(endpoint_map(host.pin_path()).get(&ip).copied(), Some(ifindex));
+        assert_eq!(
+            endpoint_map(host.pin_path()).get(&ip).copied(),
+            Some(ifindex)
+        );
         let filters = host
             .ns()
             .run_ok(&["tc", "filter", "show", "dev", &host_if, "ingress"]);

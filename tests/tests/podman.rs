@@ -9,10 +9,10 @@ use std::{
 };
 
 use netd_tests::{
-    Cluster,
+    Cluster, NsRef,
     cni::{cni_bin, endpoint_map, host_link_exists, records},
     podman::{IMAGE, Podman},
-    require_root,
+    require_root, tcp_transfer,
 };
 use serde_json::{Value, json};
 
@@ -36,6 +36,32 @@ fn conflist(cluster: &Cluster, i: usize) -> Value {
             {"type": "tuning", "sysctl": {"net.core.somaxconn": SOMAXCONN}}
         ]
     })
+}
+
+/// Bytes of `seq 1 200000`: what the client container sends.
+const SEQ_BYTES: usize = {
+    let (mut n, mut total) = (1usize, 0usize);
+    while n <= 200_000 {
+        let mut digits = 1;
+        let mut m = n;
+        while m >= 10 {
+            m /= 10;
+            digits += 1;
+        }
+        total += digits + 1;
+        n += 1;
+    }
+    total
+};
+
+/// Bytes the server container has received so far.
+fn received(p: &Podman) -> usize {
+    let out = p.run(&["exec", "server", "wc", "-c", "/tmp/got"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn podman_on(cluster: &Cluster, i: usize) -> Podman {
@@ -70,11 +96,7 @@ fn podman_containers_reach_across_hosts() {
     let cluster = Cluster::up(2, "tc");
     let p0 = podman_on(&cluster, 0);
     let p1 = podman_on(&cluster, 1);
-    run_d(
-        &p1,
-        "server",
-        "nc -l -p 5000 > /tmp/got; echo done > /tmp/fin; sleep 600",
-    );
+    run_d(&p1, "server", "sleep 600 | nc -l -p 5000 > /tmp/got");
     run_d(&p0, "idle", "sleep 600");
     let server_ip = p1.ip("server", NETWORK);
     let idle_ip = p0.ip("idle", NETWORK);
@@ -114,31 +136,41 @@ fn podman_containers_reach_across_hosts() {
         String::from_utf8_lossy(&ping.stdout)
     );
 
-    // TCP across hosts, container to container; the bytes must match.
-    let script =
-        format!("seq 1 200000 > /tmp/data && nc {server_ip} 5000 < /tmp/data && md5sum /tmp/data");
-    let sent = p0.run_ok(&[
-        "run",
-        "--rm",
-        "--network",
-        NETWORK,
-        IMAGE,
-        "sh",
-        "-c",
-        &script,
-    ]);
+    // TCP across hosts between the containers' namespaces, 4 MiB checked
+    // byte for byte.
+    let sandbox = |p: &Podman, name: &str| {
+        let key = p.inspect(name)["NetworkSettings"]["SandboxKey"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        NsRef::new(Path::new(&key).file_name().unwrap().to_str().unwrap())
+    };
+    let (idle_ns, server_ns) = (sandbox(&p0, "idle"), sandbox(&p1, "server"));
+    let sent = tcp_transfer(&idle_ns, &server_ns, (server_ip, 6000).into(), 4 << 20)
+        .expect("TCP from host 0's container to host 1's");
+    assert_eq!(sent.bytes, 4 << 20);
+
+    // TCP across hosts, container to container; the bytes must match. The
+    // server's input stays open (busybox nc quits once its input ends and
+    // the peer's data pauses), and the test waits for the whole size.
+    let script = format!(
+        "seq 1 200000 > /tmp/data && md5sum /tmp/data > /tmp/sum && nc {server_ip} 5000 < /tmp/data; sleep 600"
+    );
+    run_d(&p0, "client", &script);
     netd_tests::wait_for(
         "server received",
-        std::time::Duration::from_secs(10),
-        || {
-            p1.run(&["exec", "server", "cat", "/tmp/fin"])
-                .status
-                .success()
-        },
+        std::time::Duration::from_secs(30),
+        || received(&p1) >= SEQ_BYTES,
     );
+    let sent = p0.run_ok(&["exec", "client", "cat", "/tmp/sum"]);
     let got = p1.run_ok(&["exec", "server", "md5sum", "/tmp/got"]);
     let digest = |s: &str| s.split_whitespace().next().unwrap_or("").to_string();
-    assert_eq!(digest(&got), digest(&sent), "bytes across hosts");
+    let size = p1.run_ok(&["exec", "server", "wc", "-c", "/tmp/got"]);
+    assert_eq!(
+        digest(&got),
+        digest(&sent),
+        "bytes across hosts (received {size})"
+    );
     assert!(!digest(&sent).is_empty());
     let back = p1.run(&[
         "exec",
