@@ -686,3 +686,65 @@ mod ipnet_like {
         }
     }
 }
+
+/// Interfaces of the host whose names netd gives host veths and their
+/// temporary peers.
+fn netd_links(cluster: &Cluster) -> BTreeSet<String> {
+    let out = cluster.host(0).ns().run_ok(&["ip", "-o", "link", "show"]);
+    out.lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|name| name.trim().split('@').next().unwrap_or("").to_string())
+        .filter(|name| name.starts_with("ndv") || name.starts_with("ndt"))
+        .collect()
+}
+
+/// `netd attach` processes killed at staggered moments: whatever each had
+/// made, the next attach leaves only whole attachments, each with its veth
+/// and map entry, and no interface without a record.
+#[test]
+fn killed_attaches_leave_nothing_half_made() {
+    require_root();
+    let mut cluster = Cluster::up(1, "tc");
+    let args = cluster.node_args(0);
+    let spaces: Vec<_> = (0..16).map(|_| cluster.topo.add_container(0)).collect();
+    let mut children: Vec<_> = spaces
+        .iter()
+        .map(|ns| {
+            let mut cmd = cluster.host(0).ns().command(netd_tests::netd_bin());
+            cmd.args(&args).args(["attach", ns.name()]);
+            cmd.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            cmd.spawn().expect("netd attach")
+        })
+        .collect();
+    for (i, child) in children.iter_mut().enumerate() {
+        std::thread::sleep(Duration::from_millis(3 * i as u64));
+        let _ = child.kill();
+    }
+    for child in &mut children {
+        let _ = child.wait();
+    }
+    // The next attach takes the lock and rolls back what the dead left.
+    let c = cluster.attach(0);
+    let host = cluster.host(0);
+    let recs = records(host);
+    assert!(recs.values().all(|r| r["phase"] == "ready"), "{recs:?}");
+    let veths: BTreeSet<String> = recs
+        .values()
+        .map(|r| r["host_ifname"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(netd_links(&cluster), veths, "interfaces equal the records");
+    let ips: BTreeSet<Ipv4Addr> = recs
+        .values()
+        .map(|r| r["ip"].as_str().unwrap().parse().unwrap())
+        .collect();
+    let map: BTreeSet<Ipv4Addr> = endpoint_map(host.pin_path()).into_keys().collect();
+    assert_eq!(map, ips, "map entries equal the records");
+    assert!(ips.contains(&cluster.container(c).ip));
+    println!("{} of 16 killed attaches had finished", recs.len() - 1);
+    for r in recs.values() {
+        cluster.netd_ok(0, &["detach", r["netns"].as_str().unwrap()]);
+    }
+    assert!(netd_links(&cluster).is_empty());
+    assert!(endpoint_map(cluster.host(0).pin_path()).is_empty());
+}

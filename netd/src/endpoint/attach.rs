@@ -76,7 +76,6 @@ pub fn valid_ifname(name: &str) -> bool {
 
 pub async fn attach(pin: &PinDir, run_dir: &Path, req: AttachRequest) -> Result<Record, Error> {
     let env = SubnetEnv::read(run_dir).map_err(Error::NotReady)?;
-    let mut maps = Maps::open(pin).map_err(Error::NotReady)?;
     let path = netns_path(&req.netns);
     if !path.exists() {
         return Err(Error::NoNamespace(path));
@@ -105,6 +104,7 @@ pub async fn attach(pin: &PinDir, run_dir: &Path, req: AttachRequest) -> Result<
     }
     let used: BTreeSet<Ipv4Addr> = existing.iter().map(|r| r.ip).collect();
     let ip = pick_ip(env.subnet, req.ip, &used)?;
+    let mut maps = Maps::open(pin).map_err(Error::NotReady)?;
     let (host_if, tmp_if) = free_names(&nl, &id, &existing).await?;
 
     // The intent first: a crash from here on leaves a pending record that
