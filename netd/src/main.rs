@@ -1,21 +1,12 @@
 //! netd: an eBPF VXLAN overlay for containers across hosts.
 
-mod cli;
-mod control;
-mod datapath;
-mod endpoint;
-mod metrics;
-mod netlink;
-#[cfg(test)]
-mod proptests;
-mod selfheal;
-mod state;
-
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use cli::{Cli, Command, NetworkCommand};
-use datapath::PinDir;
+use netd::{
+    cli::{self, Cli, Command, NetworkCommand},
+    datapath::PinDir,
+};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {

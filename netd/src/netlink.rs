@@ -225,6 +225,27 @@ impl Netlink {
         Ok(None)
     }
 
+    /// The IPv4 default route's interface index and gateway, if any.
+    pub async fn default_gateway(&self) -> Result<Option<(u32, Option<Ipv4Addr>)>> {
+        let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let mut routes = self.handle.route().get(filter).execute();
+        while let Some(route) = routes.try_next().await? {
+            if route.header.destination_prefix_length != 0 {
+                continue;
+            }
+            if let Some(index) = output_interface(&route) {
+                let gw = route.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Gateway(netlink_packet_route::route::RouteAddress::Inet(
+                        ip,
+                    )) => Some(*ip),
+                    _ => None,
+                });
+                return Ok(Some((index, gw)));
+            }
+        }
+        Ok(None)
+    }
+
     /// The first IPv4 address on an interface.
     pub async fn first_ipv4(&self, index: u32) -> Result<Option<Ipv4Addr>> {
         Ok(self

@@ -100,7 +100,48 @@ const REQUIREMENTS: &[Requirement] = &[
         need: "DejaVuSans.ttf (the bench chart)",
         check: || exists("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
     },
+    Requirement {
+        package: "podman",
+        need: "podman 4 with the CNI backend (podman tests)",
+        check: || runs("podman", &["--version"]),
+    },
+    Requirement {
+        package: "runc",
+        need: "runc (podman's runtime in tests; crun refuses hybrid cgroups)",
+        check: || runs("runc", &["--version"]),
+    },
+    Requirement {
+        package: "containernetworking-plugins",
+        need: "/usr/lib/cni/tuning (chained after netd-cni in podman tests)",
+        check: || exists("/usr/lib/cni/tuning"),
+    },
+    Requirement {
+        package: "busybox-static",
+        need: "a static /bin/busybox with ping and nc (the podman test image)",
+        check: static_busybox,
+    },
 ];
+
+/// `/bin/busybox` has ping and nc and needs no dynamic loader, so it runs
+/// alone in an image made of nothing else.
+fn static_busybox() -> Result<(), String> {
+    let path = "/bin/busybox";
+    let bytes = fs::read(path).map_err(|e| format!("reading {path}: {e}"))?;
+    if bytes.windows(15).any(|w| w == b"/lib64/ld-linux") {
+        return Err(format!("{path} is dynamically linked"));
+    }
+    let out = Command::new(path)
+        .arg("--list")
+        .output()
+        .map_err(|e| format!("{path} does not start: {e}"))?;
+    let applets = String::from_utf8_lossy(&out.stdout);
+    for applet in ["ping", "nc", "md5sum", "seq"] {
+        if !applets.lines().any(|l| l == applet) {
+            return Err(format!("{path} has no {applet}"));
+        }
+    }
+    Ok(())
+}
 
 /// Answer tshark's debconf question ahead of time.
 const TSHARK_PRESEED: &str = "wireshark-common wireshark-common/install-setuid boolean false\n";

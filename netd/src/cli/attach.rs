@@ -11,11 +11,7 @@ use crate::{
 };
 
 pub async fn attach(pin: &PinDir, run_dir: &Path, args: AttachArgs) -> Result<()> {
-    let req = AttachRequest {
-        netns: args.netns,
-        ip: args.ip,
-        ifname: args.ifname,
-    };
+    let req = AttachRequest::for_netns(args.netns, args.ip, args.ifname);
     let record = endpoint::attach(pin, run_dir, req).await?;
     println!("{}", record.ip);
     Ok(())

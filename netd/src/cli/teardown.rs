@@ -27,15 +27,8 @@ pub async fn teardown(pin: &PinDir, run_dir: &Path) -> Result<()> {
         );
     }
     let mut errors: Vec<anyhow::Error> = Vec::new();
-    match endpoint::records(run_dir) {
-        Ok(records) => {
-            for record in records {
-                if let Err(e) = endpoint::detach(pin, run_dir, &record.netns).await {
-                    errors.push(e);
-                }
-            }
-        }
-        Err(e) => errors.push(e),
+    if let Err(e) = endpoint::detach_all(pin, run_dir).await {
+        errors.push(e.into());
     }
     if let Err(e) = endpoint::remove_records_dir(run_dir) {
         errors.push(e);

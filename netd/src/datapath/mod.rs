@@ -228,6 +228,12 @@ pub fn attach_tc(pin: &PinDir, program: &str, iface: &str) -> Result<()> {
     Ok(())
 }
 
+/// Whether our TC filter is on `iface`'s ingress.
+pub fn tc_attached(iface: &str) -> bool {
+    SchedClassifierLink::attached(iface, TcAttachType::Ingress, TC_PRIORITY, TC_HANDLE, None)
+        .is_ok()
+}
+
 /// Removes our TC filter from `iface`; one already gone is fine.
 pub fn detach_tc(iface: &str) -> Result<()> {
     let link =

@@ -1,0 +1,3 @@
+//! The ways a container runtime asks for an endpoint.
+
+pub mod cni;
