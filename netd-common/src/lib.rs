@@ -16,7 +16,7 @@ pub use tunnel::{DecapMeta, NodeConfig, Peer, PeerMode};
 
 /// Version of the pinned map layout. Bumped whenever a map type changes, so a
 /// new daemon never reads maps written with another layout.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 /// Names of the maps and programs, as pinned under `<pin-path>/v<N>/`.
 pub mod names {

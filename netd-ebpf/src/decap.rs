@@ -361,17 +361,18 @@ fn tc_udp_dest(ctx: &TcContext) -> u16 {
     if let Some(udp) = ptr_at::<UdpHdr>(ctx.data(), ctx.data_end(), OFFSET) {
         return unsafe { (*udp).dest };
     }
-    let mut ports = [0u8; 4];
+    // The whole UDP header, as the in-place read above requires.
+    let mut udp = [0u8; UDP_HLEN];
     let read = unsafe {
         aya_ebpf::helpers::bpf_skb_load_bytes(
             ctx.skb.skb as *const _,
             OFFSET as u32,
-            ports.as_mut_ptr() as *mut _,
-            ports.len() as u32,
+            udp.as_mut_ptr() as *mut _,
+            udp.len() as u32,
         )
     };
     if read == 0 {
-        u16::from_ne_bytes([ports[2], ports[3]])
+        u16::from_ne_bytes([udp[2], udp[3]])
     } else {
         0
     }

@@ -240,7 +240,18 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
         pending.switch_over(&pin, run_dir, &containers).await?;
     }
     if cfg.backend.kind == VXLAN {
-        datapath::tunnel_device::start(&nl, &pin, cfg.backend.port).await;
+        let port = cfg.backend.port;
+        let first_error = datapath::tunnel_device::start(&nl, &pin, port).await;
+        tasks.restarting("tunnel device", {
+            let pin = pin.clone();
+            move || -> Task {
+                Box::pin(datapath::tunnel_device::reconcile(
+                    pin.clone(),
+                    port,
+                    first_error.clone(),
+                ))
+            }
+        });
     }
     // The kernel, not a record, says what is attached: put back what is
     // missing before announcing the node, then keep it so.

@@ -128,12 +128,11 @@ async fn create(nl: &Netlink, port: u16) -> Result<u32, TunnelDeviceError> {
     }
 }
 
-/// Puts the device in place (with this build's program), then keeps it
-/// there from a task of its own for as long as the daemon runs: re-created
-/// if someone deletes it, the program re-attached if it goes missing. A
-/// failure is logged, not fatal: only fragmented VXLAN depends on it.
-pub async fn start(nl: &Netlink, pin: &PinDir, port: u16) {
-    let last_error = match ensure(nl, pin, port, true).await {
+/// Puts the device in place (with this build's program). A failure is
+/// logged, not fatal: only fragmented VXLAN depends on it. Returns the
+/// failure, so [`reconcile`] reports only a new one.
+pub async fn start(nl: &Netlink, pin: &PinDir, port: u16) -> Option<String> {
+    match ensure(nl, pin, port, true).await {
         Ok(_) => {
             info!(device = DEVICE, port, "tunnel device ready");
             None
@@ -142,15 +141,17 @@ pub async fn start(nl: &Netlink, pin: &PinDir, port: u16) {
             warn!("{e}");
             Some(e.to_string())
         }
-    };
-    tokio::spawn(reconcile(pin.clone(), port, last_error));
+    }
 }
 
-async fn reconcile(pin: PinDir, port: u16, mut last_error: Option<String>) {
-    let nl = match Netlink::connect() {
-        Ok(nl) => nl,
-        Err(e) => return warn!("tunnel device reconciliation off: {e:#}"),
-    };
+/// Keeps the device in place for as long as the daemon runs: re-created if
+/// someone deletes it, the program re-attached if it goes missing.
+pub async fn reconcile(
+    pin: PinDir,
+    port: u16,
+    mut last_error: Option<String>,
+) -> anyhow::Result<()> {
+    let nl = Netlink::connect()?;
     loop {
         tokio::time::sleep(RECONCILE_EVERY).await;
         match ensure(&nl, &pin, port, false).await {
