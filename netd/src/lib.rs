@@ -5,6 +5,7 @@ pub mod cli;
 pub mod control;
 pub mod datapath;
 pub mod endpoint;
+pub mod metrics;
 pub mod netlink;
 #[cfg(test)]
 mod proptests;

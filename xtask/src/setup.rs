@@ -89,6 +89,13 @@ const REQUIREMENTS: &[Requirement] = &[
         check: || runs("sockperf", &["--version"]),
     },
     Requirement {
+        package: "prometheus",
+        need: "prometheus and promtool (metrics tests)",
+        check: || {
+            runs("prometheus", &["--version"]).and_then(|()| runs("promtool", &["--version"]))
+        },
+    },
+    Requirement {
         package: "fonts-dejavu-core",
         need: "DejaVuSans.ttf (the bench chart)",
         check: || exists("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
@@ -254,13 +261,16 @@ fn apt_packages() -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive")
             .stdin(Stdio::null()),
     )?;
-    util::run(
+    let guard = NoServiceStart::install()?;
+    let installed = util::run(
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .stdin(Stdio::null()),
-    )?;
+    );
+    guard.remove();
+    installed?;
 
     let mut still = Vec::new();
     for req in REQUIREMENTS {
@@ -276,6 +286,39 @@ fn apt_packages() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A `policy-rc.d` that forbids package scripts to start services, for
+/// the length of an install: packages such as prometheus would otherwise
+/// start their daemon in the machine's own namespace.
+struct NoServiceStart {
+    created: bool,
+}
+
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+impl NoServiceStart {
+    fn install() -> Result<Self> {
+        if Path::new(POLICY_RC_D).exists() {
+            // The machine already has a policy; leave it as it is.
+            return Ok(NoServiceStart { created: false });
+        }
+        fs::write(
+            POLICY_RC_D,
+            "#!/bin/sh\n# No service starts during netd's setup.\nexit 101\n",
+        )
+        .with_context(|| format!("writing {POLICY_RC_D}"))?;
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(POLICY_RC_D, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {POLICY_RC_D} executable"))?;
+        Ok(NoServiceStart { created: true })
+    }
+
+    fn remove(self) {
+        if self.created {
+            let _ = fs::remove_file(POLICY_RC_D);
+        }
+    }
 }
 
 fn nightly_toolchain() -> Result<()> {

@@ -98,6 +98,10 @@ pub struct RunArgs {
     /// Lifetime of the subnet lease in seconds; renewed every third of it.
     #[arg(long, env = "NETD_LEASE_TTL")]
     pub lease_ttl: Option<u64>,
+    /// Serve Prometheus `/metrics` and `/healthz` on this address, e.g.
+    /// 198.18.0.1:9101 [default: off].
+    #[arg(long, env = "NETD_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]

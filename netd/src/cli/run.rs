@@ -18,7 +18,7 @@ use crate::{
     control::subnet::{self, Identity},
     control::sync::{self, Connected, Own},
     datapath::{self, Hook, Maps, PinDir},
-    endpoint,
+    endpoint, metrics,
     netlink::{Link, Netlink},
     state::{EtcdHealth, NodeState, SubnetEnv},
 };
@@ -35,6 +35,7 @@ struct Options {
     public_ip: Option<Ipv4Addr>,
     decap: Hook,
     lease_ttl: u64,
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Options {
@@ -72,6 +73,7 @@ impl Options {
             public_ip: args.public_ip.or(file.public_ip),
             decap,
             lease_ttl,
+            metrics_addr: args.metrics_addr,
         })
     }
 }
@@ -162,6 +164,21 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
     };
     initial.renewed(me.ttl_secs);
     let (state_tx, state_rx) = watch::channel(initial);
+    if let Some(addr) = opts.metrics_addr {
+        let source = metrics::Source {
+            pin: pin.clone(),
+            run_dir: run_dir.to_path_buf(),
+            state: state_rx.clone(),
+        };
+        // Bound before the daemon reports itself running, so a taken port
+        // fails the start instead of a scrape.
+        let listener = metrics::bind(addr).await?;
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(listener, source).await {
+                error!("{e}");
+            }
+        });
+    }
     tokio::spawn(publish_state(run_dir.to_path_buf(), state_rx));
 
     let (own_tx, own_rx) = watch::channel(Own {

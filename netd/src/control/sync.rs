@@ -310,6 +310,7 @@ async fn sync_once(
     loop {
         tokio::select! {
             message = stream.message() => {
+                let received = std::time::Instant::now();
                 let Some(resp) = message? else {
                     anyhow::bail!("watch stream closed");
                 };
@@ -326,6 +327,7 @@ async fn sync_once(
                     }
                 }
                 apply(view, *own.borrow(), &leases, maps, &mut programmed, rejections, "watch")?;
+                crate::metrics::observe_sync_latency(received.elapsed());
             }
             changed = own.changed() => {
                 // The daemon is shutting down: not an etcd problem.
@@ -349,6 +351,7 @@ fn apply(
 ) -> Result<()> {
     let want = desired(view.cfg, own, view.connected, leases.values(), rejections);
     let changes = reconcile(maps, programmed, &want)?;
+    crate::metrics::set_peers(programmed.subnets.len());
     if changes != Changes::default() {
         info!(
             trigger = why,
