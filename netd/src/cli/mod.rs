@@ -102,6 +102,11 @@ pub struct RunArgs {
     /// 198.18.0.1:9101 [default: off].
     #[arg(long, env = "NETD_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Serve Docker's network and IPAM driver protocols on this unix socket,
+    /// e.g. /run/docker/plugins/netd.sock (the file name is the driver
+    /// name) [default: off].
+    #[arg(long, env = "NETD_DOCKER_PLUGIN")]
+    pub docker_plugin: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -20,6 +20,7 @@ use crate::{
     datapath::{self, Hook, Maps, PinDir},
     endpoint, metrics,
     netlink::{Link, Netlink},
+    runtime::docker,
     state::{EtcdHealth, NodeState, SubnetEnv},
 };
 
@@ -36,6 +37,7 @@ struct Options {
     decap: Hook,
     lease_ttl: u64,
     metrics_addr: Option<std::net::SocketAddr>,
+    docker_plugin: Option<std::path::PathBuf>,
 }
 
 impl Options {
@@ -74,6 +76,7 @@ impl Options {
             decap,
             lease_ttl,
             metrics_addr: args.metrics_addr,
+            docker_plugin: args.docker_plugin,
         })
     }
 }
@@ -176,6 +179,15 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
         tokio::spawn(async move {
             if let Err(e) = metrics::serve(listener, source).await {
                 error!("{e}");
+            }
+        });
+    }
+    if let Some(path) = &opts.docker_plugin {
+        let listener = docker::bind(path)?;
+        let driver = docker::Driver::new(pin.clone(), run_dir.to_path_buf());
+        tokio::spawn(async move {
+            if let Err(e) = docker::serve(listener, driver).await {
+                error!("{e:#}");
             }
         });
     }

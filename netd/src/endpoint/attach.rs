@@ -141,7 +141,7 @@ pub async fn attach(pin: &PinDir, run_dir: &Path, req: AttachRequest) -> Result<
 
 /// Host-side names no other record holds; a leftover interface of that
 /// name with no record (an attach that crashed before recording) is removed.
-async fn free_names(
+pub(super) async fn free_names(
     nl: &Netlink,
     id: &str,
     existing: &[Record],
@@ -278,6 +278,9 @@ pub async fn restore(maps: &mut Maps, run_dir: &Path) -> anyhow::Result<()> {
     let _lock = Lock::acquire(run_dir)?;
     let mut want = BTreeMap::new();
     for rec in all_records(run_dir)? {
+        if rec.phase == Phase::Reserved {
+            continue;
+        }
         let link = nl.link(&rec.host_ifname).await?;
         match link {
             Some(link) if rec.phase == Phase::Ready && link.index == rec.host_ifindex => {
