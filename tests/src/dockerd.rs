@@ -248,3 +248,32 @@ impl Drop for Dockerd {
         // namespace, gone with it: the directory removes as plain files.
     }
 }
+
+/// One plugin call as Docker makes it: `POST /METHOD` with a JSON body on
+/// the plugin's unix socket. Returns the status code and the JSON answer.
+pub fn plugin_call(socket: &std::path::Path, method: &str, body: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("connect {}: {e}", socket.display()));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let request = format!(
+        "POST /{method} HTTP/1.0\r\nHost: plugin\r\nContent-Type: application/vnd.docker.plugins.v1+json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let raw = String::from_utf8_lossy(&raw);
+    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status code");
+    let value = serde_json::from_str(body)
+        .unwrap_or_else(|e| panic!("{method} answered non-JSON ({e}): {body:?}"));
+    (status, value)
+}

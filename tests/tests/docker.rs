@@ -4,7 +4,8 @@
 //! --ipam-driver netd netd`, then containers reach each other across hosts
 //! by their own addresses, ten `docker run`s at once get ten addresses,
 //! `docker rm -f` releases everything, and restarts of dockerd or of netd
-//! keep running containers connected.
+//! keep running containers connected. The protocol itself, refusals and
+//! Docker's rollback order are checked against the socket directly.
 
 use std::{
     collections::BTreeSet,
@@ -17,9 +18,10 @@ use ipnet::Ipv4Net;
 use netd_tests::{
     Cluster,
     cni::{endpoint_map, host_link_exists, records},
-    dockerd::{ContainerNs, Dockerd, IMAGE},
+    dockerd::{ContainerNs, Dockerd, IMAGE, plugin_call},
     ping_stats, require_root, tcp_transfer, wait_for,
 };
+use serde_json::json;
 
 const NETWORK: &str = "netd";
 
@@ -365,4 +367,190 @@ fn dockerd_and_netd_restarts_keep_containers_connected() {
     let sent = tcp_transfer(&two.ns, &one.ns, (one_ip, 6000).into(), size)
         .expect("TCP to a container that outlived both restarts");
     assert_eq!(sent.bytes, size);
+}
+
+/// The protocol without an engine: what Docker would send, including the
+/// malformed and the out-of-order, and that a refused call leaves nothing.
+#[test]
+fn plugin_answers_and_refuses_like_a_remote_driver() {
+    require_root();
+    let mut cluster = Cluster::new(1, "tc");
+    let socket = cluster.host(0).run_dir().join("plugins/netd.sock");
+    cluster.start_with_env(0, &[("NETD_DOCKER_PLUGIN", socket.to_str().unwrap())]);
+    let call = |method: &str, body: &str| plugin_call(&socket, method, body);
+    let subnet: Ipv4Net = cluster.subnet(0).parse().unwrap();
+    let host = cluster.host(0);
+
+    let (status, v) = call("Plugin.Activate", "");
+    assert_eq!(
+        (status, v.clone()),
+        (200, json!({"Implements": ["NetworkDriver", "IpamDriver"]}))
+    );
+    assert_eq!(
+        call("NetworkDriver.GetCapabilities", "{}").1["Scope"],
+        "local"
+    );
+    let (status, v) = call("NetworkDriver.ProgramExternalConnectivity", "{}");
+    assert_eq!(status, 404, "{v}");
+
+    // Refusals name the reason.
+    let (status, v) = call("IpamDriver.RequestPool", r#"{"V6":true}"#);
+    assert_eq!(status, 400);
+    assert!(v["Err"].as_str().unwrap().contains("IPv6"), "{v}");
+    let (status, v) = call("IpamDriver.RequestPool", "{not json");
+    assert_eq!(status, 400);
+    assert!(
+        v["Err"].as_str().unwrap().starts_with("malformed request"),
+        "{v}"
+    );
+    let (status, v) = call(
+        "NetworkDriver.CreateNetwork",
+        r#"{"NetworkID":"n1","IPv4Data":[{"Pool":"172.16.0.0/24"}]}"#,
+    );
+    assert_eq!(status, 400);
+    assert!(
+        v["Err"].as_str().unwrap().contains("--ipam-driver netd"),
+        "{v}"
+    );
+
+    // Pool, gateway and one address, as `docker network create` and
+    // `docker run` ask for them.
+    let (status, pool) = call(
+        "IpamDriver.RequestPool",
+        r#"{"AddressSpace":"netd-local","Pool":""}"#,
+    );
+    assert_eq!(status, 200, "{pool}");
+    assert_eq!(pool["Pool"], subnet.to_string());
+    let pool_id = pool["PoolID"].as_str().unwrap().to_string();
+    let (_, gw) = call(
+        "IpamDriver.RequestAddress",
+        &json!({"PoolID": pool_id, "Options": {"RequestAddressType": "com.docker.network.gateway"}}).to_string(),
+    );
+    assert_eq!(
+        gw["Address"],
+        format!("{}/{}", gateway(subnet), subnet.prefix_len())
+    );
+    let (_, addr) = call(
+        "IpamDriver.RequestAddress",
+        &json!({"PoolID": pool_id}).to_string(),
+    );
+    let ip: Ipv4Addr = addr["Address"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("/32")
+        .parse()
+        .unwrap();
+    assert!(subnet.contains(&ip) && ip != gateway(subnet), "{addr}");
+    assert_eq!(records(host)[&format!("docker/{ip}")]["phase"], "reserved");
+    // Not a status entry: nothing is attached yet.
+    assert!(!endpoint_map(host.pin_path()).contains_key(&ip));
+
+    let pool_json = json!({"NetworkID": "n1", "IPv4Data": [{"Pool": subnet.to_string()}],
+        "Options": {"com.docker.network.generic": {"netd.network": "web"}}});
+    assert_eq!(
+        call("NetworkDriver.CreateNetwork", &pool_json.to_string()).0,
+        200
+    );
+    // An endpoint on a network netd never made, or with an address it
+    // never handed out, is refused.
+    let (status, v) = call(
+        "NetworkDriver.CreateEndpoint",
+        &json!({"NetworkID": "n9", "EndpointID": "e1", "Interface": {"Address": format!("{ip}/32")}}).to_string(),
+    );
+    assert_eq!(status, 400, "{v}");
+    let other = Ipv4Addr::from(u32::from(ip) + 50);
+    let (status, v) = call(
+        "NetworkDriver.CreateEndpoint",
+        &json!({"NetworkID": "n1", "EndpointID": "e1", "Interface": {"Address": format!("{other}/32")}}).to_string(),
+    );
+    assert_eq!(status, 400, "{v}");
+    // Join before CreateEndpoint: refused, and no veth left behind.
+    let links_before = host.ns().run_ok(&["ip", "-o", "link"]);
+    let (status, v) = call(
+        "NetworkDriver.Join",
+        r#"{"NetworkID":"n1","EndpointID":"e1","SandboxKey":"/nowhere"}"#,
+    );
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(host.ns().run_ok(&["ip", "-o", "link"]), links_before);
+
+    let (status, v) = call(
+        "NetworkDriver.CreateEndpoint",
+        &json!({"NetworkID": "n1", "EndpointID": "e1", "Interface": {"Address": format!("{ip}/32")}}).to_string(),
+    );
+    assert_eq!((status, v), (200, json!({"Interface": {}})));
+    let rec = &records(host)[&format!("docker/{ip}")];
+    assert_eq!(rec["network"], "web");
+    assert_eq!(rec["container_id"], "e1");
+    let (status, join) = call(
+        "NetworkDriver.Join",
+        r#"{"NetworkID":"n1","EndpointID":"e1","SandboxKey":"/nowhere"}"#,
+    );
+    assert_eq!(status, 200, "{join}");
+    let src = join["InterfaceName"]["SrcName"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(join["InterfaceName"]["DstPrefix"], "eth");
+    assert_eq!(join["Gateway"], gateway(subnet).to_string());
+    assert_eq!(
+        join["StaticRoutes"],
+        json!([{"Destination": format!("{}/32", gateway(subnet)), "RouteType": 1}])
+    );
+    // The map entry carries the container end's MAC (Docker moves it,
+    // keeping its MAC).
+    let link = host.ns().run_ok(&["ip", "-o", "link", "show", "dev", &src]);
+    let mac = link
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC in {link}"))
+        .to_string();
+    assert_eq!(records(host)[&format!("docker/{ip}")]["mac"], mac.as_str());
+    assert!(endpoint_map(host.pin_path()).contains_key(&ip));
+    let host_if = records(host)[&format!("docker/{ip}")]["host_ifname"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Docker's rollback and removal: Leave, DeleteEndpoint, ReleaseAddress,
+    // each twice, every one answered {}; nothing is left.
+    for _ in 0..2 {
+        assert_eq!(
+            call(
+                "NetworkDriver.Leave",
+                r#"{"NetworkID":"n1","EndpointID":"e1"}"#
+            ),
+            (200, json!({}))
+        );
+    }
+    assert!(!host_link_exists(host, &host_if) && !host_link_exists(host, &src));
+    assert!(!endpoint_map(host.pin_path()).contains_key(&ip));
+    for _ in 0..2 {
+        assert_eq!(
+            call(
+                "NetworkDriver.DeleteEndpoint",
+                r#"{"NetworkID":"n1","EndpointID":"e1"}"#
+            ),
+            (200, json!({}))
+        );
+    }
+    let release = json!({"PoolID": pool_id, "Address": format!("{ip}/32")}).to_string();
+    for _ in 0..2 {
+        assert_eq!(
+            call("IpamDriver.ReleaseAddress", &release),
+            (200, json!({}))
+        );
+    }
+    assert!(records(host).is_empty(), "{:?}", records(host));
+    assert_eq!(
+        call("NetworkDriver.DeleteNetwork", r#"{"NetworkID":"n1"}"#),
+        (200, json!({}))
+    );
+    assert_eq!(
+        call(
+            "IpamDriver.ReleasePool",
+            &json!({"PoolID": pool_id}).to_string()
+        ),
+        (200, json!({}))
+    );
 }
