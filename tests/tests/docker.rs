@@ -444,6 +444,22 @@ fn plugin_answers_and_refuses_like_a_remote_driver() {
     assert_eq!(records(host)[&format!("docker/{ip}")]["phase"], "reserved");
     // Not a status entry: nothing is attached yet.
     assert!(!endpoint_map(host.pin_path()).contains_key(&ip));
+    assert_eq!(cluster.status(0)["endpoints"], json!([]));
+    // A restart of netd keeps the reservation: the next address differs.
+    cluster.stop(0);
+    cluster.start_with_env(0, &[("NETD_DOCKER_PLUGIN", socket.to_str().unwrap())]);
+    let host = cluster.host(0);
+    assert_eq!(records(host)[&format!("docker/{ip}")]["phase"], "reserved");
+    let (_, next) = call(
+        "IpamDriver.RequestAddress",
+        &json!({"PoolID": pool_id}).to_string(),
+    );
+    assert_ne!(next["Address"], addr["Address"]);
+    let next_release = json!({"PoolID": pool_id, "Address": next["Address"]}).to_string();
+    assert_eq!(
+        call("IpamDriver.ReleaseAddress", &next_release),
+        (200, json!({}))
+    );
 
     let pool_json = json!({"NetworkID": "n1", "IPv4Data": [{"Pool": subnet.to_string()}],
         "Options": {"com.docker.network.generic": {"netd.network": "web"}}});

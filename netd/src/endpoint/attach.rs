@@ -344,7 +344,11 @@ async fn release_locked(
     rec: &Record,
 ) -> Result<(), Error> {
     let mut errors = Vec::new();
-    let host = nl.link(&rec.host_ifname).await?;
+    // A reserved address has no interface yet.
+    let host = match rec.host_ifname.is_empty() {
+        true => None,
+        false => nl.link(&rec.host_ifname).await?,
+    };
     // No pins: the data path is torn down, and the entry with it.
     if let Ok(mut maps) = Maps::open(pin)
         && let Ok(entries) = maps.endpoints()
