@@ -23,6 +23,10 @@ pub struct Options {
     /// Do not run `cargo xtask setup` first.
     #[arg(long)]
     skip_setup: bool,
+    /// Two hosts with a Docker engine each, netd as their network and
+    /// IPAM driver, a container per host pinging the other.
+    #[arg(long)]
+    docker: bool,
 }
 
 const HOSTS: usize = 3;
@@ -42,6 +46,9 @@ pub fn run(opts: &Options) -> Result<()> {
     let netd_bin = util::target_dir().join("release").join("netd");
     // SAFETY: single-threaded here; the test infra reads it later.
     unsafe { std::env::set_var("NETD_BIN", &netd_bin) };
+    if opts.docker {
+        return crate::demo_docker::run(&opts.decap, opts.seconds);
+    }
 
     println!(
         "==> {HOSTS} hosts on 198.18.0.0/24, etcd on 198.18.0.254, decap {}",
@@ -116,7 +123,7 @@ pub fn run(opts: &Options) -> Result<()> {
 
 /// Waits for the deadline, Enter on a terminal, or SIGINT/SIGTERM; the
 /// first two raise SIGTERM so one `sigwait` covers all three.
-fn wait(seconds: Option<u64>, signals: &SigSet) {
+pub(crate) fn wait(seconds: Option<u64>, signals: &SigSet) {
     let wake = || {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), Signal::SIGTERM);
     };

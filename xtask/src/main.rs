@@ -4,6 +4,7 @@
 
 mod bench;
 mod demo;
+mod demo_docker;
 mod setup;
 mod test;
 mod util;

@@ -116,6 +116,14 @@ const REQUIREMENTS: &[Requirement] = &[
         check: || exists("/usr/lib/cni/tuning"),
     },
     Requirement {
+        package: "docker.io",
+        need: "dockerd and docker, Debian's (Docker plugin tests)",
+        check: || {
+            runs("/usr/sbin/dockerd", &["--version"])
+                .and_then(|()| runs("/usr/bin/docker", &["--version"]))
+        },
+    },
+    Requirement {
         package: "busybox-static",
         need: "a static /bin/busybox with ping and nc (the podman test image)",
         check: static_busybox,

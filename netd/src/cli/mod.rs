@@ -108,6 +108,11 @@ pub struct RunArgs {
     /// and TC changes trigger a check at once too).
     #[arg(long, env = "NETD_RECONCILE_INTERVAL", default_value_t = crate::selfheal::DEFAULT_INTERVAL.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     pub reconcile_interval: u64,
+    /// Serve Docker's network and IPAM driver protocols on this unix socket,
+    /// e.g. /run/docker/plugins/netd.sock (the file name is the driver
+    /// name) [default: off].
+    #[arg(long, env = "NETD_DOCKER_PLUGIN")]
+    pub docker_plugin: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -29,6 +29,7 @@ use crate::{
     datapath::{self, Hook, Maps, PinDir},
     endpoint, metrics,
     netlink::{Link, Netlink},
+    runtime::docker,
     selfheal,
     state::{EtcdHealth, NodeState, SubnetEnv},
 };
@@ -47,6 +48,7 @@ struct Options {
     lease_ttl: u64,
     metrics_addr: Option<std::net::SocketAddr>,
     reconcile_interval: Duration,
+    docker_plugin: Option<std::path::PathBuf>,
 }
 
 impl Options {
@@ -92,6 +94,7 @@ impl Options {
             lease_ttl,
             metrics_addr: args.metrics_addr,
             reconcile_interval: Duration::from_secs(args.reconcile_interval),
+            docker_plugin: args.docker_plugin,
         })
     }
 }
@@ -213,6 +216,23 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
                 };
                 metrics::serve(listener, source).await?;
                 Ok(())
+            })
+        });
+    }
+    if let Some(path) = opts.docker_plugin.clone() {
+        // Bound before the daemon reports itself running; a restart binds
+        // anew (replacing the socket file).
+        let first = std::sync::Mutex::new(Some(docker::bind(&path)?));
+        let driver = std::sync::Arc::new(docker::Driver::new(pin.clone(), run_dir.to_path_buf()));
+        tasks.restarting("Docker plugin", move || -> Task {
+            let listener = first.lock().ok().and_then(|mut l| l.take());
+            let (path, driver) = (path.clone(), driver.clone());
+            Box::pin(async move {
+                let listener = match listener {
+                    Some(l) => l,
+                    None => docker::bind(&path)?,
+                };
+                docker::serve(listener, driver).await
             })
         });
     }

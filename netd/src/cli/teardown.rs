@@ -33,6 +33,14 @@ pub async fn teardown(pin: &PinDir, run_dir: &Path) -> Result<()> {
     if let Err(e) = endpoint::remove_records_dir(run_dir) {
         errors.push(e);
     }
+    // What the Docker driver keeps of its networks (names by id).
+    let docker = run_dir.join("docker");
+    match fs::remove_dir_all(&docker) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            errors.push(anyhow::Error::from(e).context(format!("removing {}", docker.display())));
+        }
+        _ => {}
+    }
     if let Some(gw) = gateway_address(run_dir, node.as_ref())
         && let Err(e) = remove_gateway(gw).await
     {

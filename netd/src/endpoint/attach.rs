@@ -144,7 +144,7 @@ pub async fn attach(pin: &PinDir, run_dir: &Path, req: AttachRequest) -> Result<
 
 /// Host-side names no other record holds; a leftover interface of that
 /// name with no record (an attach that crashed before recording) is removed.
-async fn free_names(
+pub(super) async fn free_names(
     nl: &Netlink,
     id: &str,
     existing: &[Record],
@@ -282,6 +282,9 @@ pub async fn restore(maps: &mut Maps, run_dir: &Path) -> anyhow::Result<()> {
     let _lock = Lock::acquire(run_dir)?;
     let mut want = BTreeMap::new();
     for rec in all_records(run_dir)? {
+        if rec.phase == Phase::Reserved {
+            continue;
+        }
         let link = nl.link(&rec.host_ifname).await?;
         match link {
             Some(link) if rec.phase == Phase::Ready && link.index == rec.host_ifindex => {
@@ -345,7 +348,11 @@ async fn release_locked(
     rec: &Record,
 ) -> Result<(), Error> {
     let mut errors = Vec::new();
-    let host = nl.link(&rec.host_ifname).await?;
+    // A reserved address has no interface yet.
+    let host = match rec.host_ifname.is_empty() {
+        true => None,
+        false => nl.link(&rec.host_ifname).await?,
+    };
     // No pins: the data path is torn down, and the entry with it.
     if let Ok(mut maps) = Maps::open(pin)
         && let Ok(entries) = maps.endpoints()
@@ -386,8 +393,10 @@ pub async fn detach_all(pin: &PinDir, run_dir: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-/// Removes the attachments of `network` whose id is not in `keep`, and any
-/// half-made attachment. Returns the ids removed.
+/// Removes the CNI attachments of `network` whose id is not in `keep`, and
+/// any half-made attachment. Returns the ids removed. Endpoints made by
+/// `netd attach` or the Docker driver are not the runtime's to collect,
+/// even when they carry the same network name.
 pub async fn gc(
     pin: &PinDir,
     run_dir: &Path,
@@ -400,7 +409,8 @@ pub async fn gc(
     let mut removed = Vec::new();
     let mut errors = Vec::new();
     for rec in all_records(run_dir)? {
-        if rec.network.as_deref() != Some(network) || keep.contains(&rec.id) {
+        let cni = rec.id.starts_with("cni/");
+        if !cni || rec.network.as_deref() != Some(network) || keep.contains(&rec.id) {
             continue;
         }
         match release_locked(&nl, pin, run_dir, &rec).await {

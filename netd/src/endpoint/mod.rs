@@ -12,6 +12,7 @@
 mod allocator;
 mod attach;
 mod error;
+pub mod handoff;
 mod names;
 mod record;
 

@@ -21,6 +21,9 @@ pub enum Phase {
     Pending,
     #[default]
     Ready,
+    /// An address held for a runtime that makes the endpoint later (see
+    /// `handoff`); no kernel objects exist.
+    Reserved,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,9 +44,10 @@ pub struct Record {
     pub host_mac: String,
     #[serde(default)]
     pub phase: Phase,
-    /// The CNI network name, for CNI attachments.
+    /// The CNI or Docker network name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// The CNI container id, or the Docker endpoint id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
     /// Labels for policy: the CNI config's `args.labels` and the pod's
