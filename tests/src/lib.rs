@@ -21,6 +21,7 @@ pub mod links;
 pub mod netns;
 pub mod podman;
 pub mod prometheus;
+pub mod stream;
 pub mod topology;
 pub mod traffic;
 pub mod util;

@@ -14,23 +14,19 @@
 // Hosts are numbered; loops over them index per-host arrays.
 #![allow(clippy::needless_range_loop)]
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, bail};
 use netd_tests::bpftool::{map_dump, pinned_map_id, pinned_prog_id, prog_exists};
 use netd_tests::builds::netd_of_another_build;
 use netd_tests::cluster::NETWORK;
 use netd_tests::etcd::EtcdCluster;
 use netd_tests::lease::{lease_key, lease_value};
 use netd_tests::links::{tc_filters, tc_prog_id, xdp_prog_id};
-use netd_tests::traffic::Pattern;
+use netd_tests::stream::Stream;
 use netd_tests::{
     Cluster, Etcd, NsRef, SWITCH_IP, Topology, ping_stats, poll_until, require_root, wait_for,
 };
@@ -171,145 +167,6 @@ fn assert_no_loss(result: &PingResult, what: &str) {
         result.transmitted,
         result.missing
     );
-}
-
-// ---------------------------------------------------------------- TCP stream
-
-/// Seed of the byte pattern a [`TcpStream`] carries.
-const STREAM_SEED: u64 = 0x5eed_f417_0000_0001;
-/// Per-read/write and connect timeout of the stream: a stall this long is a
-/// failure (a reset fails at once).
-const STREAM_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// One TCP connection across hosts carrying a paced, verified byte stream
-/// until [`Stream::finish`].
-struct Stream {
-    stop: Arc<AtomicBool>,
-    received: Arc<AtomicU64>,
-    sender: JoinHandle<Result<u64>>,
-    receiver: JoinHandle<Result<u64>>,
-}
-
-impl Stream {
-    /// Connects from `from` to a listener on `dst` in `to` and sends about
-    /// `rate` bytes per second until told to stop.
-    fn start(from: &NsRef, to: &NsRef, dst: SocketAddr, rate: u64) -> Self {
-        let received = Arc::new(AtomicU64::new(0));
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let receiver = {
-            let received = received.clone();
-            to.spawn_thread(move || stream_receive(dst.port(), ready_tx, &received))
-        };
-        ready_rx
-            .recv_timeout(STREAM_TIMEOUT)
-            .expect("stream listener never became ready")
-            .expect("stream listener");
-        let stop = Arc::new(AtomicBool::new(false));
-        let sender = {
-            let stop = stop.clone();
-            from.spawn_thread(move || stream_send(dst, rate, &stop))
-        };
-        Stream {
-            stop,
-            received,
-            sender,
-            receiver,
-        }
-    }
-
-    /// Verified bytes received so far.
-    fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
-    }
-
-    /// Stops sending, waits for the receiver to see EOF; returns the bytes
-    /// sent and received (verified against the pattern), or the error
-    /// either side hit (a reset, a stall, corruption).
-    fn finish(self) -> Result<(u64, u64)> {
-        self.stop.store(true, Ordering::Relaxed);
-        let sent = self
-            .sender
-            .join()
-            .map_err(|_| anyhow::anyhow!("sender panicked"))?;
-        let received = self
-            .receiver
-            .join()
-            .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
-        let received = received.context("receiver")?;
-        let sent = sent.context("sender")?;
-        Ok((sent, received))
-    }
-}
-
-fn stream_send(dst: SocketAddr, rate: u64, stop: &AtomicBool) -> Result<u64> {
-    let mut stream = TcpStream::connect_timeout(&dst, STREAM_TIMEOUT).context("connect")?;
-    stream.set_write_timeout(Some(STREAM_TIMEOUT))?;
-    stream.set_read_timeout(Some(STREAM_TIMEOUT))?;
-    let mut pattern = Pattern::new(STREAM_SEED);
-    let mut buf = vec![0u8; 32 * 1024];
-    let started = Instant::now();
-    let mut sent = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        pattern.fill(&mut buf);
-        stream
-            .write_all(&buf)
-            .with_context(|| format!("write after {sent} bytes"))?;
-        sent += buf.len() as u64;
-        // Paced: ahead of `rate`, sleep the difference.
-        let due = Duration::from_secs_f64(sent as f64 / rate as f64);
-        if let Some(ahead) = due.checked_sub(started.elapsed()) {
-            thread::sleep(ahead);
-        }
-    }
-    stream.shutdown(Shutdown::Write).context("shutdown")?;
-    // The receiver closes once it has read everything.
-    let mut rest = Vec::new();
-    stream
-        .read_to_end(&mut rest)
-        .context("wait for receiver close")?;
-    Ok(sent)
-}
-
-fn stream_receive(port: u16, ready: mpsc::Sender<Result<()>>, received: &AtomicU64) -> Result<u64> {
-    let listener = match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = ready.send(Err(anyhow::anyhow!("bind port {port}: {e}")));
-            bail!("bind port {port}: {e}");
-        }
-    };
-    listener.set_nonblocking(true)?;
-    let _ = ready.send(Ok(()));
-    let deadline = Instant::now() + STREAM_TIMEOUT;
-    let mut stream = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
-                thread::sleep(Duration::from_millis(10))
-            }
-            Err(e) => return Err(e).context("accept"),
-        }
-    };
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(STREAM_TIMEOUT))?;
-    let mut pattern = Pattern::new(STREAM_SEED);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut want = vec![0u8; 64 * 1024];
-    let mut count = 0u64;
-    loop {
-        let n = stream
-            .read(&mut buf)
-            .with_context(|| format!("read after {count} bytes"))?;
-        if n == 0 {
-            return Ok(count);
-        }
-        pattern.fill(&mut want[..n]);
-        if let Some(i) = (0..n).find(|&i| buf[i] != want[i]) {
-            bail!("corrupted data at offset {}", count + i as u64);
-        }
-        count += n as u64;
-        received.store(count, Ordering::Relaxed);
-    }
 }
 
 // ---------------------------------------------------------------- attachments
