@@ -19,6 +19,7 @@ pub mod icmp;
 pub mod lease;
 pub mod links;
 pub mod netns;
+pub mod ping_run;
 pub mod podman;
 pub mod prometheus;
 pub mod stream;

@@ -387,6 +387,18 @@ fn echo_client(dst: SocketAddr, sizes: &[usize]) -> Result<()> {
     Ok(())
 }
 
+/// Datagrams waiting on `sock`, reading until it stays quiet for `quiet`.
+pub fn udp_drain(sock: &UdpSocket, quiet: Duration) -> Vec<Vec<u8>> {
+    sock.set_read_timeout(Some(quiet))
+        .expect("set read timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    while let Ok(n) = sock.recv(&mut buf) {
+        got.push(buf[..n].to_vec());
+    }
+    got
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,16 +440,4 @@ mod tests {
         assert_eq!(parse_ping_summary(errs), Some((3, 0)));
         assert_eq!(parse_ping_summary("connect: Network is unreachable"), None);
     }
-}
-
-/// Datagrams waiting on `sock`, reading until it stays quiet for `quiet`.
-pub fn udp_drain(sock: &UdpSocket, quiet: Duration) -> Vec<Vec<u8>> {
-    sock.set_read_timeout(Some(quiet))
-        .expect("set read timeout");
-    let mut got = Vec::new();
-    let mut buf = [0u8; 2048];
-    while let Ok(n) = sock.recv(&mut buf) {
-        got.push(buf[..n].to_vec());
-    }
-    got
 }

@@ -16,7 +16,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -26,16 +26,13 @@ use netd_tests::cluster::NETWORK;
 use netd_tests::etcd::EtcdCluster;
 use netd_tests::lease::{lease_key, lease_value};
 use netd_tests::links::{tc_filters, tc_prog_id, xdp_prog_id};
+use netd_tests::ping_run::{PingResult, PingRun};
 use netd_tests::stream::Stream;
-use netd_tests::{
-    Cluster, Etcd, NsRef, SWITCH_IP, Topology, ping_stats, poll_until, require_root, wait_for,
-};
+use netd_tests::{Cluster, Etcd, Topology, ping_stats, poll_until, require_root, wait_for};
 use serde_json::Value;
 
 /// How long maps may take to converge and paths to start working.
 const CONVERGE: Duration = Duration::from_secs(30);
-/// Interval of the loss-detecting pings.
-const PING_INTERVAL: &str = "0.01";
 /// A lease nobody holds, as flannel writes it (no host answers at its IP).
 const FAKE_SUBNET: &str = "10.244.250.0/24";
 const FAKE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
@@ -53,102 +50,6 @@ fn unix_now() -> u64 {
 }
 
 // ---------------------------------------------------------------- ping
-
-/// `ping -i 0.01 -c COUNT` running in a container, output to a file; killed
-/// on drop.
-struct PingRun {
-    child: Child,
-    out: tempfile::NamedTempFile,
-    what: String,
-}
-
-/// What a [`PingRun`] saw.
-#[derive(Debug)]
-struct PingResult {
-    transmitted: u32,
-    received: u32,
-    /// Sequence numbers (1-based) without a reply.
-    missing: Vec<u32>,
-    output: String,
-}
-
-impl PingResult {
-    fn lost(&self) -> u32 {
-        self.transmitted.saturating_sub(self.received)
-    }
-}
-
-impl PingRun {
-    /// Starts `count` echo requests from `from` to `ip`, 10 ms apart.
-    fn start(from: &NsRef, ip: Ipv4Addr, count: u32) -> Self {
-        let out = tempfile::NamedTempFile::new().expect("ping output file");
-        let stdout = out.reopen().expect("reopen ping output");
-        let stderr = stdout.try_clone().expect("clone ping output fd");
-        let child = from
-            .command("ping")
-            .args(["-n", "-D", "-W", "2", "-i", PING_INTERVAL, "-c"])
-            .arg(count.to_string())
-            .arg(ip.to_string())
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run ping (install iputils-ping): {e}"));
-        PingRun {
-            child,
-            out,
-            what: format!("ping {ip} from {}", from.name()),
-        }
-    }
-
-    fn is_running(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait ping").is_none()
-    }
-
-    /// Waits for ping to finish (at most `timeout`) and parses its output.
-    fn finish(mut self, timeout: Duration) -> PingResult {
-        let done = poll_until(timeout, || !self.is_running());
-        let output = std::fs::read_to_string(self.out.path()).unwrap_or_default();
-        assert!(
-            done,
-            "{} still running after {timeout:?}:\n{output}",
-            self.what
-        );
-        let summary = output
-            .lines()
-            .find(|l| l.contains("packets transmitted"))
-            .unwrap_or_else(|| panic!("{}: no summary in its output:\n{output}", self.what));
-        let mut fields = summary
-            .split(',')
-            .map(|f| f.split_whitespace().next().and_then(|n| n.parse().ok()));
-        let transmitted: u32 = fields.next().flatten().expect("transmitted count");
-        let received: u32 = fields.next().flatten().expect("received count");
-        let answered: std::collections::BTreeSet<u32> = output
-            .lines()
-            .filter(|l| l.contains("bytes from"))
-            .filter_map(|l| {
-                let seq = l.split("icmp_seq=").nth(1)?;
-                seq.split_whitespace().next()?.parse().ok()
-            })
-            .collect();
-        let missing = (1..=transmitted)
-            .filter(|s| !answered.contains(s))
-            .collect();
-        PingResult {
-            transmitted,
-            received,
-            missing,
-            output,
-        }
-    }
-}
-
-impl Drop for PingRun {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// Asserts a finished ping run lost nothing; prints what it saw.
 fn assert_no_loss(result: &PingResult, what: &str) {
@@ -191,11 +92,7 @@ fn attachments(cluster: &Cluster, i: usize) -> Vec<(String, Option<u64>)> {
 /// and 1), maps converged and the containers reaching each other.
 fn two_hosts(decap: &str) -> (Cluster, usize, usize) {
     let mut cluster = Cluster::up(2, decap);
-    let c0 = cluster.attach(0);
-    let c1 = cluster.attach(1);
-    for i in 0..2 {
-        cluster.wait_peers_match_etcd(i, CONVERGE);
-    }
+    let (c0, c1) = cluster.attach_pair(CONVERGE);
     cluster.assert_ping_both_ways(c0, c1);
     (cluster, c0, c1)
 }
@@ -227,7 +124,7 @@ fn restart_under_traffic_is_invisible() {
     let dst = SocketAddr::from((to.ip, 5201));
     let stream = Stream::start(&from.ns.handle(), &to.ns.handle(), dst, 8 << 20);
     // 800 requests: 8 s at the nominal rate, well past the restart.
-    let mut ping = PingRun::start(&from.ns.handle(), to.ip, 800);
+    let mut ping = PingRun::start(&from.ns.handle(), to.ip, 800, 2);
     thread::sleep(Duration::from_secs(1));
     let at_kill = stream.received();
     assert!(
@@ -338,7 +235,7 @@ fn upgrade(
     cluster.assert_ping_both_ways(local, remote);
 
     let (from, to) = (cluster.container(remote), cluster.container(local));
-    let ping = PingRun::start(&from.ns.handle(), to.ip, 400);
+    let ping = PingRun::start(&from.ns.handle(), to.ip, 400, 2);
     start(cluster);
     let log = cluster.daemon_log(host);
     assert!(
@@ -598,14 +495,7 @@ fn etcd_outage_keeps_forwarding_and_recovers() {
     const OUTAGE: Duration = Duration::from_secs(8);
     let mut cluster = Cluster::new(2, "tc");
     cluster.run_args(&["--lease-ttl", &TTL.to_string()]);
-    cluster.start(0);
-    cluster.start(1);
-    let c0 = cluster.attach(0);
-    let c1 = cluster.attach(1);
-    for i in 0..2 {
-        cluster.wait_peers_match_etcd(i, CONVERGE);
-    }
-    cluster.assert_ping_both_ways(c0, c1);
+    let (c0, c1) = cluster.start_pair(CONVERGE);
     let subnets = [cluster.subnet(0), cluster.subnet(1)];
     let leases_before = [cluster.state_lease_id(0), cluster.state_lease_id(1)];
     for i in 0..2 {
@@ -614,7 +504,7 @@ fn etcd_outage_keeps_forwarding_and_recovers() {
 
     let (from, to) = (cluster.container(c0), cluster.container(c1));
     // 1000 requests: 10 s at the nominal rate, the outage and a bit more.
-    let ping = PingRun::start(&from.ns.handle(), to.ip, 1000);
+    let ping = PingRun::start(&from.ns.handle(), to.ip, 1000, 2);
     thread::sleep(Duration::from_millis(300));
     let stopped_unix = unix_now();
     let stopped = Instant::now();
@@ -781,7 +671,7 @@ fn lose_member(
     ip: Ipv4Addr,
 ) -> Round {
     let (from, to) = (cluster.container(c0), cluster.container(c1));
-    let ping = PingRun::start(&from.ns.handle(), to.ip, 600);
+    let ping = PingRun::start(&from.ns.handle(), to.ip, 600, 2);
     thread::sleep(Duration::from_millis(200));
     let lost = Instant::now();
     match how {
@@ -959,29 +849,11 @@ fn etcd_cluster_member_loss() {
     );
 }
 
-/// Cuts host `i` off etcd only (a blackhole route to etcd's address in its
-/// namespace; the underlay to the other hosts stays up), or heals that.
-fn partition_from_etcd(cluster: &Cluster, i: usize, cut: bool) {
-    let etcd = format!("{SWITCH_IP}/32");
-    let op = if cut { "add" } else { "del" };
-    cluster
-        .host(i)
-        .ns()
-        .run_ok(&["ip", "route", op, "blackhole", &etcd]);
-}
-
 /// Two hosts with `--lease-ttl ttl`, a container on each, converged.
 fn partition_cluster(ttl: u64) -> (Cluster, usize, usize) {
     let mut cluster = Cluster::new(2, "tc");
     cluster.run_args(&["--lease-ttl", &ttl.to_string()]);
-    cluster.start(0);
-    cluster.start(1);
-    let c0 = cluster.attach(0);
-    let c1 = cluster.attach(1);
-    for i in 0..2 {
-        cluster.wait_peers_match_etcd(i, CONVERGE);
-    }
-    cluster.assert_ping_both_ways(c0, c1);
+    let (c0, c1) = cluster.start_pair(CONVERGE);
     (cluster, c0, c1)
 }
 
@@ -991,7 +863,7 @@ fn partition_until_expired(cluster: &Cluster) -> (String, i64) {
     let subnet = cluster.subnet(1);
     let lease = cluster.state_lease_id(1);
     let cut = Instant::now();
-    partition_from_etcd(cluster, 1, true);
+    cluster.partition_from_etcd(1, true);
     // Both at once: which comes first is part of the story.
     let key = lease_key(&subnet);
     let (mut noticed, mut expired) = (None, None);
@@ -1041,7 +913,7 @@ fn partition_past_the_ttl_takes_the_same_subnet_back() {
     let (subnet, lease) = partition_until_expired(&cluster);
 
     let healed = Instant::now();
-    partition_from_etcd(&cluster, 1, false);
+    cluster.partition_from_etcd(1, false);
     let took_back = poll_until(Duration::from_secs(20), || {
         let (reachable, ..) = etcd_health(&cluster, 1);
         reachable
@@ -1081,7 +953,7 @@ fn partition_past_the_ttl_with_the_subnet_taken_disables_the_host() {
     let key = lease_key(&subnet);
     cluster.topo.etcd().put(&key, &lease_value(usurper));
 
-    partition_from_etcd(&cluster, 1, false);
+    cluster.partition_from_etcd(1, false);
     let exited = cluster.daemons[1]
         .as_mut()
         .unwrap()

@@ -229,15 +229,22 @@ fn assert_icmp_error_frame(
     assert_eq!(&err.quote[..], &original[14..42], "{what}: quote");
 }
 
-#[test]
-fn prog_run_decrements_ttl_answers_expiry_and_carries_ecn() {
-    require_root();
+/// Two hosts running netd (TC decap), containers `[c0, c1, c2]` with c0
+/// and c2 on host 0 and c1 on host 1, maps converged.
+fn two_hosts_three_containers() -> (Cluster, [usize; 3]) {
     let mut cluster = Cluster::up(2, "tc");
     let c0 = cluster.attach(0);
     let c2 = cluster.attach(0);
     let c1 = cluster.attach(1);
     cluster.wait_peers_match_etcd(0, CONVERGE);
     cluster.wait_peers_match_etcd(1, CONVERGE);
+    (cluster, [c0, c1, c2])
+}
+
+#[test]
+fn prog_run_decrements_ttl_answers_expiry_and_carries_ecn() {
+    require_root();
+    let (mut cluster, [c0, c1, c2]) = two_hosts_three_containers();
     let (ip0, ip1, ip2) = (
         cluster.container(c0).ip,
         cluster.container(c1).ip,
@@ -557,12 +564,7 @@ fn ttl_and_ecn_cross_hosts_xdp() {
 #[test]
 fn ttl_expiry_is_answered_with_time_exceeded() {
     require_root();
-    let mut cluster = Cluster::up(2, "tc");
-    let c0 = cluster.attach(0);
-    let c2 = cluster.attach(0);
-    let c1 = cluster.attach(1);
-    cluster.wait_peers_match_etcd(0, CONVERGE);
-    cluster.wait_peers_match_etcd(1, CONVERGE);
+    let (mut cluster, [c0, c1, c2]) = two_hosts_three_containers();
     let (ip0, ip1, ip2) = (
         cluster.container(c0).ip,
         cluster.container(c1).ip,

@@ -6,12 +6,12 @@
 //! logged, and what comes back runs the pinned programs.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::process::{Child, Stdio};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use netd_tests::bpftool::pinned_prog_id as pinned_prog_id_at;
 use netd_tests::links::{has_clsact, json_in, tc_prog_id, xdp_prog_id};
+use netd_tests::ping_run::PingRun;
 use netd_tests::stream::Stream;
 use netd_tests::topology::{BRIDGE, HOST_IFACE, UNDERLAY_PREFIX_LEN, switch_port};
 use netd_tests::{Cluster, NsRef, ping_stats, poll_until, require_root, strip_ansi, wait_for};
@@ -78,65 +78,28 @@ fn repair_lines(log: &str, iface: &str, hook: &str) -> usize {
 
 // ---------------------------------------------------------------- traffic
 
-/// `ping -D` every 10 ms in the background; reports the longest silence
-/// between replies.
-struct PingRun {
-    child: Child,
-    out: tempfile::NamedTempFile,
+/// `ping -D` every 10 ms in the background, bounded: 6000 requests, one
+/// minute at most.
+fn ping_run(from: &NsRef, ip: Ipv4Addr) -> PingRun {
+    PingRun::start(from, ip, 6000, 1)
 }
 
-impl PingRun {
-    fn start(from: &NsRef, ip: Ipv4Addr) -> Self {
-        let out = tempfile::NamedTempFile::new().expect("ping output file");
-        let stdout = out.reopen().expect("reopen ping output");
-        let stderr = stdout.try_clone().expect("clone fd");
-        // Bounded: 6000 requests, one minute at most.
-        let child = from
-            .command("ping")
-            .args(["-n", "-D", "-W", "1", "-i", "0.01", "-c", "6000"])
-            .arg(ip.to_string())
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run ping (install iputils-ping): {e}"));
-        PingRun { child, out }
-    }
-
-    /// Unix times of the replies so far.
-    fn replies(&self) -> Vec<f64> {
-        std::fs::read_to_string(self.out.path())
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("bytes from"))
-            .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
-            .collect()
-    }
-
-    /// Waits for a reply sent well after `since` (unix seconds): forwarding
-    /// works again. Returns the longest gap between replies from `since`
-    /// on, i.e. how long forwarding was interrupted.
-    fn wait_resumed(&self, since: f64, what: &str) -> Duration {
-        wait_for(
-            &format!("pings to flow again after {what}"),
-            REPAIR_BOUND,
-            || self.replies().last().is_some_and(|t| *t > since + 0.5),
-        );
-        let replies = self.replies();
-        let from = replies.iter().rposition(|t| *t <= since).unwrap_or(0);
-        let gap = replies[from..]
-            .windows(2)
-            .map(|w| w[1] - w[0])
-            .fold(0.0, f64::max);
-        Duration::from_secs_f64(gap)
-    }
-}
-
-impl Drop for PingRun {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Waits for a reply sent well after `since` (unix seconds): forwarding
+/// works again. Returns the longest gap between replies from `since` on,
+/// i.e. how long forwarding was interrupted.
+fn wait_resumed(ping: &PingRun, since: f64, what: &str) -> Duration {
+    wait_for(
+        &format!("pings to flow again after {what}"),
+        REPAIR_BOUND,
+        || ping.replies().last().is_some_and(|t| *t > since + 0.5),
+    );
+    let replies = ping.replies();
+    let from = replies.iter().rposition(|t| *t <= since).unwrap_or(0);
+    let gap = replies[from..]
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .fold(0.0, f64::max);
+    Duration::from_secs_f64(gap)
 }
 
 fn unix_now() -> f64 {
@@ -151,17 +114,9 @@ fn unix_now() -> f64 {
 /// Two hosts, a container on each, maps converged, pings answered.
 fn two_hosts(decap: &str) -> (Cluster, usize, usize) {
     let mut cluster = Cluster::up(2, decap);
-    let c0 = cluster.attach(0);
-    let c1 = cluster.attach(1);
-    for i in 0..2 {
-        cluster.wait_peers_match_etcd(i, CONVERGE);
-    }
-    for (from, to) in [(c0, c1), (c1, c0)] {
-        let (a, b) = (cluster.container(from), cluster.container(to));
-        wait_for(&format!("ping {} -> {}", a.ip, b.ip), CONVERGE, || {
-            ping_stats(&a.ns.handle(), b.ip, 2).all_received()
-        });
-    }
+    let (c0, c1) = cluster.attach_pair(CONVERGE);
+    cluster.assert_ping(c0, c1, 2, CONVERGE);
+    cluster.assert_ping(c1, c0, 2, CONVERGE);
     (cluster, c0, c1)
 }
 
@@ -205,7 +160,7 @@ fn break_and_wait(
         attached(&ns),
         daemon_log(cluster, i)
     );
-    let silence = ping.wait_resumed(since, &what);
+    let silence = wait_resumed(ping, since, &what);
     if hook != "xdp" {
         assert!(
             has_clsact(&ns, dev),
@@ -241,7 +196,7 @@ fn running_daemon_restores_deleted_tc_filters_and_clsact() {
     let (mut cluster, c0, c1) = two_hosts("tc");
     let veth0 = host_veth(&cluster, c0);
     let (from, to) = (cluster.container(c0), cluster.container(c1));
-    let ping = PingRun::start(&from.ns.handle(), to.ip);
+    let ping = ping_run(&from.ns.handle(), to.ip);
     let stream = Stream::start(
         &from.ns.handle(),
         &to.ns.handle(),
@@ -296,7 +251,7 @@ fn running_daemon_restores_xdp_turned_off() {
     require_root();
     let (cluster, c0, c1) = two_hosts("xdp");
     let (from, to) = (cluster.container(c0), cluster.container(c1));
-    let ping = PingRun::start(&from.ns.handle(), to.ip);
+    let ping = ping_run(&from.ns.handle(), to.ip);
     break_and_wait(
         &cluster,
         &ping,
@@ -431,7 +386,7 @@ fn recreated_underlay_nic_is_followed() {
     let mac = before[0]["address"].as_str().expect("MAC").to_string();
     let repairs_before = repairs(&cluster, 1);
     let (from, to) = (cluster.container(c0), cluster.container(c1));
-    let ping = PingRun::start(&from.ns.handle(), to.ip);
+    let ping = ping_run(&from.ns.handle(), to.ip);
     thread::sleep(Duration::from_millis(300));
 
     // As a driver reload does: a new link under the old name, same MAC and
@@ -464,7 +419,7 @@ fn recreated_underlay_nic_is_followed() {
 
     // Replies to c0 leave host 1 through from_container's redirect to the
     // underlay index: they only flow once the daemon follows the new link.
-    let silence = ping.wait_resumed(since, "re-creating host 1's eth0");
+    let silence = wait_resumed(&ping, since, "re-creating host 1's eth0");
     assert_eq!(
         tc_prog_id(&ns, HOST_IFACE),
         Some(pinned_prog_id(&cluster, 1, TC_FROM_UNDERLAY)),
