@@ -212,17 +212,10 @@ impl Netlink {
 
     /// The interface of the IPv4 default route, if any.
     pub async fn default_route_link(&self) -> Result<Option<Link>> {
-        let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
-        let mut routes = self.handle.route().get(filter).execute();
-        while let Some(route) = routes.try_next().await? {
-            if route.header.destination_prefix_length != 0 {
-                continue;
-            }
-            if let Some(index) = output_interface(&route) {
-                return Ok(Some(self.link_by_index(index).await?));
-            }
+        match self.default_gateway().await? {
+            Some((index, _)) => Ok(Some(self.link_by_index(index).await?)),
+            None => Ok(None),
         }
-        Ok(None)
     }
 
     /// The IPv4 default route's interface index and gateway, if any.

@@ -6,6 +6,8 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+use crate::NsRef;
+
 fn bpftool(args: &[&str], path: Option<&Path>) -> Output {
     let mut cmd = Command::new("bpftool");
     cmd.args(args);
@@ -71,4 +73,75 @@ pub fn pinned_map_id(path: &Path) -> u64 {
     v["id"]
         .as_u64()
         .unwrap_or_else(|| panic!("no id for {}: {v}", path.display()))
+}
+
+/// What one `bpftool prog run` (BPF_PROG_TEST_RUN) of [`test_run`] gave.
+pub struct TestRun {
+    /// Whether bpftool succeeded (the kernel accepted the input).
+    pub success: bool,
+    /// bpftool's stdout and stderr, for messages and checks.
+    pub text: String,
+    /// The program's return value, if bpftool printed one.
+    pub ret: Option<u32>,
+    /// The packet as the program left it.
+    pub data_out: Vec<u8>,
+}
+
+/// Runs the program pinned at `prog` once on `data`, in `ns`, with its
+/// input and output files in `dir`. A TC program sees `ingress_ifindex` in
+/// its `__sk_buff` when given.
+pub fn test_run(
+    ns: &NsRef,
+    dir: &Path,
+    prog: &Path,
+    data: &[u8],
+    ingress_ifindex: Option<u32>,
+) -> TestRun {
+    let (data_in, data_out, ctx_in) = (dir.join("in"), dir.join("out"), dir.join("ctx"));
+    std::fs::write(&data_in, data).unwrap_or_else(|e| panic!("write {}: {e}", data_in.display()));
+    let _ = std::fs::remove_file(&data_out);
+    let (p, i, o, c) = (
+        prog.display().to_string(),
+        data_in.display().to_string(),
+        data_out.display().to_string(),
+        ctx_in.display().to_string(),
+    );
+    let mut args = vec![
+        "bpftool",
+        "prog",
+        "run",
+        "pinned",
+        &p,
+        "data_in",
+        &i,
+        "data_out",
+        &o,
+        "data_size_out",
+        "4096",
+    ];
+    // struct __sk_buff up to ingress_ifindex (offset 36); the rest zero.
+    if let Some(ifindex) = ingress_ifindex {
+        let mut ctx = vec![0u8; 40];
+        ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+        std::fs::write(&ctx_in, ctx).unwrap_or_else(|e| panic!("write {c}: {e}"));
+        args.extend(["ctx_in", &c]);
+    }
+    args.extend(["repeat", "1"]);
+    let out = ns.exec(&args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ret = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Return value: "))
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|r| r.parse::<u32>().ok());
+    TestRun {
+        success: out.status.success(),
+        text,
+        ret,
+        data_out: std::fs::read(&data_out).unwrap_or_default(),
+    }
 }

@@ -32,9 +32,16 @@ pub struct Cluster {
 impl Cluster {
     /// `hosts` hosts with etcd and the network config, no daemons yet.
     pub fn new(hosts: usize, decap: &str) -> Self {
-        let topo = Topology::builder().hosts(hosts).build();
-        let endpoint = topo.etcd_endpoint();
-        topo.host(0).netd_ok(&[
+        let cluster = Cluster::on_topology(Topology::builder().hosts(hosts).build(), decap);
+        cluster.init_network();
+        cluster
+    }
+
+    /// Writes the network config ([`NETWORK`]) to etcd with
+    /// `netd network init` on host 0.
+    pub fn init_network(&self) {
+        let endpoint = self.topo.etcd_endpoint();
+        self.host(0).netd_ok(&[
             "network",
             "init",
             "--etcd-endpoints",
@@ -42,14 +49,6 @@ impl Cluster {
             "--network",
             NETWORK,
         ]);
-        let daemons = (0..hosts).map(|_| None).collect();
-        Cluster {
-            topo,
-            daemons,
-            containers: Vec::new(),
-            decap: decap.into(),
-            extra_args: Vec::new(),
-        }
     }
 
     /// Extra `netd run` flags for daemons started from now on.
@@ -389,5 +388,42 @@ impl Cluster {
         self.status(i)["state"]["lease_id"]
             .as_i64()
             .expect("lease_id in state")
+    }
+}
+
+/// A converged pair of hosts, and cutting a host off etcd.
+impl Cluster {
+    /// Starts the daemons of hosts 0 and 1 (with the flags of
+    /// [`Cluster::run_args`]), attaches a container to each, waits for both
+    /// hosts' maps to match etcd and asserts the containers reach each
+    /// other. Returns the two containers.
+    pub fn start_pair(&mut self, converge: Duration) -> (usize, usize) {
+        self.start(0);
+        self.start(1);
+        let (c0, c1) = self.attach_pair(converge);
+        self.assert_ping_both_ways(c0, c1);
+        (c0, c1)
+    }
+
+    /// Attaches a container to each of hosts 0 and 1 (running daemons) and
+    /// waits for both hosts' maps to match etcd. Returns the containers.
+    pub fn attach_pair(&mut self, converge: Duration) -> (usize, usize) {
+        let c0 = self.attach(0);
+        let c1 = self.attach(1);
+        for i in 0..2 {
+            self.wait_peers_match_etcd(i, converge);
+        }
+        (c0, c1)
+    }
+
+    /// Cuts host `i` off etcd only (a blackhole route to etcd's address in
+    /// its namespace; the underlay to the other hosts stays up), or heals
+    /// that.
+    pub fn partition_from_etcd(&self, i: usize, cut: bool) {
+        let etcd = format!("{}/32", crate::SWITCH_IP);
+        let op = if cut { "add" } else { "del" };
+        self.host(i)
+            .ns()
+            .run_ok(&["ip", "route", op, "blackhole", &etcd]);
     }
 }

@@ -46,10 +46,17 @@ pub fn ping_stats_sized(from: &NsRef, ip: impl Into<IpAddr>, count: u32, size: u
 }
 
 fn run_ping(from: &NsRef, ip: IpAddr, count: u32, extra: &[&str]) -> PingStats {
-    let ip = ip.to_string();
     let count = count.to_string();
-    let mut argv = vec!["ping", "-n", "-c", &count, "-W", "1", "-i", "0.2"];
-    argv.extend(extra);
+    let mut args = vec!["-c", &count, "-W", "1", "-i", "0.2"];
+    args.extend(extra);
+    ping_args(from, &args, ip)
+}
+
+/// Runs `ping -n ARGS… IP` inside `from` and returns its summary and output.
+pub fn ping_args(from: &NsRef, args: &[&str], ip: impl Into<IpAddr>) -> PingStats {
+    let ip = ip.into().to_string();
+    let mut argv = vec!["ping", "-n"];
+    argv.extend_from_slice(args);
     argv.push(&ip);
     let out = from.exec(&argv);
     let output = format!(
@@ -378,6 +385,18 @@ fn echo_client(dst: SocketAddr, sizes: &[usize]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Datagrams waiting on `sock`, reading until it stays quiet for `quiet`.
+pub fn udp_drain(sock: &UdpSocket, quiet: Duration) -> Vec<Vec<u8>> {
+    sock.set_read_timeout(Some(quiet))
+        .expect("set read timeout");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    while let Ok(n) = sock.recv(&mut buf) {
+        got.push(buf[..n].to_vec());
+    }
+    got
 }
 
 #[cfg(test)]

@@ -16,24 +16,18 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
-use std::process::{Child, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use netd_tests::cluster::PREFIX;
-use netd_tests::{
-    Cluster, Etcd, NsRef, SWITCH_IP, ping_stats, poll_until, require_root, strip_ansi, wait_for,
-};
+use netd_tests::lease::lease_key;
+use netd_tests::ping_run::PingRun;
+use netd_tests::{Cluster, Etcd, require_root, strip_ansi, wait_for};
 use serde_json::Value;
 
 const CONVERGE: Duration = Duration::from_secs(30);
 /// Once etcd is back, the subnet must be held again within this.
 const RESTORE: Duration = Duration::from_secs(15);
-
-fn lease_key(subnet: &str) -> String {
-    format!("{PREFIX}/subnets/{}", subnet.replacen('/', "-", 1))
-}
 
 /// etcd's current revision.
 fn revision(etcd: &Etcd) -> i64 {
@@ -117,78 +111,19 @@ fn retries_logged(cluster: &Cluster, i: usize) -> usize {
         .count()
 }
 
-/// Cuts host `i` off etcd only (a blackhole route to etcd's address in
-/// its namespace), or heals that.
-fn partition_from_etcd(cluster: &Cluster, i: usize, cut: bool) {
-    let op = if cut { "add" } else { "del" };
-    cluster
-        .host(i)
-        .ns()
-        .run_ok(&["ip", "route", op, "blackhole", &format!("{SWITCH_IP}/32")]);
-}
-
-/// `ping -i 0.01 -c COUNT` in a container, killed on drop.
-struct PingRun {
-    child: Child,
-    out: tempfile::NamedTempFile,
-}
-
-impl PingRun {
-    fn start(from: &NsRef, ip: Ipv4Addr, count: u32) -> Self {
-        let out = tempfile::NamedTempFile::new().expect("ping output file");
-        let stdout = out.reopen().expect("reopen ping output");
-        let child = from
-            .command("ping")
-            .args(["-n", "-W", "2", "-i", "0.01", "-c"])
-            .arg(count.to_string())
-            .arg(ip.to_string())
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run ping");
-        PingRun { child, out }
-    }
-
-    /// (transmitted, received) once ping has finished.
-    fn finish(mut self, timeout: Duration) -> (u32, u32) {
-        let done = poll_until(timeout, || {
-            self.child.try_wait().expect("try_wait").is_some()
-        });
-        let output = std::fs::read_to_string(self.out.path()).unwrap_or_default();
-        assert!(done, "ping still running after {timeout:?}:\n{output}");
-        let summary = output
-            .lines()
-            .find(|l| l.contains("packets transmitted"))
-            .unwrap_or_else(|| panic!("no ping summary:\n{output}"));
-        let mut n = summary
-            .split(',')
-            .map(|f| f.split_whitespace().next().and_then(|n| n.parse().ok()));
-        (n.next().flatten().unwrap(), n.next().flatten().unwrap())
-    }
-}
-
-impl Drop for PingRun {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn assert_ping_both_ways(cluster: &Cluster, a: usize, b: usize) {
-    for (from, to) in [(a, b), (b, a)] {
-        let (cf, ct) = (cluster.container(from), cluster.container(to));
-        let mut stats = ping_stats(&cf.ns.handle(), ct.ip, 3);
-        if !stats.all_received() {
-            stats = ping_stats(&cf.ns.handle(), ct.ip, 3);
-        }
-        assert!(
-            stats.all_received(),
-            "ping {} -> {}: {stats:?}",
-            cf.ns.name(),
-            ct.ip
+/// Restarts etcd and waits for each host to hold its subnet again; returns
+/// when etcd was restarted and how long that took.
+fn restart_etcd_until_held(cluster: &mut Cluster, subnets: &[String; 2]) -> (Instant, Duration) {
+    cluster.topo.etcd_mut().restart();
+    let restarted = Instant::now();
+    for i in 0..2 {
+        wait_for(
+            &format!("host {i} to hold {} again", subnets[i]),
+            RESTORE,
+            || holds(cluster, i, &subnets[i]),
         );
     }
+    (restarted, restarted.elapsed())
 }
 
 /// Two hosts with `--lease-ttl ttl` and a container each, converged.
@@ -196,14 +131,7 @@ fn cluster(ttl: u64) -> (Cluster, usize, usize, [String; 2], i64) {
     let mut cluster = Cluster::new(2, "tc");
     let rev = revision(cluster.topo.etcd());
     cluster.run_args(&["--lease-ttl", &ttl.to_string()]);
-    cluster.start(0);
-    cluster.start(1);
-    let c0 = cluster.attach(0);
-    let c1 = cluster.attach(1);
-    for i in 0..2 {
-        cluster.wait_peers_match_etcd(i, CONVERGE);
-    }
-    assert_ping_both_ways(&cluster, c0, c1);
+    let (c0, c1) = cluster.start_pair(CONVERGE);
     let subnets = [cluster.subnet(0), cluster.subnet(1)];
     (cluster, c0, c1, subnets, rev)
 }
@@ -222,7 +150,7 @@ fn etcd_restarted_while_the_lease_is_taken_back() {
     let (mut cluster, c0, c1, subnets, rev) = cluster(TTL);
     let (from, to) = (cluster.container(c0), cluster.container(c1));
     // 25 s at the nominal rate: the outage and the recovery fit in it.
-    let ping = PingRun::start(&from.ns.handle(), to.ip, 2500);
+    let ping = PingRun::start(&from.ns.handle(), to.ip, 2500, 2);
     thread::sleep(Duration::from_millis(300));
 
     cluster.topo.etcd_mut().stop();
@@ -243,17 +171,9 @@ fn etcd_restarted_while_the_lease_is_taken_back() {
         cluster.daemons[i].as_mut().unwrap().assert_running();
     }
 
-    cluster.topo.etcd_mut().restart();
-    let restarted = Instant::now();
-    for i in 0..2 {
-        wait_for(
-            &format!("host {i} to hold {} again", subnets[i]),
-            RESTORE,
-            || holds(&cluster, i, &subnets[i]),
-        );
-    }
-    let restored = restarted.elapsed();
-    let (sent, received) = ping.finish(Duration::from_secs(60));
+    let (restarted, restored) = restart_etcd_until_held(&mut cluster, &subnets);
+    let result = ping.finish(Duration::from_secs(60));
+    let (sent, received) = (result.transmitted, result.received);
     let lost = sent - received;
     eprintln!(
         "etcd stopped {:?} (TTL {TTL} s): lease counted lost after {noticed:?}, \
@@ -278,7 +198,7 @@ fn etcd_restarted_while_the_lease_is_taken_back() {
             "host {i} lost its lease again"
         );
     }
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
 }
 
 // 2. The lease expired in etcd (host cut off), then etcd stopped while the
@@ -291,7 +211,7 @@ fn etcd_stopped_while_an_expired_lease_is_taken_back() {
     let (mut cluster, c0, c1, subnets, rev) = cluster(TTL);
     let key = lease_key(&subnets[1]);
 
-    partition_from_etcd(&cluster, 1, true);
+    cluster.partition_from_etcd(1, true);
     wait_for(
         "host 1's lease to expire in etcd while host 1 takes it back",
         CONVERGE,
@@ -299,7 +219,7 @@ fn etcd_stopped_while_an_expired_lease_is_taken_back() {
     );
     cluster.topo.etcd_mut().stop();
     let before = retries_logged(&cluster, 1);
-    partition_from_etcd(&cluster, 1, false);
+    cluster.partition_from_etcd(1, false);
     // Host 1 now reaches etcd's address, where nothing listens.
     wait_for(
         "re-acquisition to fail against the stopped etcd",
@@ -311,16 +231,7 @@ fn etcd_stopped_while_an_expired_lease_is_taken_back() {
 
     // Host 1's traffic to host 0 (whose map still has host 0's lease)
     // flows while host 0 has forgotten host 1: counted, not asserted.
-    cluster.topo.etcd_mut().restart();
-    let restarted = Instant::now();
-    for i in 0..2 {
-        wait_for(
-            &format!("host {i} to hold {} again", subnets[i]),
-            RESTORE,
-            || holds(&cluster, i, &subnets[i]),
-        );
-    }
-    let restored = restarted.elapsed();
+    let (restarted, restored) = restart_etcd_until_held(&mut cluster, &subnets);
     wait_for("host 0 to program host 1 again", RESTORE, || {
         cluster.peers(0).contains_key(&subnets[1])
     });
@@ -336,9 +247,9 @@ fn etcd_stopped_while_an_expired_lease_is_taken_back() {
     assert_only_own_keys(&cluster, rev, &subnets);
     // From now on nothing is lost.
     let (from, to) = (cluster.container(c1), cluster.container(c0));
-    let (sent, received) =
-        PingRun::start(&from.ns.handle(), to.ip, 300).finish(Duration::from_secs(30));
+    let result = PingRun::start(&from.ns.handle(), to.ip, 300, 2).finish(Duration::from_secs(30));
+    let (sent, received) = (result.transmitted, result.received);
     eprintln!("after recovery: {sent} pings, {} lost", sent - received);
     assert_eq!(sent, received, "pings lost after recovery");
-    assert_ping_both_ways(&cluster, c0, c1);
+    cluster.assert_ping_both_ways(c0, c1);
 }

@@ -14,32 +14,25 @@
 // Hosts are numbered; loops over them index per-host arrays.
 #![allow(clippy::needless_range_loop)]
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
-use std::thread::{self, JoinHandle};
+use std::process::Command;
+use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, bail};
 use netd_tests::bpftool::{map_dump, pinned_map_id, pinned_prog_id, prog_exists};
 use netd_tests::builds::netd_of_another_build;
 use netd_tests::cluster::NETWORK;
 use netd_tests::etcd::EtcdCluster;
 use netd_tests::lease::{lease_key, lease_value};
 use netd_tests::links::{tc_filters, tc_prog_id, xdp_prog_id};
-use netd_tests::traffic::Pattern;
-use netd_tests::{
-    Cluster, Etcd, NsRef, SWITCH_IP, Topology, ping_stats, poll_until, require_root, wait_for,
-};
+use netd_tests::ping_run::{PingResult, PingRun};
+use netd_tests::stream::Stream;
+use netd_tests::{Cluster, Etcd, Topology, ping_stats, poll_until, require_root, wait_for};
 use serde_json::Value;
 
 /// How long maps may take to converge and paths to start working.
 const CONVERGE: Duration = Duration::from_secs(30);
-/// Interval of the loss-detecting pings.
-const PING_INTERVAL: &str = "0.01";
 /// A lease nobody holds, as flannel writes it (no host answers at its IP).
 const FAKE_SUBNET: &str = "10.244.250.0/24";
 const FAKE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 99);
@@ -58,102 +51,6 @@ fn unix_now() -> u64 {
 
 // ---------------------------------------------------------------- ping
 
-/// `ping -i 0.01 -c COUNT` running in a container, output to a file; killed
-/// on drop.
-struct PingRun {
-    child: Child,
-    out: tempfile::NamedTempFile,
-    what: String,
-}
-
-/// What a [`PingRun`] saw.
-#[derive(Debug)]
-struct PingResult {
-    transmitted: u32,
-    received: u32,
-    /// Sequence numbers (1-based) without a reply.
-    missing: Vec<u32>,
-    output: String,
-}
-
-impl PingResult {
-    fn lost(&self) -> u32 {
-        self.transmitted.saturating_sub(self.received)
-    }
-}
-
-impl PingRun {
-    /// Starts `count` echo requests from `from` to `ip`, 10 ms apart.
-    fn start(from: &NsRef, ip: Ipv4Addr, count: u32) -> Self {
-        let out = tempfile::NamedTempFile::new().expect("ping output file");
-        let stdout = out.reopen().expect("reopen ping output");
-        let stderr = stdout.try_clone().expect("clone ping output fd");
-        let child = from
-            .command("ping")
-            .args(["-n", "-D", "-W", "2", "-i", PING_INTERVAL, "-c"])
-            .arg(count.to_string())
-            .arg(ip.to_string())
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run ping (install iputils-ping): {e}"));
-        PingRun {
-            child,
-            out,
-            what: format!("ping {ip} from {}", from.name()),
-        }
-    }
-
-    fn is_running(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait ping").is_none()
-    }
-
-    /// Waits for ping to finish (at most `timeout`) and parses its output.
-    fn finish(mut self, timeout: Duration) -> PingResult {
-        let done = poll_until(timeout, || !self.is_running());
-        let output = std::fs::read_to_string(self.out.path()).unwrap_or_default();
-        assert!(
-            done,
-            "{} still running after {timeout:?}:\n{output}",
-            self.what
-        );
-        let summary = output
-            .lines()
-            .find(|l| l.contains("packets transmitted"))
-            .unwrap_or_else(|| panic!("{}: no summary in its output:\n{output}", self.what));
-        let mut fields = summary
-            .split(',')
-            .map(|f| f.split_whitespace().next().and_then(|n| n.parse().ok()));
-        let transmitted: u32 = fields.next().flatten().expect("transmitted count");
-        let received: u32 = fields.next().flatten().expect("received count");
-        let answered: std::collections::BTreeSet<u32> = output
-            .lines()
-            .filter(|l| l.contains("bytes from"))
-            .filter_map(|l| {
-                let seq = l.split("icmp_seq=").nth(1)?;
-                seq.split_whitespace().next()?.parse().ok()
-            })
-            .collect();
-        let missing = (1..=transmitted)
-            .filter(|s| !answered.contains(s))
-            .collect();
-        PingResult {
-            transmitted,
-            received,
-            missing,
-            output,
-        }
-    }
-}
-
-impl Drop for PingRun {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Asserts a finished ping run lost nothing; prints what it saw.
 fn assert_no_loss(result: &PingResult, what: &str) {
     eprintln!(
@@ -171,145 +68,6 @@ fn assert_no_loss(result: &PingResult, what: &str) {
         result.transmitted,
         result.missing
     );
-}
-
-// ---------------------------------------------------------------- TCP stream
-
-/// Seed of the byte pattern a [`TcpStream`] carries.
-const STREAM_SEED: u64 = 0x5eed_f417_0000_0001;
-/// Per-read/write and connect timeout of the stream: a stall this long is a
-/// failure (a reset fails at once).
-const STREAM_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// One TCP connection across hosts carrying a paced, verified byte stream
-/// until [`Stream::finish`].
-struct Stream {
-    stop: Arc<AtomicBool>,
-    received: Arc<AtomicU64>,
-    sender: JoinHandle<Result<u64>>,
-    receiver: JoinHandle<Result<u64>>,
-}
-
-impl Stream {
-    /// Connects from `from` to a listener on `dst` in `to` and sends about
-    /// `rate` bytes per second until told to stop.
-    fn start(from: &NsRef, to: &NsRef, dst: SocketAddr, rate: u64) -> Self {
-        let received = Arc::new(AtomicU64::new(0));
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let receiver = {
-            let received = received.clone();
-            to.spawn_thread(move || stream_receive(dst.port(), ready_tx, &received))
-        };
-        ready_rx
-            .recv_timeout(STREAM_TIMEOUT)
-            .expect("stream listener never became ready")
-            .expect("stream listener");
-        let stop = Arc::new(AtomicBool::new(false));
-        let sender = {
-            let stop = stop.clone();
-            from.spawn_thread(move || stream_send(dst, rate, &stop))
-        };
-        Stream {
-            stop,
-            received,
-            sender,
-            receiver,
-        }
-    }
-
-    /// Verified bytes received so far.
-    fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
-    }
-
-    /// Stops sending, waits for the receiver to see EOF; returns the bytes
-    /// sent and received (verified against the pattern), or the error
-    /// either side hit (a reset, a stall, corruption).
-    fn finish(self) -> Result<(u64, u64)> {
-        self.stop.store(true, Ordering::Relaxed);
-        let sent = self
-            .sender
-            .join()
-            .map_err(|_| anyhow::anyhow!("sender panicked"))?;
-        let received = self
-            .receiver
-            .join()
-            .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
-        let received = received.context("receiver")?;
-        let sent = sent.context("sender")?;
-        Ok((sent, received))
-    }
-}
-
-fn stream_send(dst: SocketAddr, rate: u64, stop: &AtomicBool) -> Result<u64> {
-    let mut stream = TcpStream::connect_timeout(&dst, STREAM_TIMEOUT).context("connect")?;
-    stream.set_write_timeout(Some(STREAM_TIMEOUT))?;
-    stream.set_read_timeout(Some(STREAM_TIMEOUT))?;
-    let mut pattern = Pattern::new(STREAM_SEED);
-    let mut buf = vec![0u8; 32 * 1024];
-    let started = Instant::now();
-    let mut sent = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        pattern.fill(&mut buf);
-        stream
-            .write_all(&buf)
-            .with_context(|| format!("write after {sent} bytes"))?;
-        sent += buf.len() as u64;
-        // Paced: ahead of `rate`, sleep the difference.
-        let due = Duration::from_secs_f64(sent as f64 / rate as f64);
-        if let Some(ahead) = due.checked_sub(started.elapsed()) {
-            thread::sleep(ahead);
-        }
-    }
-    stream.shutdown(Shutdown::Write).context("shutdown")?;
-    // The receiver closes once it has read everything.
-    let mut rest = Vec::new();
-    stream
-        .read_to_end(&mut rest)
-        .context("wait for receiver close")?;
-    Ok(sent)
-}
-
-fn stream_receive(port: u16, ready: mpsc::Sender<Result<()>>, received: &AtomicU64) -> Result<u64> {
-    let listener = match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = ready.send(Err(anyhow::anyhow!("bind port {port}: {e}")));
-            bail!("bind port {port}: {e}");
-        }
-    };
-    listener.set_nonblocking(true)?;
-    let _ = ready.send(Ok(()));
-    let deadline = Instant::now() + STREAM_TIMEOUT;
-    let mut stream = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
-                thread::sleep(Duration::from_millis(10))
-            }
-            Err(e) => return Err(e).context("accept"),
-        }
-    };
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(STREAM_TIMEOUT))?;
-    let mut pattern = Pattern::new(STREAM_SEED);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut want = vec![0u8; 64 * 1024];
-    let mut count = 0u64;
-    loop {
-        let n = stream
-            .read(&mut buf)
-            .with_context(|| format!("read after {count} bytes"))?;
-        if n == 0 {
-            return Ok(count);
-        }
-        pattern.fill(&mut want[..n]);
-        if let Some(i) = (0..n).find(|&i| buf[i] != want[i]) {
-            bail!("corrupted data at offset {}", count + i as u64);
-        }
-        count += n as u64;
-        received.store(count, Ordering::Relaxed);
-    }
 }
 
 // ---------------------------------------------------------------- attachments
@@ -334,11 +92,7 @@ fn attachments(cluster: &Cluster, i: usize) -> Vec<(String, Option<u64>)> {
 /// and 1), maps converged and the containers reaching each other.
 fn two_hosts(decap: &str) -> (Cluster, usize, usize) {
     let mut cluster = Cluster::up(2, decap);
-    let c0 = cluster.attach(0);
-    let c1 = cluster.attach(1);
-    for i in 0..2 {
-        cluster.wait_peers_match_etcd(i, CONVERGE);
-    }
+    let (c0, c1) = cluster.attach_pair(CONVERGE);
     cluster.assert_ping_both_ways(c0, c1);
     (cluster, c0, c1)
 }
@@ -370,7 +124,7 @@ fn restart_under_traffic_is_invisible() {
     let dst = SocketAddr::from((to.ip, 5201));
     let stream = Stream::start(&from.ns.handle(), &to.ns.handle(), dst, 8 << 20);
     // 800 requests: 8 s at the nominal rate, well past the restart.
-    let mut ping = PingRun::start(&from.ns.handle(), to.ip, 800);
+    let mut ping = PingRun::start(&from.ns.handle(), to.ip, 800, 2);
     thread::sleep(Duration::from_secs(1));
     let at_kill = stream.received();
     assert!(
@@ -481,7 +235,7 @@ fn upgrade(
     cluster.assert_ping_both_ways(local, remote);
 
     let (from, to) = (cluster.container(remote), cluster.container(local));
-    let ping = PingRun::start(&from.ns.handle(), to.ip, 400);
+    let ping = PingRun::start(&from.ns.handle(), to.ip, 400, 2);
     start(cluster);
     let log = cluster.daemon_log(host);
     assert!(
@@ -741,14 +495,7 @@ fn etcd_outage_keeps_forwarding_and_recovers() {
     const OUTAGE: Duration = Duration::from_secs(8);
     let mut cluster = Cluster::new(2, "tc");
     cluster.run_args(&["--lease-ttl", &TTL.to_string()]);
-    cluster.start(0);
-    cluster.start(1);
-    let c0 = cluster.attach(0);
-    let c1 = cluster.attach(1);
-    for i in 0..2 {
-        cluster.wait_peers_match_etcd(i, CONVERGE);
-    }
-    cluster.assert_ping_both_ways(c0, c1);
+    let (c0, c1) = cluster.start_pair(CONVERGE);
     let subnets = [cluster.subnet(0), cluster.subnet(1)];
     let leases_before = [cluster.state_lease_id(0), cluster.state_lease_id(1)];
     for i in 0..2 {
@@ -757,7 +504,7 @@ fn etcd_outage_keeps_forwarding_and_recovers() {
 
     let (from, to) = (cluster.container(c0), cluster.container(c1));
     // 1000 requests: 10 s at the nominal rate, the outage and a bit more.
-    let ping = PingRun::start(&from.ns.handle(), to.ip, 1000);
+    let ping = PingRun::start(&from.ns.handle(), to.ip, 1000, 2);
     thread::sleep(Duration::from_millis(300));
     let stopped_unix = unix_now();
     let stopped = Instant::now();
@@ -924,7 +671,7 @@ fn lose_member(
     ip: Ipv4Addr,
 ) -> Round {
     let (from, to) = (cluster.container(c0), cluster.container(c1));
-    let ping = PingRun::start(&from.ns.handle(), to.ip, 600);
+    let ping = PingRun::start(&from.ns.handle(), to.ip, 600, 2);
     thread::sleep(Duration::from_millis(200));
     let lost = Instant::now();
     match how {
@@ -1102,29 +849,11 @@ fn etcd_cluster_member_loss() {
     );
 }
 
-/// Cuts host `i` off etcd only (a blackhole route to etcd's address in its
-/// namespace; the underlay to the other hosts stays up), or heals that.
-fn partition_from_etcd(cluster: &Cluster, i: usize, cut: bool) {
-    let etcd = format!("{SWITCH_IP}/32");
-    let op = if cut { "add" } else { "del" };
-    cluster
-        .host(i)
-        .ns()
-        .run_ok(&["ip", "route", op, "blackhole", &etcd]);
-}
-
 /// Two hosts with `--lease-ttl ttl`, a container on each, converged.
 fn partition_cluster(ttl: u64) -> (Cluster, usize, usize) {
     let mut cluster = Cluster::new(2, "tc");
     cluster.run_args(&["--lease-ttl", &ttl.to_string()]);
-    cluster.start(0);
-    cluster.start(1);
-    let c0 = cluster.attach(0);
-    let c1 = cluster.attach(1);
-    for i in 0..2 {
-        cluster.wait_peers_match_etcd(i, CONVERGE);
-    }
-    cluster.assert_ping_both_ways(c0, c1);
+    let (c0, c1) = cluster.start_pair(CONVERGE);
     (cluster, c0, c1)
 }
 
@@ -1134,7 +863,7 @@ fn partition_until_expired(cluster: &Cluster) -> (String, i64) {
     let subnet = cluster.subnet(1);
     let lease = cluster.state_lease_id(1);
     let cut = Instant::now();
-    partition_from_etcd(cluster, 1, true);
+    cluster.partition_from_etcd(1, true);
     // Both at once: which comes first is part of the story.
     let key = lease_key(&subnet);
     let (mut noticed, mut expired) = (None, None);
@@ -1184,7 +913,7 @@ fn partition_past_the_ttl_takes_the_same_subnet_back() {
     let (subnet, lease) = partition_until_expired(&cluster);
 
     let healed = Instant::now();
-    partition_from_etcd(&cluster, 1, false);
+    cluster.partition_from_etcd(1, false);
     let took_back = poll_until(Duration::from_secs(20), || {
         let (reachable, ..) = etcd_health(&cluster, 1);
         reachable
@@ -1224,7 +953,7 @@ fn partition_past_the_ttl_with_the_subnet_taken_disables_the_host() {
     let key = lease_key(&subnet);
     cluster.topo.etcd().put(&key, &lease_value(usurper));
 
-    partition_from_etcd(&cluster, 1, false);
+    cluster.partition_from_etcd(1, false);
     let exited = cluster.daemons[1]
         .as_mut()
         .unwrap()

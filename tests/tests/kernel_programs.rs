@@ -11,15 +11,19 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use netd_tests::bpftool::test_run;
+use netd_tests::counters::deltas;
+use netd_tests::lease::vtep_mac_bytes as vtep_mac;
+use netd_tests::links::{Mac, default_gateway, link_mac, parse_mac};
+use netd_tests::traffic::udp_drain;
 use netd_tests::{
     Capture, Cluster, IcmpError, IcmpSocket, NsRef, SendOpts, VXLAN_PORT, internet_checksum, ping,
     require_root, udp_sender,
 };
-use serde_json::Value;
 
 const CONVERGE: Duration = Duration::from_secs(10);
-
-type Mac = [u8; 6];
+/// How long a receiving socket stays quiet before it counts as drained.
+const QUIET: Duration = Duration::from_millis(500);
 
 const ETH_P_IP: u16 = 0x0800;
 const UDP: u8 = 17;
@@ -72,19 +76,6 @@ fn vxlan(vni: u32, inner: &[u8]) -> Vec<u8> {
     .concat()
 }
 
-fn vtep_mac(ip: Ipv4Addr) -> Mac {
-    let [a, b, c, d] = ip.octets();
-    [0x0e, 0x6e, a, b, c, d]
-}
-
-fn parse_mac(s: &str) -> Mac {
-    let v: Vec<u8> = s
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16).unwrap_or_else(|e| panic!("mac {s}: {e}")))
-        .collect();
-    v.try_into().unwrap_or_else(|_| panic!("mac {s}"))
-}
-
 /// `ip` (an IPv4 header and what follows) after one router hop.
 fn hopped(ip: &[u8]) -> Vec<u8> {
     let mut out = ip.to_vec();
@@ -131,30 +122,6 @@ fn endpoint(cluster: &Cluster, host: usize, ip: Ipv4Addr) -> EndpointInfo {
     }
 }
 
-fn link_mac(ns: &NsRef, iface: &str) -> Mac {
-    let out = ns.run_ok(&["ip", "-j", "link", "show", iface]);
-    let v: Value = serde_json::from_str(&out).expect("ip -j link");
-    parse_mac(v[0]["address"].as_str().expect("address"))
-}
-
-/// The gateway of a container's default route: where its ICMP errors come from.
-fn gateway(ns: &NsRef) -> Ipv4Addr {
-    let out = ns.run_ok(&["ip", "-j", "route", "show", "default"]);
-    let v: Value = serde_json::from_str(&out).expect("ip -j route");
-    v[0]["gateway"]
-        .as_str()
-        .and_then(|g| g.parse().ok())
-        .unwrap_or_else(|| panic!("no default gateway: {out}"))
-}
-
-fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-    after
-        .iter()
-        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
-        .filter(|(_, d)| *d != 0)
-        .collect()
-}
-
 /// Counters that background chatter moves: the hosts' underlay traffic
 /// (etcd, ARP) and the containers' own ARP to their gateway. No check here
 /// expects either, so a wrong verdict still shows as the expected counter
@@ -162,7 +129,7 @@ fn delta(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTree
 const NOISY: [&str; 2] = ["underlay_passed", "container_to_stack"];
 
 fn moved(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-    let mut d = delta(before, after);
+    let mut d = deltas(before, after);
     for noisy in NOISY {
         d.remove(noisy);
     }
@@ -213,59 +180,19 @@ impl<'a> ProgRun<'a> {
         ingress_ifindex: Option<u32>,
     ) -> (u32, Vec<u8>, BTreeMap<String, u64>) {
         let before = self.cluster.counters(self.host);
-        let (data_in, data_out, ctx_in) = (
-            self.dir.path().join("in"),
-            self.dir.path().join("out"),
-            self.dir.path().join("ctx"),
+        let run = test_run(
+            self.cluster.host(self.host).ns(),
+            self.dir.path(),
+            &self.prog(prog),
+            data,
+            ingress_ifindex,
         );
-        std::fs::write(&data_in, data).unwrap();
-        let _ = std::fs::remove_file(&data_out);
-        let (p, i, o, c) = (
-            self.prog(prog).display().to_string(),
-            data_in.display().to_string(),
-            data_out.display().to_string(),
-            ctx_in.display().to_string(),
-        );
-        let mut args = vec![
-            "bpftool",
-            "prog",
-            "run",
-            "pinned",
-            &p,
-            "data_in",
-            &i,
-            "data_out",
-            &o,
-            "data_size_out",
-            "4096",
-        ];
-        // struct __sk_buff up to ingress_ifindex (offset 36); the rest zero.
-        if let Some(ifindex) = ingress_ifindex {
-            let mut ctx = vec![0u8; 40];
-            ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
-            std::fs::write(&ctx_in, ctx).unwrap();
-            args.extend(["ctx_in", &c]);
-        }
-        args.extend(["repeat", "1"]);
-        let out = self.cluster.host(self.host).ns().exec(&args);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "{prog}: bpftool failed:\n{text}");
-        let ret = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Return value: "))
-            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|r| r.parse::<u32>().ok())
-            .unwrap_or_else(|| panic!("{prog}: no return value:\n{text}"));
+        assert!(run.success, "{prog}: bpftool failed:\n{}", run.text);
+        let ret = run
+            .ret
+            .unwrap_or_else(|| panic!("{prog}: no return value:\n{}", run.text));
         let after = self.cluster.counters(self.host);
-        (
-            ret,
-            std::fs::read(&data_out).unwrap_or_default(),
-            moved(&before, &after),
-        )
+        (ret, run.data_out, moved(&before, &after))
     }
 }
 
@@ -302,15 +229,22 @@ fn assert_icmp_error_frame(
     assert_eq!(&err.quote[..], &original[14..42], "{what}: quote");
 }
 
-#[test]
-fn prog_run_decrements_ttl_answers_expiry_and_carries_ecn() {
-    require_root();
+/// Two hosts running netd (TC decap), containers `[c0, c1, c2]` with c0
+/// and c2 on host 0 and c1 on host 1, maps converged.
+fn two_hosts_three_containers() -> (Cluster, [usize; 3]) {
     let mut cluster = Cluster::up(2, "tc");
     let c0 = cluster.attach(0);
     let c2 = cluster.attach(0);
     let c1 = cluster.attach(1);
     cluster.wait_peers_match_etcd(0, CONVERGE);
     cluster.wait_peers_match_etcd(1, CONVERGE);
+    (cluster, [c0, c1, c2])
+}
+
+#[test]
+fn prog_run_decrements_ttl_answers_expiry_and_carries_ecn() {
+    require_root();
+    let (mut cluster, [c0, c1, c2]) = two_hosts_three_containers();
     let (ip0, ip1, ip2) = (
         cluster.container(c0).ip,
         cluster.container(c1).ip,
@@ -319,8 +253,8 @@ fn prog_run_decrements_ttl_answers_expiry_and_carries_ecn() {
     let (host0, host1) = (cluster.host(0).ip(), cluster.host(1).ip());
     let ep0 = endpoint(&cluster, 0, ip0);
     let ep2 = endpoint(&cluster, 0, ip2);
-    let gw0 = gateway(&cluster.container(c0).ns.handle());
-    let eth0_mac = link_mac(cluster.host(0).ns(), "eth0");
+    let gw0 = default_gateway(&cluster.container(c0).ns.handle());
+    let eth0_mac = parse_mac(&link_mac(cluster.host(0).ns(), "eth0"));
     let r = ProgRun::new(&cluster, 0);
     let fc = |frame: &[u8]| r.run("from_container", frame, Some(ep0.host_ifindex));
     let from_c0 = |dst: Ipv4Addr, proto: u8, tos: u8, ttl: u8, payload: &[u8]| {
@@ -475,15 +409,6 @@ fn listener(ns: &NsRef, port: u16) -> UdpSocket {
     sock
 }
 
-fn received(sock: &UdpSocket) -> Vec<Vec<u8>> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 2048];
-    while let Ok(n) = sock.recv(&mut buf) {
-        got.push(buf[..n].to_vec());
-    }
-    got
-}
-
 /// A container's UDP with TTL 9 and each ECN code point crosses to another
 /// host: the underlay shows the outer ECN as the kernel's VXLAN sets it and
 /// the inner TTL one lower, and the receiver gets TTL 8 and its ECN bits
@@ -522,7 +447,7 @@ fn ttl_and_ecn_cross_hosts(decap: &str) {
         tx.send_to(format!("ecn{ecn}").as_bytes(), (ip1, port))
             .unwrap();
     }
-    let mut got: Vec<String> = received(&rx)
+    let mut got: Vec<String> = udp_drain(&rx, QUIET)
         .iter()
         .map(|d| String::from_utf8_lossy(d).into_owned())
         .collect();
@@ -594,7 +519,7 @@ fn ttl_and_ecn_cross_hosts(decap: &str) {
     ce_sock
         .send_to(&inner(0x00, b"not-ect"), (host0, VXLAN_PORT))
         .unwrap();
-    let got = received(&rx0);
+    let got = udp_drain(&rx0, QUIET);
     let d = moved(&before, &cluster.counters(0));
     assert_eq!(
         got,
@@ -639,12 +564,7 @@ fn ttl_and_ecn_cross_hosts_xdp() {
 #[test]
 fn ttl_expiry_is_answered_with_time_exceeded() {
     require_root();
-    let mut cluster = Cluster::up(2, "tc");
-    let c0 = cluster.attach(0);
-    let c2 = cluster.attach(0);
-    let c1 = cluster.attach(1);
-    cluster.wait_peers_match_etcd(0, CONVERGE);
-    cluster.wait_peers_match_etcd(1, CONVERGE);
+    let (mut cluster, [c0, c1, c2]) = two_hosts_three_containers();
     let (ip0, ip1, ip2) = (
         cluster.container(c0).ip,
         cluster.container(c1).ip,
@@ -652,7 +572,7 @@ fn ttl_expiry_is_answered_with_time_exceeded() {
     );
     let n0 = cluster.container(c0).ns.handle();
     assert!(ping(&n0, ip1, 2), "overlay is not up");
-    let gw = gateway(&n0);
+    let gw = default_gateway(&n0);
     let port = 5601;
     let (rx1, rx2) = (
         listener(&cluster.container(c1).ns.handle(), port),
@@ -725,7 +645,7 @@ fn ttl_expiry_is_answered_with_time_exceeded() {
         assert_eq!(get(&d1, c), 0, "host 1 {c}\n{why}");
     }
     assert!(
-        received(&rx1).is_empty() && received(&rx2).is_empty(),
+        udp_drain(&rx1, QUIET).is_empty() && udp_drain(&rx2, QUIET).is_empty(),
         "{why}"
     );
     for i in 0..2 {

@@ -8,12 +8,11 @@
 //! collect_md VXLAN device, whose program delivers the inner frame into the
 //! container (`reassembled_delivered`). Containers keep their full MTU.
 
-use std::collections::BTreeMap;
+use netd_tests::counters::{Counters, assert_grew, delta};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Stdio;
 use std::time::Duration;
 
-use netd_tests::cluster::NETWORK;
 use netd_tests::topology::{BRIDGE, SEGMENT_B_BRIDGE, segment_b_ip};
 use netd_tests::{
     Cluster, NsRef, Topology, VXLAN_PORT, host_ip, ping_stats_sized, poll_until, require_root,
@@ -47,8 +46,6 @@ const DROPS: [&str; 6] = [
     "drop_redirect_failed",
 ];
 
-type Counters = BTreeMap<String, u64>;
-
 /// The topology, daemons running with `decap`, one container per host
 /// (container i on host i).
 fn routed_cluster(decap: &str) -> Cluster {
@@ -56,18 +53,7 @@ fn routed_cluster(decap: &str) -> Cluster {
     topo.add_routed_segment(&[2]);
     topo.set_router_mtu(SEGMENT_B_BRIDGE, PATH_MTU);
     let mut cluster = Cluster::on_topology(topo, decap);
-    let endpoint = cluster.topo.etcd_endpoint();
-    cluster.netd_ok(
-        0,
-        &[
-            "network",
-            "init",
-            "--etcd-endpoints",
-            &endpoint,
-            "--network",
-            NETWORK,
-        ],
-    );
+    cluster.init_network();
     for h in 0..3 {
         cluster.start(h);
     }
@@ -78,20 +64,6 @@ fn routed_cluster(decap: &str) -> Cluster {
         cluster.wait_peers_match_etcd(h, CONVERGE);
     }
     cluster
-}
-
-fn delta(before: &Counters, after: &Counters, name: &str) -> u64 {
-    let (b, a) = (before[name], after[name]);
-    assert!(a >= b, "counter {name} went backwards: {b} -> {a}");
-    a - b
-}
-
-fn assert_grew(host: usize, before: &Counters, after: &Counters, name: &str, min: u64, why: &str) {
-    let d = delta(before, after, name);
-    assert!(
-        d >= min,
-        "host {host}: {name} grew by {d}, expected >= {min} ({why}); before {before:?}, after {after:?}"
-    );
 }
 
 /// A TCP transfer of [`TCP_BYTES`] towards host `h` crossed the path as
@@ -499,18 +471,7 @@ fn vxlan_port_taken_by_another_device() {
     ]);
     ns.run_ok(&["ip", "link", "set", "flannel.1", "up"]);
     let mut cluster = Cluster::on_topology(topo, "tc");
-    let endpoint = cluster.topo.etcd_endpoint();
-    cluster.netd_ok(
-        0,
-        &[
-            "network",
-            "init",
-            "--etcd-endpoints",
-            &endpoint,
-            "--network",
-            NETWORK,
-        ],
-    );
+    cluster.init_network();
     for h in 0..2 {
         cluster.start(h);
         cluster.attach(h);

@@ -9,29 +9,18 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use netd_tests::bpftool::{TestRun, test_run};
 use netd_tests::counters::deltas;
 use netd_tests::lease::vtep_mac_bytes as vtep_mac;
-use netd_tests::links::link_mac;
-use netd_tests::{Cluster, NsRef, VXLAN_PORT, ping, require_root};
+use netd_tests::links::{Mac, link_mac, parse_mac};
+use netd_tests::traffic::udp_drain;
+use netd_tests::{Cluster, NsRef, VXLAN_PORT, internet_checksum, ping, require_root};
 
 /// Counter the host's own underlay chatter (etcd, ARP) keeps moving.
 const NOISY: &str = "underlay_passed";
 
 // ---------------------------------------------------------------------------
 // Frames
-
-type Mac = [u8; 6];
-
-fn internet_checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
 
 fn eth(dst: Mac, src: Mac, ethertype: u16, payload: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(14 + payload.len());
@@ -91,14 +80,6 @@ fn vxlan(flags: u8, vni: u32, inner: &[u8]) -> Vec<u8> {
     v
 }
 
-fn parse_mac(s: &str) -> Mac {
-    let v: Vec<u8> = s
-        .split(':')
-        .map(|p| u8::from_str_radix(p, 16).unwrap_or_else(|e| panic!("mac {s}: {e}")))
-        .collect();
-    v.try_into().unwrap_or_else(|_| panic!("mac {s}"))
-}
-
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_ARP: u16 = 0x0806;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -151,17 +132,6 @@ fn udp_socket_in(ns: &NsRef, bind: SocketAddr) -> UdpSocket {
     ns.run_in_thread(move || UdpSocket::bind(bind).unwrap_or_else(|e| panic!("bind {bind}: {e}")))
 }
 
-/// Datagrams waiting on `sock`, reading until it stays quiet for `quiet`.
-fn drain(sock: &UdpSocket, quiet: Duration) -> Vec<Vec<u8>> {
-    sock.set_read_timeout(Some(quiet)).unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 2048];
-    while let Ok(n) = sock.recv(&mut buf) {
-        got.push(buf[..n].to_vec());
-    }
-    got
-}
-
 // ---------------------------------------------------------------------------
 // 6. VXLAN on the wire from a stranger, and with a bad VNI from a peer.
 
@@ -211,7 +181,7 @@ fn vxlan_from_strangers_and_bad_vni_are_dropped(decap: &str) {
     for _ in 0..sent {
         rogue.send_to(&frame(0x08, 1, b"rogue"), target).unwrap();
     }
-    let rogue_got = drain(&listener, Duration::from_millis(500));
+    let rogue_got = udp_drain(&listener, Duration::from_millis(500));
     let after = cluster.counters(0);
     let d = deltas(&before, &after);
     assert_eq!(
@@ -230,7 +200,7 @@ fn vxlan_from_strangers_and_bad_vni_are_dropped(decap: &str) {
         peer.send_to(&frame(0x08, 2, b"vni2"), target).unwrap();
         peer.send_to(&frame(0x00, 1, b"noflag"), target).unwrap();
     }
-    let bad_got = drain(&listener, Duration::from_millis(500));
+    let bad_got = udp_drain(&listener, Duration::from_millis(500));
     let after = cluster.counters(0);
     let d = deltas(&before, &after);
     assert_eq!(
@@ -245,7 +215,7 @@ fn vxlan_from_strangers_and_bad_vni_are_dropped(decap: &str) {
     // the listener would have seen the others had they got through.
     let before = cluster.counters(0);
     peer.send_to(&frame(0x08, 1, b"good"), target).unwrap();
-    let good = drain(&listener, Duration::from_millis(1000));
+    let good = udp_drain(&listener, Duration::from_millis(1000));
     let d = deltas(&before, &cluster.counters(0));
     assert_eq!(good, vec![b"good".to_vec()], "[{decap}] counters {d:?}");
     assert_eq!(d.get("decapsulated").copied(), Some(1), "[{decap}] {d:?}");
@@ -349,72 +319,37 @@ impl<'a> Runner<'a> {
     }
 
     /// Runs `prog` once on `data` in the host's namespace.
-    fn run_raw(&self, prog: &Path, data: &[u8]) -> (std::process::Output, Vec<u8>) {
+    fn run_raw(&self, prog: &Path, data: &[u8]) -> TestRun {
         let n = self.runs.get() + 1;
         self.runs.set(n);
         assert!(n < MAX_RUNS, "too many bpftool runs");
-        let data_in = self.dir.path().join("in");
-        let data_out = self.dir.path().join("out");
-        std::fs::write(&data_in, data).unwrap();
-        let _ = std::fs::remove_file(&data_out);
-        let (p, i, o) = (
-            prog.display().to_string(),
-            data_in.display().to_string(),
-            data_out.display().to_string(),
-        );
-        let mut args = vec![
-            "bpftool",
-            "prog",
-            "run",
-            "pinned",
-            &p,
-            "data_in",
-            &i,
-            "data_out",
-            &o,
-            "data_size_out",
-            "4096",
-        ];
-        // struct __sk_buff up to ingress_ifindex (offset 36); the rest zero.
-        let ctx_in = self.dir.path().join("ctx").display().to_string();
-        if let Some(ifindex) = self.ingress_ifindex {
-            let mut ctx = vec![0u8; 40];
-            ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
-            std::fs::write(&ctx_in, ctx).unwrap();
-            args.extend(["ctx_in", &ctx_in]);
-        }
-        args.extend(["repeat", "1"]);
-        let out = self.cluster.host(self.host).ns().exec(&args);
-        (out, std::fs::read(&data_out).unwrap_or_default())
+        test_run(
+            self.cluster.host(self.host).ns(),
+            self.dir.path(),
+            prog,
+            data,
+            self.ingress_ifindex,
+        )
     }
 
     /// Runs `prog` on `data`, asserting the verdict and the counters.
     fn check(&mut self, label: &str, prog: &str, data: &[u8], want: Want) -> Ran {
-        let (out, data_out) = self.run_raw(&self.prog(prog), data);
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let ret = text
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Return value: "))
-            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|r| r.parse::<u32>().ok());
+        let run = self.run_raw(&self.prog(prog), data);
+        let (text, ret) = (&run.text, run.ret);
         let after = self.cluster.counters(self.host);
         let mut moved = deltas(&self.counters, &after);
         self.counters = after;
         let ctx = format!("{prog} on {label} ({} bytes)", data.len());
         match want {
             Want::Error => {
-                assert!(!out.status.success(), "{ctx}: bpftool accepted it:\n{text}");
+                assert!(!run.success, "{ctx}: bpftool accepted it:\n{text}");
                 assert!(
                     text.contains("Invalid argument") && !text.contains("Return value"),
                     "{ctx}: unexpected failure:\n{text}"
                 );
             }
             Want::Verdict(code, counter) => {
-                assert!(out.status.success(), "{ctx}: bpftool failed:\n{text}");
+                assert!(run.success, "{ctx}: bpftool failed:\n{text}");
                 assert_eq!(ret, Some(code), "{ctx}: verdict; bpftool said:\n{text}");
                 if let Some(c) = counter {
                     let d = moved.remove(c).unwrap_or(0);
@@ -431,7 +366,7 @@ impl<'a> Runner<'a> {
             moved.is_empty(),
             "{ctx}: unexpected counters moved: {moved:?}"
         );
-        Ran { out: data_out }
+        Ran { out: run.data_out }
     }
 }
 
@@ -970,25 +905,16 @@ fn prog_run_on_randomised_frames() {
         r.ingress_ifindex = (prog == "from_container").then_some(c0_ifindex);
         for i in 0..50 {
             let data = mutate(&mut rng, frame);
-            let (out, _) = r.run_raw(&path, &data);
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let run = r.run_raw(&path, &data);
+            let (text, ret) = (&run.text, run.ret);
             let label = format!("{prog} on mutation {i} ({} bytes: {data:02x?})", data.len());
-            if !out.status.success() {
+            if !run.success {
                 assert!(
                     text.contains("Invalid argument"),
                     "{label}: bpftool failed:\n{text}"
                 );
                 continue;
             }
-            let ret = text
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("Return value: "))
-                .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
-                .and_then(|v| v.parse::<u32>().ok());
             assert!(
                 ret.is_some_and(|v| verdicts.contains(&v)),
                 "{label}: verdict {ret:?} is not one of {verdicts:?}:\n{text}"

@@ -5,19 +5,16 @@
 //! it reports ready. Every repair is counted in the published state and
 //! logged, and what comes back runs the pinned programs.
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
-use std::thread::{self, JoinHandle};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, bail};
+use netd_tests::bpftool::pinned_prog_id as pinned_prog_id_at;
+use netd_tests::links::{has_clsact, json_in, tc_prog_id, xdp_prog_id};
+use netd_tests::ping_run::PingRun;
+use netd_tests::stream::Stream;
 use netd_tests::topology::{BRIDGE, HOST_IFACE, UNDERLAY_PREFIX_LEN, switch_port};
-use netd_tests::traffic::Pattern;
 use netd_tests::{Cluster, NsRef, ping_stats, poll_until, require_root, strip_ansi, wait_for};
-use serde_json::Value;
 
 /// Maps may take this long to converge on the shared machine.
 const CONVERGE: Duration = Duration::from_secs(30);
@@ -28,51 +25,10 @@ const REPAIRED: &str = "attachment was missing in the kernel; restored";
 const FROM_CONTAINER: &str = "from_container";
 const TC_FROM_UNDERLAY: &str = "tc_from_underlay";
 const XDP_FROM_UNDERLAY: &str = "xdp_from_underlay";
+/// Bytes per second of the TCP stream kept open across the faults.
+const STREAM_RATE: u64 = 4_000_000;
 
 // ------------------------------------------------------------ kernel state
-
-fn json_in(ns: &NsRef, argv: &[&str]) -> Value {
-    let out = ns.run_ok(argv);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{argv:?}: bad JSON ({e}): {out}"))
-}
-
-/// Program id of the BPF filter on `dev`'s TC ingress, if any (no clsact
-/// qdisc counts as none).
-fn tc_prog_id(ns: &NsRef, dev: &str) -> Option<u64> {
-    let out = ns.exec(&["tc", "-j", "filter", "show", "dev", dev, "ingress"]);
-    if !out.status.success() {
-        return None;
-    }
-    let filters: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    let ids: Vec<u64> = filters
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|f| f["options"]["prog"]["id"].as_u64())
-        .collect();
-    assert!(ids.len() <= 1, "several BPF filters on {dev}: {filters}");
-    ids.first().copied()
-}
-
-fn xdp_prog_id(ns: &NsRef, dev: &str) -> Option<u64> {
-    let links = json_in(ns, &["ip", "-j", "link", "show", "dev", dev]);
-    let xdp = &links[0]["xdp"];
-    xdp["prog"]["id"].as_u64().or_else(|| {
-        xdp["attached"]
-            .as_array()?
-            .iter()
-            .find_map(|a| a["prog"]["id"].as_u64())
-    })
-}
-
-fn has_clsact(ns: &NsRef, dev: &str) -> bool {
-    let qdiscs = json_in(ns, &["tc", "-j", "qdisc", "show", "dev", dev]);
-    qdiscs
-        .as_array()
-        .into_iter()
-        .flatten()
-        .any(|q| q["kind"] == "clsact")
-}
 
 /// Id of the program pinned under host `i`'s pin path.
 fn pinned_prog_id(cluster: &Cluster, i: usize, program: &str) -> u64 {
@@ -81,21 +37,7 @@ fn pinned_prog_id(cluster: &Cluster, i: usize, program: &str) -> u64 {
         .pin_path()
         .join(netd_tests::layout_dir())
         .join(format!("prog_{program}"));
-    let out = Command::new("bpftool")
-        .args(["-j", "prog", "show", "pinned"])
-        .arg(&path)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run bpftool (install bpftool): {e}"));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "bpftool prog show pinned {}: {e}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    v["id"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no id for {}: {v}", path.display()))
+    pinned_prog_id_at(&path)
 }
 
 /// Host-side veth of container `c`, from its host's status.
@@ -136,65 +78,28 @@ fn repair_lines(log: &str, iface: &str, hook: &str) -> usize {
 
 // ---------------------------------------------------------------- traffic
 
-/// `ping -D` every 10 ms in the background; reports the longest silence
-/// between replies.
-struct PingRun {
-    child: Child,
-    out: tempfile::NamedTempFile,
+/// `ping -D` every 10 ms in the background, bounded: 6000 requests, one
+/// minute at most.
+fn ping_run(from: &NsRef, ip: Ipv4Addr) -> PingRun {
+    PingRun::start(from, ip, 6000, 1)
 }
 
-impl PingRun {
-    fn start(from: &NsRef, ip: Ipv4Addr) -> Self {
-        let out = tempfile::NamedTempFile::new().expect("ping output file");
-        let stdout = out.reopen().expect("reopen ping output");
-        let stderr = stdout.try_clone().expect("clone fd");
-        // Bounded: 6000 requests, one minute at most.
-        let child = from
-            .command("ping")
-            .args(["-n", "-D", "-W", "1", "-i", "0.01", "-c", "6000"])
-            .arg(ip.to_string())
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run ping (install iputils-ping): {e}"));
-        PingRun { child, out }
-    }
-
-    /// Unix times of the replies so far.
-    fn replies(&self) -> Vec<f64> {
-        std::fs::read_to_string(self.out.path())
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains("bytes from"))
-            .filter_map(|l| l.strip_prefix('[')?.split(']').next()?.parse().ok())
-            .collect()
-    }
-
-    /// Waits for a reply sent well after `since` (unix seconds): forwarding
-    /// works again. Returns the longest gap between replies from `since`
-    /// on, i.e. how long forwarding was interrupted.
-    fn wait_resumed(&self, since: f64, what: &str) -> Duration {
-        wait_for(
-            &format!("pings to flow again after {what}"),
-            REPAIR_BOUND,
-            || self.replies().last().is_some_and(|t| *t > since + 0.5),
-        );
-        let replies = self.replies();
-        let from = replies.iter().rposition(|t| *t <= since).unwrap_or(0);
-        let gap = replies[from..]
-            .windows(2)
-            .map(|w| w[1] - w[0])
-            .fold(0.0, f64::max);
-        Duration::from_secs_f64(gap)
-    }
-}
-
-impl Drop for PingRun {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Waits for a reply sent well after `since` (unix seconds): forwarding
+/// works again. Returns the longest gap between replies from `since` on,
+/// i.e. how long forwarding was interrupted.
+fn wait_resumed(ping: &PingRun, since: f64, what: &str) -> Duration {
+    wait_for(
+        &format!("pings to flow again after {what}"),
+        REPAIR_BOUND,
+        || ping.replies().last().is_some_and(|t| *t > since + 0.5),
+    );
+    let replies = ping.replies();
+    let from = replies.iter().rposition(|t| *t <= since).unwrap_or(0);
+    let gap = replies[from..]
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .fold(0.0, f64::max);
+    Duration::from_secs_f64(gap)
 }
 
 fn unix_now() -> f64 {
@@ -204,148 +109,14 @@ fn unix_now() -> f64 {
         .as_secs_f64()
 }
 
-const STREAM_SEED: u64 = 0x5e1f_4ea1_0000_0001;
-/// A stall this long fails the stream.
-const STREAM_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A paced TCP connection (about 4 MB/s) carrying a verified pattern.
-struct Stream {
-    stop: Arc<AtomicBool>,
-    received: Arc<AtomicU64>,
-    sender: JoinHandle<Result<u64>>,
-    receiver: JoinHandle<Result<u64>>,
-}
-
-impl Stream {
-    fn start(from: &NsRef, to: &NsRef, dst: SocketAddr) -> Self {
-        let received = Arc::new(AtomicU64::new(0));
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let receiver = {
-            let received = received.clone();
-            to.spawn_thread(move || stream_receive(dst.port(), ready_tx, &received))
-        };
-        ready_rx
-            .recv_timeout(STREAM_TIMEOUT)
-            .expect("listener never became ready")
-            .expect("listener");
-        let stop = Arc::new(AtomicBool::new(false));
-        let sender = {
-            let stop = stop.clone();
-            from.spawn_thread(move || stream_send(dst, &stop))
-        };
-        Stream {
-            stop,
-            received,
-            sender,
-            receiver,
-        }
-    }
-
-    fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
-    }
-
-    /// Stops sending; returns bytes sent and bytes received and verified.
-    fn finish(self) -> Result<(u64, u64)> {
-        self.stop.store(true, Ordering::Relaxed);
-        let sent = self
-            .sender
-            .join()
-            .map_err(|_| anyhow::anyhow!("sender panicked"))?;
-        let received = self
-            .receiver
-            .join()
-            .map_err(|_| anyhow::anyhow!("receiver panicked"))?;
-        Ok((sent.context("sender")?, received.context("receiver")?))
-    }
-}
-
-fn stream_send(dst: SocketAddr, stop: &AtomicBool) -> Result<u64> {
-    const RATE: f64 = 4e6;
-    let mut stream = TcpStream::connect_timeout(&dst, STREAM_TIMEOUT).context("connect")?;
-    stream.set_write_timeout(Some(STREAM_TIMEOUT))?;
-    stream.set_read_timeout(Some(STREAM_TIMEOUT))?;
-    let mut pattern = Pattern::new(STREAM_SEED);
-    let mut buf = vec![0u8; 16 * 1024];
-    let started = Instant::now();
-    let mut sent = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        pattern.fill(&mut buf);
-        stream
-            .write_all(&buf)
-            .with_context(|| format!("write after {sent} bytes"))?;
-        sent += buf.len() as u64;
-        let due = Duration::from_secs_f64(sent as f64 / RATE);
-        if let Some(ahead) = due.checked_sub(started.elapsed()) {
-            thread::sleep(ahead);
-        }
-    }
-    stream.shutdown(Shutdown::Write).context("shutdown")?;
-    let mut rest = Vec::new();
-    stream
-        .read_to_end(&mut rest)
-        .context("wait for receiver close")?;
-    Ok(sent)
-}
-
-fn stream_receive(port: u16, ready: mpsc::Sender<Result<()>>, received: &AtomicU64) -> Result<u64> {
-    let listener = match TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = ready.send(Err(anyhow::anyhow!("bind port {port}: {e}")));
-            bail!("bind port {port}: {e}");
-        }
-    };
-    listener.set_nonblocking(true)?;
-    let _ = ready.send(Ok(()));
-    let deadline = Instant::now() + STREAM_TIMEOUT;
-    let mut stream = loop {
-        match listener.accept() {
-            Ok((s, _)) => break s,
-            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
-                thread::sleep(Duration::from_millis(10))
-            }
-            Err(e) => return Err(e).context("accept"),
-        }
-    };
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(STREAM_TIMEOUT))?;
-    let mut pattern = Pattern::new(STREAM_SEED);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut want = vec![0u8; 64 * 1024];
-    let mut count = 0u64;
-    loop {
-        let n = stream
-            .read(&mut buf)
-            .with_context(|| format!("read after {count} bytes"))?;
-        if n == 0 {
-            return Ok(count);
-        }
-        pattern.fill(&mut want[..n]);
-        if let Some(i) = (0..n).find(|&i| buf[i] != want[i]) {
-            bail!("corrupted data at offset {}", count + i as u64);
-        }
-        count += n as u64;
-        received.store(count, Ordering::Relaxed);
-    }
-}
-
 // ---------------------------------------------------------------- set-up
 
 /// Two hosts, a container on each, maps converged, pings answered.
 fn two_hosts(decap: &str) -> (Cluster, usize, usize) {
     let mut cluster = Cluster::up(2, decap);
-    let c0 = cluster.attach(0);
-    let c1 = cluster.attach(1);
-    for i in 0..2 {
-        cluster.wait_peers_match_etcd(i, CONVERGE);
-    }
-    for (from, to) in [(c0, c1), (c1, c0)] {
-        let (a, b) = (cluster.container(from), cluster.container(to));
-        wait_for(&format!("ping {} -> {}", a.ip, b.ip), CONVERGE, || {
-            ping_stats(&a.ns.handle(), b.ip, 2).all_received()
-        });
-    }
+    let (c0, c1) = cluster.attach_pair(CONVERGE);
+    cluster.assert_ping(c0, c1, 2, CONVERGE);
+    cluster.assert_ping(c1, c0, 2, CONVERGE);
     (cluster, c0, c1)
 }
 
@@ -389,7 +160,7 @@ fn break_and_wait(
         attached(&ns),
         daemon_log(cluster, i)
     );
-    let silence = ping.wait_resumed(since, &what);
+    let silence = wait_resumed(ping, since, &what);
     if hook != "xdp" {
         assert!(
             has_clsact(&ns, dev),
@@ -425,11 +196,12 @@ fn running_daemon_restores_deleted_tc_filters_and_clsact() {
     let (mut cluster, c0, c1) = two_hosts("tc");
     let veth0 = host_veth(&cluster, c0);
     let (from, to) = (cluster.container(c0), cluster.container(c1));
-    let ping = PingRun::start(&from.ns.handle(), to.ip);
+    let ping = ping_run(&from.ns.handle(), to.ip);
     let stream = Stream::start(
         &from.ns.handle(),
         &to.ns.handle(),
         SocketAddr::from((to.ip, 5301)),
+        STREAM_RATE,
     );
     thread::sleep(Duration::from_millis(500));
     assert!(
@@ -479,7 +251,7 @@ fn running_daemon_restores_xdp_turned_off() {
     require_root();
     let (cluster, c0, c1) = two_hosts("xdp");
     let (from, to) = (cluster.container(c0), cluster.container(c1));
-    let ping = PingRun::start(&from.ns.handle(), to.ip);
+    let ping = ping_run(&from.ns.handle(), to.ip);
     break_and_wait(
         &cluster,
         &ping,
@@ -614,7 +386,7 @@ fn recreated_underlay_nic_is_followed() {
     let mac = before[0]["address"].as_str().expect("MAC").to_string();
     let repairs_before = repairs(&cluster, 1);
     let (from, to) = (cluster.container(c0), cluster.container(c1));
-    let ping = PingRun::start(&from.ns.handle(), to.ip);
+    let ping = ping_run(&from.ns.handle(), to.ip);
     thread::sleep(Duration::from_millis(300));
 
     // As a driver reload does: a new link under the old name, same MAC and
@@ -647,7 +419,7 @@ fn recreated_underlay_nic_is_followed() {
 
     // Replies to c0 leave host 1 through from_container's redirect to the
     // underlay index: they only flow once the daemon follows the new link.
-    let silence = ping.wait_resumed(since, "re-creating host 1's eth0");
+    let silence = wait_resumed(&ping, since, "re-creating host 1's eth0");
     assert_eq!(
         tc_prog_id(&ns, HOST_IFACE),
         Some(pinned_prog_id(&cluster, 1, TC_FROM_UNDERLAY)),

@@ -16,14 +16,15 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use netd_tests::bpftool::map_dump;
-use netd_tests::counters::delta;
+use netd_tests::counters::{delta, deltas};
 use netd_tests::lease::{lease_key, lease_value, vtep_mac};
+use netd_tests::links::default_gateway;
 use netd_tests::strip_ansi;
-use netd_tests::traffic::Pattern;
+use netd_tests::traffic::{Pattern, ping_args};
 use netd_tests::util::output_text;
 use netd_tests::{
-    Cluster, Etcd, IcmpSocket, NsRef, PingStats, SendOpts, internet_checksum, ping_stats,
-    require_root, tcp_transfer, udp_sender, wait_for,
+    Cluster, Etcd, IcmpSocket, NsRef, SendOpts, internet_checksum, require_root, tcp_transfer,
+    udp_sender, wait_for,
 };
 use serde_json::Value;
 
@@ -33,69 +34,6 @@ const CONVERGE: Duration = Duration::from_secs(20);
 // ---------------------------------------------------------------------------
 // Shared helpers
 // ---------------------------------------------------------------------------
-
-/// The gateway of a container's default route.
-fn default_gateway(ns: &NsRef) -> Ipv4Addr {
-    let out = ns.run_ok(&["ip", "-j", "route", "show", "default"]);
-    let v: Value = serde_json::from_str(&out).expect("ip -j route");
-    v[0]["gateway"]
-        .as_str()
-        .and_then(|g| g.parse().ok())
-        .unwrap_or_else(|| panic!("no default gateway: {out}"))
-}
-
-/// Every counter that changed, for messages.
-fn changed(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-    after
-        .iter()
-        .filter(|(k, v)| before.get(*k) != Some(v))
-        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
-        .collect()
-}
-
-/// Runs `ping ARGS… IP` in `ns` and returns its summary and output.
-fn ping_args(ns: &NsRef, args: &[&str], ip: Ipv4Addr) -> PingStats {
-    let ip = ip.to_string();
-    let mut argv = vec!["ping", "-n"];
-    argv.extend_from_slice(args);
-    argv.push(&ip);
-    let out = ns.exec(&argv);
-    let output = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (transmitted, received) = ping_summary(&output).unwrap_or((0, 0));
-    PingStats {
-        transmitted,
-        received,
-        output,
-    }
-}
-
-/// "N packets transmitted, M received" from ping's output.
-fn ping_summary(output: &str) -> Option<(u32, u32)> {
-    let line = output.lines().find(|l| l.contains("packets transmitted"))?;
-    let mut fields = line.split(',').map(|f| f.split_whitespace().next());
-    let transmitted = fields.next()??.parse().ok()?;
-    let received = fields.next()??.parse().ok()?;
-    Some((transmitted, received))
-}
-
-/// Pings `to` from `from` and panics with ping's output unless all arrive.
-fn assert_ping(cluster: &Cluster, from: usize, to: usize, count: u32) {
-    let (cf, ct) = (cluster.container(from), cluster.container(to));
-    let stats = ping_stats(&cf.ns.handle(), ct.ip, count);
-    assert!(
-        stats.all_received(),
-        "ping {} (host {}) -> {} (host {}) failed:\n{}",
-        cf.ip,
-        cf.host,
-        ct.ip,
-        ct.host,
-        stats.output
-    );
-}
 
 /// `ip -j link show dev IFACE` in `ns`, parsed (with `-s`, statistics too).
 fn link_json(ns: &NsRef, iface: &str, stats: bool) -> Value {
@@ -502,8 +440,8 @@ fn churn_soak_keeps_maps_exact_traffic_lossless_and_daemon_bounded() {
     let b = cluster.attach(1);
     let (sizes, _) = assert_maps_equal_etcd(&cluster, "before churn");
     assert_eq!(sizes, [1, 1]);
-    assert_ping(&cluster, a, b, 3);
-    assert_ping(&cluster, b, a, 3);
+    cluster.assert_ping(a, b, 3, Duration::ZERO);
+    cluster.assert_ping(b, a, 3, Duration::ZERO);
 
     let own = [cluster.subnet(0), cluster.subnet(1)];
     let subnets = sim_subnets(&own);
@@ -711,7 +649,7 @@ fn overlay_mtu_is_learnt_tcp_never_stalls_and_oversized_df_gets_frag_needed() {
     let b = cluster.attach(1);
     cluster.wait_peers_match_etcd(0, CONVERGE);
     cluster.wait_peers_match_etcd(1, CONVERGE);
-    assert_ping(&cluster, a, b, 2);
+    cluster.assert_ping(a, b, 2, Duration::ZERO);
     let (ca, cb) = (cluster.container(a), cluster.container(b));
     let (na, nb) = (ca.ns.handle(), cb.ns.handle());
     for (c, ns) in [(ca, &na), (cb, &nb)] {
@@ -790,8 +728,8 @@ fn overlay_mtu_is_learnt_tcp_never_stalls_and_oversized_df_gets_frag_needed() {
          host 0 counters changed: {:?}\nhost 1 counters changed: {:?}",
         ca.ip,
         cb.ip,
-        changed(&h0, &g0),
-        changed(&h1, &g1),
+        deltas(&h0, &g0),
+        deltas(&h1, &g1),
     );
     assert_eq!(
         errors.len(),
@@ -865,7 +803,7 @@ fn overlay_mtu_is_learnt_tcp_never_stalls_and_oversized_df_gets_frag_needed() {
     );
     // Back to the overlay MTU: normal traffic still flows.
     na.run_ok(&["ip", "link", "set", "eth0", "mtu", "1450"]);
-    assert_ping(&cluster, a, b, 2);
+    cluster.assert_ping(a, b, 2, Duration::ZERO);
 }
 
 /// A container that raised its MTU to 1500 sends 1500-byte packets without
@@ -881,7 +819,7 @@ fn oversized_non_df_from_a_raised_mtu_is_delivered_or_counted() {
     let b = cluster.attach(1);
     cluster.wait_peers_match_etcd(0, CONVERGE);
     cluster.wait_peers_match_etcd(1, CONVERGE);
-    assert_ping(&cluster, a, b, 2);
+    cluster.assert_ping(a, b, 2, Duration::ZERO);
     let (ca, cb) = (cluster.container(a), cluster.container(b));
     let na = ca.ns.handle();
     na.run_ok(&["ip", "link", "set", "eth0", "mtu", "1500"]);
@@ -904,8 +842,8 @@ fn oversized_non_df_from_a_raised_mtu_is_delivered_or_counted() {
         ca.ip,
         cb.ip,
         big.output,
-        changed(&h0, &g0),
-        changed(&h1, &g1)
+        deltas(&h0, &g0),
+        deltas(&h1, &g1)
     );
     eprintln!("non-DF: {evidence}");
     assert_eq!(big.transmitted, 3, "{evidence}");
@@ -922,7 +860,7 @@ fn oversized_non_df_from_a_raised_mtu_is_delivered_or_counted() {
         );
     }
     na.run_ok(&["ip", "link", "set", "eth0", "mtu", "1450"]);
-    assert_ping(&cluster, a, b, 2);
+    cluster.assert_ping(a, b, 2, Duration::ZERO);
 }
 
 // ---------------------------------------------------------------------------
@@ -941,8 +879,8 @@ fn assert_spoof_dropped(cluster: &Cluster, from: &NsRef, args: &[&str], dst: Ipv
     let why = format!(
         "{what}: ping {args:?} {dst}:\n{}\nhost 0 changed {:?}, host 1 changed {:?}",
         spoofed.output,
-        changed(&h0, &g0),
-        changed(&h1, &g1)
+        deltas(&h0, &g0),
+        deltas(&h1, &g1)
     );
     assert_eq!(spoofed.transmitted, 5, "{why}");
     assert_eq!(spoofed.received, 0, "spoofed packets got replies\n{why}");
@@ -966,8 +904,8 @@ fn live_spoofed_address_and_mac_are_dropped_and_counted() {
     let c = cluster.attach(0);
     cluster.wait_peers_match_etcd(0, CONVERGE);
     cluster.wait_peers_match_etcd(1, CONVERGE);
-    assert_ping(&cluster, a, b, 3);
-    assert_ping(&cluster, a, c, 3);
+    cluster.assert_ping(a, b, 3, Duration::ZERO);
+    cluster.assert_ping(a, c, 3, Duration::ZERO);
     let (ca, cb, cc) = (
         cluster.container(a),
         cluster.container(b),
@@ -984,7 +922,7 @@ fn live_spoofed_address_and_mac_are_dropped_and_counted() {
     assert_spoof_dropped(&cluster, &na, &["-I", &alias_arg], cb.ip, "alias, remote");
     assert_spoof_dropped(&cluster, &na, &["-I", &alias_arg], cc.ip, "alias, local");
     // Its own address still works while the alias is there.
-    assert_ping(&cluster, a, b, 3);
+    cluster.assert_ping(a, b, 3, Duration::ZERO);
     na.run_ok(&["ip", "addr", "del", &format!("{alias}/32"), "dev", "eth0"]);
 
     // A foreign MAC on the container's eth0: dropped and counted.
@@ -999,16 +937,11 @@ fn live_spoofed_address_and_mac_are_dropped_and_counted() {
     // Its own MAC back: traffic flows again, nothing more is dropped.
     na.run_ok(&["ip", "link", "set", "eth0", "address", &mac]);
     let h0 = cluster.counters(0);
-    assert_ping(&cluster, a, b, 5);
-    assert_ping(&cluster, b, a, 5);
-    assert_ping(&cluster, a, c, 5);
+    cluster.assert_ping(a, b, 5, Duration::ZERO);
+    cluster.assert_ping(b, a, 5, Duration::ZERO);
+    cluster.assert_ping(a, c, 5, Duration::ZERO);
     let g0 = cluster.counters(0);
-    assert_eq!(
-        delta(&h0, &g0, "drop_spoofed"),
-        0,
-        "{:?}",
-        changed(&h0, &g0)
-    );
+    assert_eq!(delta(&h0, &g0, "drop_spoofed"), 0, "{:?}", deltas(&h0, &g0));
 }
 
 // ---------------------------------------------------------------------------

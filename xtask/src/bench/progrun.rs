@@ -25,7 +25,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use netd_tests::{Cluster, NsRef, VXLAN_PORT};
+use netd_tests::lease::vtep_mac_bytes as vtep_mac;
+use netd_tests::{Cluster, NsRef, VXLAN_PORT, internet_checksum};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -427,22 +428,6 @@ const ETH_P_IP: u16 = 0x0800;
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 
-fn vtep_mac(ip: Ipv4Addr) -> Mac {
-    let [a, b, c, d] = ip.octets();
-    [0x0e, 0x6e, a, b, c, d]
-}
-
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 fn eth(dst: Mac, src: Mac, payload: &[u8]) -> Vec<u8> {
     [&dst[..], &src[..], &ETH_P_IP.to_be_bytes(), payload].concat()
 }
@@ -457,7 +442,7 @@ fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, df: bool, payload: &[u8]) -> Ve
     h.extend_from_slice(&[64, proto, 0, 0]);
     h.extend_from_slice(&src.octets());
     h.extend_from_slice(&dst.octets());
-    let c = checksum(&h);
+    let c = internet_checksum(&h);
     h[10..12].copy_from_slice(&c.to_be_bytes());
     h.extend_from_slice(payload);
     h
@@ -556,10 +541,10 @@ mod tests {
         let s = scene();
         let e = encap_frame(&s, 1410);
         assert_eq!(e.len(), 14 + 1450);
-        assert_eq!(checksum(&e[14..34]), 0);
+        assert_eq!(internet_checksum(&e[14..34]), 0);
         let d = decap_frame(&s, 1410);
         assert_eq!(d.len(), 14 + 1450 + 50);
-        assert_eq!(checksum(&d[14..34]), 0);
+        assert_eq!(internet_checksum(&d[14..34]), 0);
         assert_eq!(u16::from_be_bytes([d[36], d[37]]), VXLAN_PORT);
         assert_eq!(&d[50..56], &vtep_mac(s.host0));
     }
