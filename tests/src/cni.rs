@@ -131,7 +131,7 @@ pub fn cni_env<'a>(
 
 /// The ENDPOINTS map under `pin`: container address → host ifindex.
 pub fn endpoint_map(pin: &Path) -> BTreeMap<Ipv4Addr, u64> {
-    let path = pin.join("v1/ENDPOINTS");
+    let path = pin.join(crate::layout_dir()).join("ENDPOINTS");
     let out = Command::new("bpftool")
         .args(["-j", "map", "dump", "pinned"])
         .arg(&path)
