@@ -67,7 +67,7 @@ pub fn classify(start: usize, end: usize, decapsulated: bool) -> Verdict {
         return Verdict::Pass;
     };
     let ip = unsafe { &*ip };
-    if let Some(ep) = maps::endpoint(ip.daddr) {
+    if let Some(ep) = maps::container(ip.daddr) {
         if !plain_allowed(decapsulated, ip.saddr) {
             return Verdict::Drop(Counter::DropUnknownPeer);
         }
@@ -108,7 +108,7 @@ pub fn classify(start: usize, end: usize, decapsulated: bool) -> Verdict {
     let Some(inner_ip) = ptr_at::<Ipv4Hdr>(start, end, INNER_ETH + ETH_HLEN) else {
         return Verdict::Drop(Counter::DropMalformed);
     };
-    match maps::endpoint(unsafe { (*inner_ip).daddr }) {
+    match maps::container(unsafe { (*inner_ip).daddr }) {
         Some(ep) => Verdict::Deliver(*ep),
         None => Verdict::ToStack(cfg.underlay_mac),
     }

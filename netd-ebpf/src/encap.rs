@@ -46,13 +46,13 @@ pub fn from_container(ctx: &TcContext) -> i32 {
         count(Counter::DropMalformed);
         return TC_ACT_SHOT as i32;
     };
-    if !is_own_source(ctx, eth, ip) {
+    if !is_own_source(ctx, cfg, eth, ip) {
         count(Counter::DropSpoofed);
         return TC_ACT_SHOT as i32;
     }
     let dst = unsafe { (*ip).daddr };
 
-    if let Some(ep) = maps::endpoint(dst) {
+    if let Some(ep) = maps::container(dst) {
         return deliver_local(eth, ep);
     }
     if let Some(peer) = SUBNETS.get(&Key::new(32, dst)) {
@@ -74,13 +74,21 @@ pub fn from_container(ctx: &TcContext) -> i32 {
 }
 
 /// A container may only send from the address and MAC it was given, on its
-/// own veth: no spoofing another container or host.
+/// own veth: no spoofing another container or host. The host's own veth
+/// (the entry of its gateway address) also carries the host's replies from
+/// its other addresses, e.g. to a remote container that reached the host's
+/// underlay address.
 #[inline(always)]
-fn is_own_source(ctx: &TcContext, eth: *const EthHdr, ip: *const Ipv4Hdr) -> bool {
+fn is_own_source(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    eth: *const EthHdr,
+    ip: *const Ipv4Hdr,
+) -> bool {
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
     match maps::endpoint(unsafe { (*ip).saddr }) {
         Some(ep) => ep.ifindex == ingress && ep.mac == unsafe { (*eth).src },
-        None => false,
+        None => maps::endpoint(cfg.gateway).is_some_and(|host| host.ifindex == ingress),
     }
 }
 

@@ -3,6 +3,7 @@
 mod cli;
 mod control;
 mod datapath;
+mod egress;
 mod endpoint;
 mod metrics;
 mod netlink;

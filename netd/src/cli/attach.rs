@@ -34,6 +34,7 @@ pub async fn teardown(pin: &PinDir, run_dir: &Path) -> Result<()> {
             errors.push(format!("{e:#}"));
         }
     }
+    errors.extend(crate::egress::teardown(pin, run_dir).await);
     if let Err(e) = datapath::teardown(pin, run_dir).await {
         errors.push(format!("{e:#}"));
     }

@@ -102,6 +102,10 @@ pub struct RunArgs {
     /// 198.18.0.1:9101 [default: off].
     #[arg(long, env = "NETD_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Masquerade traffic from this host's containers to destinations
+    /// outside the cluster network behind the host's address.
+    #[arg(long, env = "NETD_IP_MASQ")]
+    pub ip_masq: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -18,6 +18,7 @@ use crate::{
     control::subnet::{self, Identity},
     control::sync::{self, Connected, Own},
     datapath::{self, Hook, Maps, PinDir},
+    egress::{self, Egress, HostAccess, Masquerade},
     endpoint, metrics,
     netlink::{Link, Netlink},
     state::{EtcdHealth, NodeState, SubnetEnv},
@@ -27,6 +28,8 @@ use crate::{
 /// containers ARP for it and the host answers from their veth.
 const GATEWAY_LINK: &str = "lo";
 const DEFAULT_LEASE_TTL: u64 = 60;
+/// How often the egress state is checked against the kernel.
+const EGRESS_PERIOD: Duration = Duration::from_secs(10);
 
 /// Flags over `NETD_*` variables over the config file over defaults.
 struct Options {
@@ -36,6 +39,7 @@ struct Options {
     decap: Hook,
     lease_ttl: u64,
     metrics_addr: Option<std::net::SocketAddr>,
+    ip_masq: bool,
 }
 
 impl Options {
@@ -74,6 +78,7 @@ impl Options {
             decap,
             lease_ttl,
             metrics_addr: args.metrics_addr,
+            ip_masq: args.ip_masq || file.ip_masq.unwrap_or(false),
         })
     }
 }
@@ -144,7 +149,7 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
         network: cfg.network,
         subnet: held.subnet,
         mtu,
-        ipmasq: false,
+        ipmasq: opts.ip_masq,
     }
     .write(run_dir)?;
 
@@ -202,6 +207,19 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
             .collect();
         pending.switch_over(&pin, run_dir, &containers).await?;
     }
+    let egress = Egress {
+        host_access: HostAccess {
+            network: cfg.network,
+            gateway: gateway(held.subnet),
+            mtu,
+        },
+        masquerade: opts.ip_masq.then_some(Masquerade {
+            subnet: held.subnet,
+            network: cfg.network,
+        }),
+    };
+    egress::reconcile(&nl, &pin, &mut maps, &egress).await?;
+    tokio::spawn(egress::keep(pin.clone(), egress, EGRESS_PERIOD));
     tokio::spawn(sync::run(
         registry.clone(),
         cfg.clone(),
