@@ -49,7 +49,12 @@ pub async fn reconcile(
     host_access::reconcile(nl, pin, maps, &want.host_access).await?;
     match &want.masquerade {
         Some(masq) => masquerade::reconcile(masq)?,
-        None => masquerade::remove()?,
+        // A kernel without nftables has no table of ours to remove either.
+        None => {
+            if let Err(e) = masquerade::remove() {
+                warn!("checking for a leftover masquerading table: {e}");
+            }
+        }
     }
     Ok(())
 }
