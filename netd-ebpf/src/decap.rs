@@ -77,8 +77,8 @@ fn plain_allowed(src: [u8; 4]) -> bool {
 
 /// Plain IPv4 for a local container, if `ip` is for one.
 #[inline(always)]
-fn plain(ip: &Ipv4Hdr) -> Option<Outcome> {
-    let ep = maps::endpoint(ip.daddr)?;
+fn plain(cfg: &NodeConfig, ip: &Ipv4Hdr) -> Option<Outcome> {
+    let ep = maps::container(cfg, ip.daddr)?;
     if !plain_allowed(ip.saddr) {
         return Some(Outcome::Drop(Counter::DropUnknownPeer));
     }
@@ -98,14 +98,14 @@ fn classify_outer(cfg: &NodeConfig, outer: &Outer) -> Outcome {
         && ip.header_len() == IPV4_HLEN
         && outer.udp_dest == cfg.port.to_be();
     if !vxlan_port {
-        return plain(ip).unwrap_or(Outcome::Pass);
+        return plain(cfg, ip).unwrap_or(Outcome::Pass);
     }
     if maps::is_peer(ip.saddr) {
         return Outcome::Vxlan;
     }
     // Plain UDP to a container on the VXLAN port from a directly routed
     // peer, or VXLAN from a stranger.
-    plain(ip).unwrap_or(Outcome::Drop(Counter::DropUnknownPeer))
+    plain(cfg, ip).unwrap_or(Outcome::Drop(Counter::DropUnknownPeer))
 }
 
 /// An outer IPv4 UDP fragment. Only the first one carries the UDP header,
@@ -165,7 +165,7 @@ fn classify_inner(cfg: &NodeConfig, outer_tos: u8, start: usize, end: usize) -> 
         Some(_) => None,
     };
     Inner::Decap {
-        to: maps::endpoint(ip.daddr).copied(),
+        to: maps::container(cfg, ip.daddr).copied(),
         ip: rewritten,
     }
 }

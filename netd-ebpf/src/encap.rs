@@ -96,11 +96,11 @@ fn decide(ctx: &TcContext) -> Exit {
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx.data(), ctx.data_end(), ETH_HLEN) else {
         return Exit::shot(Counter::DropMalformed);
     };
-    if !is_own_source(ctx, eth, ip) {
+    if !is_own_source(ctx, cfg, eth, ip) {
         return Exit::shot(Counter::DropSpoofed);
     }
     let dst = unsafe { (*ip).daddr };
-    let route = match maps::endpoint(dst) {
+    let route = match maps::container(cfg, dst) {
         Some(ep) => Route::Local(ep),
         None => match SUBNETS.get(&Key::new(32, dst)) {
             Some(peer) => Route::Peer(*peer),
@@ -138,13 +138,21 @@ fn decide(ctx: &TcContext) -> Exit {
 }
 
 /// A container may only send from the address and MAC it was given, on its
-/// own veth: no spoofing another container or host.
+/// own veth: no spoofing another container or host. The host's own veth
+/// (the entry of its gateway address) also carries the host's replies from
+/// its other addresses, e.g. to a remote container that reached the host's
+/// underlay address.
 #[inline(always)]
-fn is_own_source(ctx: &TcContext, eth: *const EthHdr, ip: *const Ipv4Hdr) -> bool {
+fn is_own_source(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    eth: *const EthHdr,
+    ip: *const Ipv4Hdr,
+) -> bool {
     let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
     match maps::endpoint(unsafe { (*ip).saddr }) {
         Some(ep) => ep.ifindex == ingress && ep.mac == unsafe { (*eth).src },
-        None => false,
+        None => maps::endpoint(cfg.gateway).is_some_and(|host| host.ifindex == ingress),
     }
 }
 

@@ -51,6 +51,17 @@ pub fn endpoint(ip: [u8; 4]) -> Option<&'static Endpoint> {
     unsafe { ENDPOINTS.get(ip) }
 }
 
+/// An endpoint to deliver to: the host's own entry (its gateway address, on
+/// the host-access veth) is there only to check sources, and packets for it
+/// belong to the host stack.
+#[inline(always)]
+pub fn container(cfg: &NodeConfig, ip: [u8; 4]) -> Option<&'static Endpoint> {
+    if cfg.gateway == ip {
+        return None;
+    }
+    endpoint(ip)
+}
+
 #[inline(always)]
 pub fn is_peer(ip: [u8; 4]) -> bool {
     unsafe { PEERS.get(ip) }.is_some()

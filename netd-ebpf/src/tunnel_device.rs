@@ -63,7 +63,7 @@ fn try_deliver(ctx: &TcContext) -> Result<i32, Counter> {
         return Err(Counter::DropMalformed);
     }
     let ip = ptr_at::<Ipv4Hdr>(start, end, ETH_HLEN).ok_or(Counter::DropMalformed)?;
-    let Some(ep) = maps::endpoint(unsafe { (*ip).daddr }) else {
+    let Some(ep) = maps::container(cfg, unsafe { (*ip).daddr }) else {
         // For the host itself, as the NIC path's decap_to_stack.
         unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
         count(Counter::DecapToStack);

@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod control;
 pub mod datapath;
+pub mod egress;
 pub mod endpoint;
 pub mod metrics;
 pub mod netlink;

@@ -470,6 +470,26 @@ impl Netlink {
     }
 }
 
+impl Netlink {
+    /// Adds (or replaces) a scope-link route to `dst` out of `index` whose
+    /// locally originated packets take `src` as source.
+    pub async fn replace_route_from(&self, dst: Ipv4Net, index: u32, src: Ipv4Addr) -> Result<()> {
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.network(), dst.prefix_len())
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .pref_source(src)
+            .build();
+        self.handle
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("adding route to {dst} from {src}"))
+    }
+}
+
 fn output_interface(route: &RouteMessage) -> Option<u32> {
     if route.header.address_family != AddressFamily::Inet {
         return None;

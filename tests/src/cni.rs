@@ -146,7 +146,7 @@ pub fn endpoint_map(pin: &Path) -> BTreeMap<Ipv4Addr, u64> {
     let entries: Vec<Value> = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
     entries
         .iter()
-        .map(|e| {
+        .filter_map(|e| {
             let e = e.get("formatted").unwrap_or(e);
             let key: Vec<u8> = e["key"]
                 .as_array()
@@ -155,10 +155,15 @@ pub fn endpoint_map(pin: &Path) -> BTreeMap<Ipv4Addr, u64> {
                 .map(|b| byte(b))
                 .collect();
             let ip = Ipv4Addr::new(key[0], key[1], key[2], key[3]);
+            // The host's own entry, its gateway (the /24's first address),
+            // is there for host access, not for a container.
+            if key[3] == 1 {
+                return None;
+            }
             let ifindex = e["value"]["ifindex"]
                 .as_u64()
                 .unwrap_or_else(|| panic!("ifindex of {e}"));
-            (ip, ifindex)
+            Some((ip, ifindex))
         })
         .collect()
 }

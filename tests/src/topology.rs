@@ -77,9 +77,25 @@ pub struct TopologyBuilder {
     etcd: bool,
     mtu: u32,
     ipv6: bool,
+    outside: bool,
 }
 
+/// The switch's address towards the "outside" namespace.
+pub const OUTSIDE_ROUTER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// A host outside the cluster, routed by the switch; see
+/// [`TopologyBuilder::outside`].
+pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+
 impl TopologyBuilder {
+    /// Whether to add an "outside" namespace (default no): 203.0.113.2/24
+    /// behind the switch, which routes between it and the underlay
+    /// (ip_forward on) and knows nothing of the container network. The
+    /// outside's default route and every host's point at the switch.
+    pub fn outside(mut self, yes: bool) -> Self {
+        self.outside = yes;
+        self
+    }
+
     /// Number of hosts (default 2).
     pub fn hosts(mut self, n: usize) -> Self {
         self.hosts = n;
@@ -111,6 +127,7 @@ impl TopologyBuilder {
             containers: Mutex::new(Vec::new()),
             hosts: Vec::new(),
             etcd: None,
+            outside: None,
             switch: self.new_ns(),
             ipv6: self.ipv6,
         };
@@ -120,6 +137,9 @@ impl TopologyBuilder {
         }
         if self.etcd {
             topo.etcd = Some(Etcd::start(&topo.switch, SWITCH_IP));
+        }
+        if self.outside {
+            topo.outside = Some(self.build_outside(&topo.switch, &topo.hosts));
         }
         topo
     }
@@ -137,6 +157,38 @@ impl TopologyBuilder {
         switch.run_ok(&["ip", "link", "add", BRIDGE, "type", "bridge"]);
         switch.run_ok(&["ip", "addr", "add", &addr, "dev", BRIDGE]);
         switch.run_ok(&["ip", "link", "set", BRIDGE, "up"]);
+    }
+
+    fn build_outside(&self, switch: &NetNs, hosts: &[Host]) -> NetNs {
+        let ns = self.new_ns();
+        switch.run_ok(&[
+            "ip",
+            "link",
+            "add",
+            OUTSIDE_PORT,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            HOST_IFACE,
+            "netns",
+            ns.name(),
+        ]);
+        let router = format!("{OUTSIDE_ROUTER_IP}/24");
+        switch.run_ok(&["ip", "addr", "add", &router, "dev", OUTSIDE_PORT]);
+        switch.run_ok(&["ip", "link", "set", OUTSIDE_PORT, "up"]);
+        switch.sysctl("net.ipv4.ip_forward", "1");
+        let addr = format!("{OUTSIDE_IP}/24");
+        ns.run_ok(&["ip", "addr", "add", &addr, "dev", HOST_IFACE]);
+        ns.run_ok(&["ip", "link", "set", HOST_IFACE, "up"]);
+        let via = OUTSIDE_ROUTER_IP.to_string();
+        ns.run_ok(&["ip", "route", "add", "default", "via", &via]);
+        let gw = SWITCH_IP.to_string();
+        for host in hosts {
+            host.ns()
+                .run_ok(&["ip", "route", "replace", "default", "via", &gw]);
+        }
+        ns
     }
 
     fn build_host(&self, switch: &NetNs, index: usize) -> Host {
@@ -175,6 +227,9 @@ fn disable_ipv6(ns: &NsRef) {
     ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
 }
 
+/// The switch's interface towards the outside namespace.
+const OUTSIDE_PORT: &str = "vout";
+
 /// Name of host `index`'s port on the switch bridge.
 pub fn switch_port(index: usize) -> String {
     format!("vh{index}")
@@ -186,6 +241,7 @@ pub struct Topology {
     containers: Mutex<Vec<NsRef>>,
     hosts: Vec<Host>,
     etcd: Option<Etcd>,
+    outside: Option<NetNs>,
     // Last: etcd and host links live in or point at it.
     switch: NetNs,
     ipv6: bool,
@@ -198,6 +254,7 @@ impl Topology {
             hosts: 2,
             etcd: true,
             mtu: DEFAULT_MTU,
+            outside: false,
             ipv6: false,
         }
     }
@@ -208,6 +265,13 @@ impl Topology {
     }
 
     /// The underlay switch namespace (bridge `br0`, etcd).
+    /// The "outside" namespace (built with `.outside(true)`).
+    pub fn outside(&self) -> &NetNs {
+        self.outside
+            .as_ref()
+            .expect("topology built without .outside(true)")
+    }
+
     pub fn switch(&self) -> &NetNs {
         &self.switch
     }
@@ -260,6 +324,7 @@ impl Topology {
     pub fn namespace_names(&self) -> Vec<String> {
         let mut names = vec![self.switch.name().to_string()];
         names.extend(self.hosts.iter().map(|h| h.ns.name().to_string()));
+        names.extend(self.outside.iter().map(|o| o.name().to_string()));
         let containers = self.containers.lock().unwrap();
         names.extend(containers.iter().map(|c| c.name().to_string()));
         names
@@ -354,6 +419,7 @@ impl Drop for Topology {
         }
         self.hosts.clear();
         self.etcd = None;
+        self.outside = None;
         // `switch` is deleted by its own drop.
     }
 }

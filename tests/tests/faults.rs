@@ -256,9 +256,11 @@ fn upgrade(
     cluster.wait_peers_match_etcd(host, CONVERGE);
     let endpoints = map_dump(&pin.join(netd_tests::layout_dir()).join("ENDPOINTS")).len();
     let containers = cluster.containers.iter().filter(|c| c.host == host).count();
+    // Plus the host's own entry (its gateway address, for host access).
     assert_eq!(
-        endpoints, containers,
-        "host {host}'s ENDPOINTS map vs its containers"
+        endpoints,
+        containers + 1,
+        "host {host}'s new ENDPOINTS map vs its containers and host entry"
     );
 
     let after = attachments(cluster, host);

@@ -96,6 +96,31 @@ const REQUIREMENTS: &[Requirement] = &[
         },
     },
     Requirement {
+        package: "pkg-config",
+        need: "pkg-config (nftnl-sys and mnl-sys find their libraries)",
+        check: || runs("pkg-config", &["--version"]),
+    },
+    Requirement {
+        package: "libnftnl-dev",
+        need: "libnftnl for pkg-config (netd's masquerading rules)",
+        check: || runs("pkg-config", &["--exists", "libnftnl"]),
+    },
+    Requirement {
+        package: "libmnl-dev",
+        need: "libmnl for pkg-config (netd's nftables netlink socket)",
+        check: || runs("pkg-config", &["--exists", "libmnl"]),
+    },
+    Requirement {
+        package: "nftables",
+        need: "nft (egress tests read and delete netd's table)",
+        check: || runs("nft", &["--version"]),
+    },
+    Requirement {
+        package: "python3",
+        need: "python3 (egress tests send hand-made spoofed packets)",
+        check: || runs("python3", &["--version"]),
+    },
+    Requirement {
         package: "fonts-dejavu-core",
         need: "DejaVuSans.ttf (the bench chart)",
         check: || exists("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),

@@ -113,6 +113,10 @@ pub struct RunArgs {
     /// name) [default: off].
     #[arg(long, env = "NETD_DOCKER_PLUGIN")]
     pub docker_plugin: Option<std::path::PathBuf>,
+    /// Masquerade traffic from this host's containers to destinations
+    /// outside the cluster network behind the host's address.
+    #[arg(long, env = "NETD_IP_MASQ")]
+    pub ip_masq: bool,
 }
 
 #[derive(Debug, Subcommand)]

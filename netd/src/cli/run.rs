@@ -27,6 +27,7 @@ use crate::{
     control::subnet::{self, Identity},
     control::sync::{self, Connected, Own},
     datapath::{self, Hook, Maps, PinDir},
+    egress::{self, Egress, HostAccess, Masquerade},
     endpoint, metrics,
     netlink::{Link, Netlink},
     runtime::docker,
@@ -38,6 +39,8 @@ use crate::{
 /// containers ARP for it and the host answers from their veth.
 pub(super) const GATEWAY_LINK: &str = "lo";
 const DEFAULT_LEASE_TTL: u64 = 60;
+/// How often the egress state is checked against the kernel.
+const EGRESS_PERIOD: Duration = Duration::from_secs(10);
 
 /// Flags over `NETD_*` variables over the config file over defaults.
 struct Options {
@@ -49,6 +52,7 @@ struct Options {
     metrics_addr: Option<std::net::SocketAddr>,
     reconcile_interval: Duration,
     docker_plugin: Option<std::path::PathBuf>,
+    ip_masq: bool,
 }
 
 impl Options {
@@ -95,6 +99,7 @@ impl Options {
             metrics_addr: args.metrics_addr,
             reconcile_interval: Duration::from_secs(args.reconcile_interval),
             docker_plugin: args.docker_plugin,
+            ip_masq: args.ip_masq || file.ip_masq.unwrap_or(false),
         })
     }
 }
@@ -165,7 +170,7 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
         network: cfg.network,
         subnet: held.subnet,
         mtu,
-        ipmasq: false,
+        ipmasq: opts.ip_masq,
     }
     .write(run_dir)?;
 
@@ -251,6 +256,18 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
         &mut maps,
     )
     .await?;
+    let egress = Egress {
+        host_access: HostAccess {
+            network: cfg.network,
+            gateway: gateway(held.subnet),
+            mtu,
+        },
+        masquerade: opts.ip_masq.then_some(Masquerade {
+            subnet: held.subnet,
+            network: cfg.network,
+        }),
+    };
+    egress::reconcile(&nl, &pin, &mut maps, &egress).await?;
     drop(maps);
     if let Some(pending) = pending {
         let containers: Vec<String> = endpoint::records(run_dir)?
@@ -259,6 +276,16 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
             .collect();
         pending.switch_over(&pin, run_dir, &containers).await?;
     }
+    tasks.restarting("egress", {
+        let pin = pin.clone();
+        move || -> Task {
+            let (pin, egress) = (pin.clone(), egress.clone());
+            Box::pin(async move {
+                egress::keep(pin, egress, EGRESS_PERIOD).await;
+                Ok(())
+            })
+        }
+    });
     if cfg.backend.kind == VXLAN {
         let port = cfg.backend.port;
         let first_error = datapath::tunnel_device::start(&nl, &pin, port).await;

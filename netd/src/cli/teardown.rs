@@ -46,6 +46,13 @@ pub async fn teardown(pin: &PinDir, run_dir: &Path) -> Result<()> {
     {
         errors.push(e);
     }
+    // Before the data path: it reads subnet.env for the gateway address.
+    errors.extend(
+        crate::egress::teardown(pin, run_dir)
+            .await
+            .into_iter()
+            .map(anyhow::Error::msg),
+    );
     if let Err(e) = remove_tunnel_device().await {
         errors.push(e);
     }

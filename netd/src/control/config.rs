@@ -229,6 +229,7 @@ pub struct FileConfig {
     pub public_ip: Option<Ipv4Addr>,
     pub decap: Option<String>,
     pub lease_ttl: Option<u64>,
+    pub ip_masq: Option<bool>,
 }
 
 impl FileConfig {

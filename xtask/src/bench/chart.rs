@@ -45,6 +45,8 @@ fn color(mode: Mode) -> RGBColor {
         Mode::KernelVxlan => RGBColor(230, 140, 40),
         Mode::NetdTc => RGBColor(40, 160, 80),
         Mode::NetdXdp => RGBColor(20, 100, 50),
+        Mode::EgressPlain => RGBColor(150, 90, 180),
+        Mode::EgressNat => RGBColor(100, 40, 140),
     }
 }
 
@@ -55,6 +57,8 @@ fn short_name(mode: Mode) -> &'static str {
         Mode::KernelVxlan => "k-vxlan",
         Mode::NetdTc => "netd-tc",
         Mode::NetdXdp => "netd-xdp",
+        Mode::EgressPlain => "egr-plain",
+        Mode::EgressNat => "egr-nat",
     }
 }
 

@@ -34,6 +34,8 @@ const SUBNETS_PREFIX: &str = "/netd/network/subnets/";
 const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 const WATCH_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_micros(500);
+/// Where the daemon serves `/metrics` during the run.
+const METRICS_PORT: u16 = 9101;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ControlPlaneResult {
@@ -50,6 +52,11 @@ pub struct ControlPlaneResult {
     /// `netd status --json` at this size: its run time and peer count.
     pub status_s: f64,
     pub status_peers: usize,
+    /// One `GET /metrics` at this size: its time and the body's size.
+    #[serde(default)]
+    pub metrics_scrape_s: f64,
+    #[serde(default)]
+    pub metrics_bytes: usize,
     pub joins: usize,
     /// Put to entry in the map, ms; a lost one is not in here (see `join_lost`).
     pub join_ms: Vec<f64>,
@@ -80,6 +87,8 @@ pub fn run(plan: &Plan, count: usize, out: &Path) -> Result<ControlPlaneResult> 
     };
     let topo = Topology::builder().hosts(1).build();
     let mut cluster = Cluster::on_topology(topo, "tc");
+    let metrics = SocketAddr::from((netd_tests::host_ip(0), METRICS_PORT));
+    cluster.run_args(&["--metrics-addr", &metrics.to_string()]);
     let endpoint = cluster.topo.etcd_endpoint();
     cluster.host(0).netd_ok(&[
         "network",
@@ -105,6 +114,7 @@ pub fn run(plan: &Plan, count: usize, out: &Path) -> Result<ControlPlaneResult> 
     r.daemon_synced = ProcUsage::read(pid)?;
     cluster.wait_ready(0);
     status_at_scale(&cluster, &mut r)?;
+    scrape_at_scale(&cluster, metrics, &mut r)?;
     let own = own_index(&cluster.subnet(0));
 
     let joined = join_stream(plan, &mut etcd, &map, count, own, &mut r)?;
@@ -230,6 +240,18 @@ fn start_and_sync(
     r.map_entries = last;
     r.peer_entries = PinnedMap::open(&m.pins.join("PEERS"), 4)?.count()?;
     Ok(m)
+}
+
+fn scrape_at_scale(cluster: &Cluster, addr: SocketAddr, r: &mut ControlPlaneResult) -> Result<()> {
+    let t = Instant::now();
+    let response = netd_tests::http::get(cluster.host(0).ns(), addr, "/metrics")
+        .with_context(|| format!("GET http://{addr}/metrics"))?;
+    r.metrics_scrape_s = t.elapsed().as_secs_f64();
+    if response.status != 200 {
+        bail!("GET /metrics answered {}", response.status);
+    }
+    r.metrics_bytes = response.body.len();
+    Ok(())
 }
 
 fn status_at_scale(cluster: &Cluster, r: &mut ControlPlaneResult) -> Result<()> {
@@ -432,10 +454,12 @@ fn summary(r: &ControlPlaneResult) -> String {
         super::report::percentile(v, q).map_or("-".into(), |x| format!("{x:.1}"))
     };
     format!(
-        "synced {} in {:.3}s (running at {:.3}s); join p50/p99 {}/{} ms; removal p50/p99 {}/{} ms; RSS {} MiB",
+        "synced {} in {:.3}s (running at {:.3}s); /metrics {:.3}s ({} bytes); join p50/p99 {}/{} ms; removal p50/p99 {}/{} ms; RSS {} MiB",
         r.map_entries,
         r.start_to_synced_s,
         r.start_to_running_s,
+        r.metrics_scrape_s,
+        r.metrics_bytes,
         p(&r.join_ms, 50.0),
         p(&r.join_ms, 99.0),
         p(&r.removal_ms, 50.0),

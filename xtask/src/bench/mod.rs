@@ -49,7 +49,8 @@ pub struct Options {
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
     /// Data-plane modes to measure, comma separated (default: all of
-    /// bare,routed,kernel-vxlan,netd-vxlan-tc,netd-vxlan-xdp).
+    /// bare,routed,kernel-vxlan,netd-vxlan-tc,netd-vxlan-xdp,
+    /// netd-egress-plain,netd-egress-nat).
     #[arg(long, value_delimiter = ',', value_parser = Mode::parse)]
     modes: Option<Vec<Mode>>,
     /// Repetitions of each workload (default 3; 1 with --quick).

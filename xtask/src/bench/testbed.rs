@@ -30,15 +30,19 @@ pub enum Mode {
     KernelVxlan,
     NetdTc,
     NetdXdp,
+    EgressPlain,
+    EgressNat,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 5] = [
+    pub const ALL: [Mode; 7] = [
         Mode::Bare,
         Mode::Routed,
         Mode::KernelVxlan,
         Mode::NetdTc,
         Mode::NetdXdp,
+        Mode::EgressPlain,
+        Mode::EgressNat,
     ];
 
     pub fn name(self) -> &'static str {
@@ -48,6 +52,8 @@ impl Mode {
             Mode::KernelVxlan => "kernel-vxlan",
             Mode::NetdTc => "netd-vxlan-tc",
             Mode::NetdXdp => "netd-vxlan-xdp",
+            Mode::EgressPlain => "netd-egress-plain",
+            Mode::EgressNat => "netd-egress-nat",
         }
     }
 
@@ -68,6 +74,10 @@ impl Mode {
             Mode::KernelVxlan => "flannel vxlan: cni0 bridge, flannel.1 VXLAN device",
             Mode::NetdTc => "netd, TC decapsulation",
             Mode::NetdXdp => "netd, XDP decapsulation",
+            Mode::EgressPlain => {
+                "netd container to a host outside the cluster, routed back by the switch, no NAT"
+            }
+            Mode::EgressNat => "netd container to a host outside the cluster, --ip-masq",
         }
     }
 
@@ -115,6 +125,8 @@ impl Testbed {
             Mode::Routed | Mode::KernelVxlan => flannel_style(mode)?,
             Mode::NetdTc => netd("tc")?,
             Mode::NetdXdp => netd("xdp")?,
+            Mode::EgressPlain => egress(false)?,
+            Mode::EgressNat => egress(true)?,
         };
         if !ping(&tb.client, tb.server_ip, 3) {
             bail!("{}: {} does not answer ping", mode.name(), tb.server_ip);
@@ -309,6 +321,57 @@ fn flannel_vxlan(topo: &Topology) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A netd host whose container sends to the outside namespace behind the
+/// switch: masqueraded with `--ip-masq`, otherwise with its own address
+/// and a route on the switch that brings the replies back. No VXLAN is
+/// involved, so the decap filter comes off the underlay in both (it would
+/// drop the plain replies as unknown-peer traffic); the two then differ
+/// only by conntrack and the NAT.
+fn egress(masquerade: bool) -> Result<Testbed> {
+    let topo = Topology::builder().hosts(1).outside(true).build();
+    let endpoint = topo.etcd_endpoint();
+    topo.host(0).netd_ok(&[
+        "network",
+        "init",
+        "--etcd-endpoints",
+        &endpoint,
+        "--network",
+        "10.244.0.0/16",
+    ]);
+    let mut cluster = Cluster::on_topology(topo, "tc");
+    if masquerade {
+        cluster.run_args(&["--ip-masq"]);
+    }
+    cluster.start(0);
+    let c0 = cluster.attach(0);
+    if !masquerade {
+        let subnet = cluster.subnet(0);
+        let via = host_ip(0).to_string();
+        sh(
+            cluster.topo.switch(),
+            &["ip", "route", "add", &subnet, "via", &via],
+        )?;
+    }
+    sh(
+        cluster.host(0).ns(),
+        &["tc", "filter", "del", "dev", "eth0", "ingress"],
+    )?;
+    Ok(Testbed {
+        mode: if masquerade {
+            Mode::EgressNat
+        } else {
+            Mode::EgressPlain
+        },
+        client: cluster.container(c0).ns.handle(),
+        server: cluster.topo.outside().handle(),
+        server_ip: netd_tests::topology::OUTSIDE_IP,
+        path: PathRecord::default(),
+        containers: Vec::new(),
+        cluster: Some(cluster),
+        topo: None,
+    })
 }
 
 /// netd daemons on both hosts, a container attached on each.
