@@ -327,7 +327,7 @@ fn teardown_removes_it(decap: &str) {
     let routes = cluster
         .host(0)
         .ns()
-        .run_ok(&["ip", "route", "show", NETWORK]);
+        .run_ok(&["ip", "route", "show", "root", NETWORK]);
     assert!(routes.trim().is_empty(), "route left: {routes}");
 }
 

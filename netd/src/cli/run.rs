@@ -259,6 +259,7 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
     let egress = Egress {
         host_access: HostAccess {
             network: cfg.network,
+            subnet: held.subnet,
             gateway: gateway(held.subnet),
             mtu,
         },

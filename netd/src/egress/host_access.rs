@@ -39,10 +39,30 @@ pub enum Error {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostAccess {
     pub network: Ipv4Net,
+    /// This host's own subnet: not routed to `netd.host`.
+    pub subnet: Ipv4Net,
     /// This host's gateway address, the source of its overlay traffic.
     pub gateway: Ipv4Addr,
     /// The overlay's MTU (underlay minus VXLAN overhead).
     pub mtu: u32,
+}
+
+/// The cluster network less this host's own subnet, in the fewest
+/// prefixes (one per bit between the two lengths). No route then overlaps
+/// the host's subnet, which Docker's IPAM checks a pool against: a route
+/// for the whole network would make it refuse the host's subnet as a pool.
+fn remote_prefixes(network: Ipv4Net, own: Ipv4Net) -> Vec<Ipv4Net> {
+    if !network.contains(&own) || own.prefix_len() <= network.prefix_len() {
+        return vec![network];
+    }
+    let own_addr = u32::from(own.network());
+    (network.prefix_len() + 1..=own.prefix_len())
+        .filter_map(|len| {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            let sibling = (own_addr & mask) ^ (1u32 << (32 - u32::from(len)));
+            Ipv4Net::new(Ipv4Addr::from(sibling), len).ok()
+        })
+        .collect()
 }
 
 /// Makes the veth pair, its route, its filter and its ENDPOINTS entry what
@@ -61,8 +81,10 @@ pub async fn reconcile(
         .build();
     nl.set_link(msg).await?;
     nl.set_up(net.index, Some(want.mtu)).await?;
-    nl.replace_route_from(want.network, host.index, want.gateway)
-        .await?;
+    for prefix in remote_prefixes(want.network, want.subnet) {
+        nl.replace_route_from(prefix, host.index, want.gateway)
+            .await?;
+    }
     datapath::attach_tc(pin, FROM_CONTAINER, NET_IF)?;
     let entry = Endpoint {
         ifindex: net.index,
@@ -105,4 +127,25 @@ pub async fn remove(nl: &Netlink, pin: &PinDir, gateway: Option<Ipv4Addr>) -> Re
         info!("removed {HOST_IF}/{NET_IF}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod prefix_tests {
+    use super::remote_prefixes;
+
+    #[test]
+    fn remote_prefixes_cover_the_network_but_the_own_subnet() {
+        let network = "10.244.0.0/16".parse().unwrap();
+        let own: ipnet::Ipv4Net = "10.244.178.0/24".parse().unwrap();
+        let prefixes = remote_prefixes(network, own);
+        assert_eq!(prefixes.len(), 8);
+        let total: u64 = prefixes.iter().map(|p| 1u64 << (32 - p.prefix_len())).sum();
+        assert_eq!(total, (1 << 16) - (1 << 8));
+        for p in &prefixes {
+            assert!(network.contains(p));
+            assert!(!p.contains(&own) && !own.contains(p), "{p} overlaps {own}");
+        }
+        assert!(prefixes.contains(&"10.244.0.0/17".parse().unwrap()));
+        assert!(prefixes.contains(&"10.244.179.0/24".parse().unwrap()));
+    }
 }
