@@ -3,7 +3,6 @@
 //! `podman import`, and every container removed on drop.
 
 use std::{
-    os::unix::fs::symlink,
     path::{Path, PathBuf},
     process::{Command, Output},
 };
@@ -15,10 +14,6 @@ use crate::{Host, NsRef, util::output_text};
 
 /// The image every test container runs.
 pub const IMAGE: &str = "localhost/netd-busybox";
-
-const APPLETS: &[&str] = &[
-    "sh", "ping", "nc", "sleep", "ip", "cat", "seq", "md5sum", "echo", "wc",
-];
 
 /// One host's podman. The network config directory holds `conflist`.
 pub struct Podman {
@@ -65,27 +60,7 @@ impl Podman {
     }
 
     fn import_image(&self) {
-        let root = self.path("image");
-        let bin = root.join("bin");
-        std::fs::create_dir_all(&bin).unwrap();
-        for d in ["tmp", "proc", "sys", "dev", "etc"] {
-            std::fs::create_dir_all(root.join(d)).unwrap();
-        }
-        std::fs::copy("/bin/busybox", bin.join("busybox"))
-            .expect("copy /bin/busybox (install busybox-static)");
-        for applet in APPLETS {
-            symlink("busybox", bin.join(applet)).unwrap();
-        }
-        let tar = self.path("image.tar");
-        let out = Command::new("tar")
-            .arg("-C")
-            .arg(&root)
-            .arg("-cf")
-            .arg(&tar)
-            .arg(".")
-            .output()
-            .expect("tar");
-        assert!(out.status.success(), "tar: {}", output_text(&out));
+        let tar = crate::image::busybox_tar(self.dir.path());
         self.run_ok(&["import", tar.to_str().unwrap(), IMAGE]);
     }
 
