@@ -205,8 +205,21 @@ async fn wire(
     })
     .await?;
 
-    // The host stack reaches the container (and answers its ARP for the
-    // gateway) through this route.
+    connect_host_side(nl, pin, maps, rec, &host, mac).await
+}
+
+/// The host side of a wired veth, shared by `attach` and the Docker
+/// handoff: the /32 route through which the host stack reaches the
+/// container (and answers its ARP for the gateway), `from_container` on
+/// the host end, the map entry, and the record's interface fields.
+pub(super) async fn connect_host_side(
+    nl: &Netlink,
+    pin: &PinDir,
+    maps: &mut Maps,
+    rec: &mut Record,
+    host: &crate::netlink::Link,
+    mac: [u8; 6],
+) -> anyhow::Result<()> {
     nl.replace_route(Ipv4Net::new(rec.ip, 32)?, host.index, None)
         .await?;
     let host_mac = host.mac.context("host interface has no MAC")?;

@@ -7,20 +7,18 @@
 use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::Context as _;
-use ipnet::Ipv4Net;
-use netd_common::Endpoint;
 use rtnetlink::LinkUnspec;
 use tracing::info;
 
 use super::{
     Error, Lock,
     allocator::pick_ip,
-    attach::free_names,
+    attach::{connect_host_side, free_names},
     record::{self, Phase, Record, all_records},
 };
 use crate::{
-    control::lease::{Mac, gateway},
-    datapath::{self, Maps, PinDir},
+    control::lease::gateway,
+    datapath::{Maps, PinDir},
     netlink::Netlink,
     state::SubnetEnv,
 };
@@ -175,23 +173,8 @@ async fn wire(
     )
     .await?;
     set_mtu(nl, peer.index, env.mtu).await?;
-    nl.replace_route(Ipv4Net::new(rec.ip, 32)?, host.index, None)
-        .await?;
     let mac = peer.mac.context("container interface has no MAC")?;
-    let host_mac = host.mac.context("host interface has no MAC")?;
-    datapath::attach_tc(pin, netd_common::names::FROM_CONTAINER, &rec.host_ifname)?;
-    maps.insert_endpoint(
-        rec.ip,
-        &Endpoint {
-            ifindex: host.index,
-            mac,
-            host_mac,
-        },
-    )?;
-    rec.host_ifindex = host.index;
-    rec.mac = Mac(mac).to_string();
-    rec.host_mac = Mac(host_mac).to_string();
-    Ok(())
+    connect_host_side(nl, pin, maps, rec, &host, mac).await
 }
 
 async fn set_mtu(nl: &Netlink, index: u32, mtu: u32) -> anyhow::Result<()> {
