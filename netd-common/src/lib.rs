@@ -7,6 +7,7 @@
 
 pub mod endpoint;
 pub mod headers;
+pub mod policy;
 pub mod stats;
 pub mod tunnel;
 
@@ -16,7 +17,7 @@ pub use tunnel::{DecapMeta, NodeConfig, Peer, PeerMode};
 
 /// Version of the pinned map layout. Bumped whenever a map type changes, so a
 /// new daemon never reads maps written with another layout.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// Names of the maps and programs, as pinned under `<pin-path>/v<N>/`.
 pub mod names {
@@ -25,6 +26,11 @@ pub mod names {
     pub const ENDPOINTS: &str = "ENDPOINTS";
     pub const CONFIG: &str = "CONFIG";
     pub const STATS: &str = "STATS";
+    pub const IDENTITIES: &str = "IDENTITIES";
+    pub const LOCAL_POLICY: &str = "LOCAL_POLICY";
+    pub const POLICY: &str = "POLICY";
+    pub const POLICY_STATE: &str = "POLICY_STATE";
+    pub const CONNTRACK: &str = "CONNTRACK";
     pub const FROM_CONTAINER: &str = "from_container";
     pub const XDP_FROM_UNDERLAY: &str = "xdp_from_underlay";
     pub const TC_FROM_UNDERLAY: &str = "tc_from_underlay";
@@ -87,6 +93,24 @@ mod layout {
         assert_eq!(align_of::<DecapMeta>(), 4);
         assert_eq!(offset_of!(DecapMeta, tag), 0);
         assert_eq!(offset_of!(DecapMeta, ifindex), 4);
+    }
+
+    #[test]
+    fn policy_layouts() {
+        use crate::policy::*;
+        assert_eq!(size_of::<Identity>(), 12);
+        assert_eq!(size_of::<LocalPolicy>(), 12);
+        assert_eq!(size_of::<PolicyKey>(), 12);
+        assert_eq!(offset_of!(PolicyKey, proto), 8);
+        assert_eq!(offset_of!(PolicyKey, dir), 9);
+        assert_eq!(size_of::<PolicyEntry>(), 4 + 4 * MAX_PORT_RANGES);
+        assert_eq!(size_of::<PolicyState>(), 8);
+        assert_eq!(size_of::<CtKey>(), 16);
+        assert_eq!(offset_of!(CtKey, sport), 8);
+        assert_eq!(offset_of!(CtKey, proto), 12);
+        assert_eq!(offset_of!(CtKey, dir), 13);
+        assert_eq!(size_of::<CtEntry>(), 16);
+        assert_eq!(offset_of!(CtEntry, generation), 8);
     }
 
     #[test]

@@ -79,8 +79,15 @@ counters! {
     /// VXLAN reassembled by the stack, delivered to a container by the
     /// tunnel device's program.
     ReassembledDelivered = 23 => "reassembled_delivered",
+    // Isolation and policy.
+    /// Dropped: a policy isolates the endpoint in this direction and none
+    /// allows the flow.
+    DropPolicy = 24 => "drop_policy",
+    /// Dropped: from an endpoint of another network, and no policy of the
+    /// destination's network allows it.
+    DropIsolation = 25 => "drop_isolation",
 }
 
 impl Counter {
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 26;
 }

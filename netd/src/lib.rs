@@ -8,6 +8,7 @@ pub mod egress;
 pub mod endpoint;
 pub mod metrics;
 pub mod netlink;
+pub mod policy;
 #[cfg(test)]
 mod proptests;
 pub mod runtime;

@@ -1,0 +1,74 @@
+//! Isolation between networks and network policy: endpoints (address,
+//! network, labels) and policies in, the kernel's policy tables out.
+//!
+//! `spec` is the policy format stored at `<prefix>/policies/<name>`;
+//! `compile` turns a [`ClusterView`] and the valid policies into [`Tables`],
+//! which `datapath::policy_maps` writes to the kernel.
+
+pub mod compile;
+pub mod spec;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use ipnet::Ipv4Net;
+use netd_common::policy::{Identity, LocalPolicy, PolicyEntry, PolicyKey};
+use serde::{Deserialize, Serialize};
+
+pub use compile::compile;
+pub use spec::{Policy, PolicyError};
+
+/// The network of an endpoint that names none.
+pub const DEFAULT_NETWORK: &str = "default";
+
+/// An endpoint of any host, as published at
+/// `<prefix>/endpoints/<subnet key>/<ip>`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EndpointInfo {
+    pub ip: Ipv4Addr,
+    pub network: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Everything the tables are compiled from, as one host sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterView {
+    /// Every endpoint of every host, this one's included.
+    pub endpoints: Vec<EndpointInfo>,
+    /// Addresses of the endpoints on this host (they get `LOCAL_POLICY`).
+    pub local: BTreeSet<Ipv4Addr>,
+    /// Subnets of remote hosts: their addresses that are not published
+    /// endpoints (a flannel host's containers) take `foreign`.
+    pub remote_subnets: Vec<Ipv4Net>,
+    /// Who a flannel host's containers are: network `default`, no labels,
+    /// unless configured.
+    pub foreign: ForeignIdentity,
+    /// This host's gateway address (identity HOST: always allowed).
+    pub gateway: Option<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignIdentity {
+    pub network: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Default for ForeignIdentity {
+    fn default() -> Self {
+        Self { network: DEFAULT_NETWORK.into(), labels: BTreeMap::new() }
+    }
+}
+
+/// The desired content of `IDENTITIES`, `LOCAL_POLICY` and `POLICY`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tables {
+    pub identities: BTreeMap<Ipv4Net, Identity>,
+    pub local: BTreeMap<Ipv4Addr, LocalPolicy>,
+    pub rules: BTreeMap<PolicyKey, PolicyEntry>,
+    /// Pairs that needed more port ranges than a `PolicyEntry` holds (their
+    /// extra ranges are denied), one line each, for the log and status.
+    pub problems: Vec<String>,
+}
