@@ -12,6 +12,7 @@
 pub mod attachments;
 mod maps;
 mod pins;
+pub mod policy_maps;
 pub mod tunnel_device;
 mod xdp;
 
