@@ -2,6 +2,7 @@
 
 pub mod attach;
 pub mod network;
+pub mod policy;
 pub mod run;
 pub mod status;
 pub mod teardown;
@@ -50,6 +51,9 @@ pub enum Command {
     /// Remove everything netd made on this host: containers, programs,
     /// pins, the gateway address and the run-directory files.
     Teardown,
+    /// Manage the network policies in etcd.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
 }
 
 #[derive(Debug, Args, Clone)]

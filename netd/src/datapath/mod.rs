@@ -13,6 +13,7 @@ pub mod attachments;
 pub mod conntrack;
 mod maps;
 mod pins;
+pub mod policy_maps;
 pub mod tunnel_device;
 mod xdp;
 
