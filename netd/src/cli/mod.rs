@@ -117,6 +117,13 @@ pub struct RunArgs {
     /// outside the cluster network behind the host's address.
     #[arg(long, env = "NETD_IP_MASQ")]
     pub ip_masq: bool,
+    /// Network of the containers of flannel hosts (which publish no
+    /// endpoints), for isolation and policy.
+    #[arg(long, env = "NETD_FOREIGN_NETWORK", default_value = crate::policy::DEFAULT_NETWORK, value_parser = parse_network)]
+    pub foreign_network: String,
+    /// A label of the containers of flannel hosts, KEY=VALUE (repeatable).
+    #[arg(long = "foreign-label", value_name = "KEY=VALUE", value_parser = crate::endpoint::labels::parse_label)]
+    pub foreign_labels: Vec<(String, String)>,
 }
 
 #[derive(Debug, Subcommand)]
