@@ -292,6 +292,17 @@ impl Registry {
         }
     }
 
+    /// The client, for the key spaces other modules own (endpoints,
+    /// policies); cheap to clone.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// `<prefix>/<rest>`.
+    pub fn key(&self, rest: &str) -> String {
+        format!("{}/{rest}", self.prefix)
+    }
+
     pub fn config_key(&self) -> String {
         format!("{}/config", self.prefix)
     }
