@@ -32,7 +32,7 @@ use crate::{
         lease::{gateway, parse_subnet_key},
         registry::{Registry, RegistryError},
     },
-    datapath::{Maps, PinDir},
+    datapath::{Maps, PinDir, conntrack, policy_maps::PolicyMaps},
     endpoint::{self, labels},
     policy::{self, ClusterView, EndpointInfo, ForeignIdentity, Policy, Tables},
     state::{now, write_atomic},
@@ -52,36 +52,26 @@ pub const CONNTRACK_GC: Duration = Duration::from_secs(30);
 pub const SUMMARY_FILE: &str = "policy.json";
 
 /// Writes compiled tables into the kernel's `IDENTITIES`, `LOCAL_POLICY`
-/// and `POLICY` maps and bumps the generation.
-///
-/// Stand-in until `datapath::policy_maps::PolicyMaps` (`open(pin)`,
-/// `apply(&Tables)`) is in this tree: [`open_kernel_tables`] returns
-/// [`NoKernelTables`]; replace its body with
-/// `Ok(Box::new(PolicyMaps::open(pin)?))` and implement this trait for
-/// `PolicyMaps` by calling its `apply`.
+/// and `POLICY` maps and bumps the generation (a trait so the task can be
+/// exercised without a kernel).
 pub trait KernelTables: Send {
     fn apply(&mut self, tables: &Tables) -> anyhow::Result<()>;
 }
 
-/// The stand-in: this build has no policy maps to write.
-pub struct NoKernelTables;
-
-impl KernelTables for NoKernelTables {
-    fn apply(&mut self, _tables: &Tables) -> anyhow::Result<()> {
+impl KernelTables for PolicyMaps {
+    fn apply(&mut self, tables: &Tables) -> anyhow::Result<()> {
+        PolicyMaps::apply(self, tables)?;
         Ok(())
     }
 }
 
-pub fn open_kernel_tables(_pin: &PinDir) -> anyhow::Result<Box<dyn KernelTables>> {
-    Ok(Box::new(NoKernelTables))
+pub fn open_kernel_tables(pin: &PinDir) -> anyhow::Result<Box<dyn KernelTables>> {
+    Ok(Box::new(PolicyMaps::open(pin)?))
 }
 
 /// Deletes expired conntrack entries; how many.
-///
-/// Stand-in until `datapath::conntrack::gc(pin)` is in this tree: replace
-/// the body with a call to it.
-pub fn conntrack_gc(_pin: &PinDir) -> anyhow::Result<usize> {
-    Ok(0)
+pub fn conntrack_gc(pin: &PinDir) -> anyhow::Result<usize> {
+    Ok(conntrack::gc(pin)?.removed)
 }
 
 /// Why a value under the watched prefixes is ignored.
