@@ -369,4 +369,144 @@ mod tests {
         }
         assert_eq!(after, desired);
     }
+
+    /// Maps of the kernel's layout, created and pinned here (the programs'
+    /// object need not have them), removed on drop.
+    struct PinnedMaps {
+        base: PathBuf,
+        pin: PinDir,
+    }
+
+    impl PinnedMaps {
+        fn create() -> Self {
+            use aya_obj::{
+                EbpfSectionKind,
+                maps::{LegacyMap, PinningType, bpf_map_def},
+            };
+            assert!(
+                nix::unistd::geteuid().is_root(),
+                "this test creates BPF maps: run it as root"
+            );
+            let base = PathBuf::from(format!(
+                "/sys/fs/bpf/netd-unit-policy-{}",
+                std::process::id()
+            ));
+            let pin = PinDir::new(&base);
+            pin.create().expect("pin directory on bpffs at /sys/fs/bpf");
+            let size = |n: usize| n as u32;
+            // (name, type, key size, value size, entries, flags): 11 LPM
+            // trie (no-prealloc), 1 hash, 2 array.
+            let maps = [
+                (names::IDENTITIES, 11, 8, size(size_of::<Identity>()), 64, 1),
+                (
+                    names::LOCAL_POLICY,
+                    1,
+                    4,
+                    size(size_of::<LocalPolicy>()),
+                    64,
+                    0,
+                ),
+                (
+                    names::POLICY,
+                    1,
+                    size(size_of::<PolicyKey>()),
+                    size(size_of::<PolicyEntry>()),
+                    64,
+                    0,
+                ),
+                (
+                    names::POLICY_STATE,
+                    2,
+                    4,
+                    size(size_of::<PolicyState>()),
+                    1,
+                    0,
+                ),
+            ];
+            for (name, map_type, key_size, value_size, max_entries, map_flags) in maps {
+                let obj = aya_obj::Map::Legacy(LegacyMap {
+                    def: bpf_map_def {
+                        map_type,
+                        key_size,
+                        value_size,
+                        max_entries,
+                        map_flags,
+                        id: 0,
+                        pinning: PinningType::None,
+                    },
+                    inner_def: None,
+                    section_index: 0,
+                    section_kind: EbpfSectionKind::Maps,
+                    symbol_index: None,
+                    data: Vec::new(),
+                });
+                let map =
+                    MapData::create(obj, name, None).unwrap_or_else(|e| panic!("{name}: {e}"));
+                map.pin(pin.map(name))
+                    .unwrap_or_else(|e| panic!("pin {name}: {e}"));
+            }
+            PinnedMaps { base, pin }
+        }
+    }
+
+    impl Drop for PinnedMaps {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.base);
+        }
+    }
+
+    #[test]
+    fn apply_makes_the_maps_equal_and_bumps_the_generation_on_change() {
+        use crate::policy::{ClusterView, EndpointInfo, Policy, compile};
+        let pinned = PinnedMaps::create();
+        let mut maps = PolicyMaps::open(&pinned.pin).unwrap();
+        assert_eq!(maps.read().unwrap(), Tables::default());
+        assert_eq!(maps.generation().unwrap(), 0);
+
+        let ep = |ip: &str, app: &str| EndpointInfo {
+            ip: ip.parse().unwrap(),
+            network: "default".into(),
+            labels: BTreeMap::from([("app".into(), app.into())]),
+        };
+        let mut view = ClusterView {
+            endpoints: vec![ep("10.244.1.2", "web"), ep("10.244.1.3", "client")],
+            local: ["10.244.1.2".parse().unwrap(), "10.244.1.3".parse().unwrap()].into(),
+            remote_subnets: vec!["10.244.2.0/24".parse().unwrap()],
+            gateway: Some("10.244.1.1".parse().unwrap()),
+            ..Default::default()
+        };
+        let web = Policy::parse(
+            br#"{"name":"web","selector":{"app":"web"},"ingress":[{"from":[{"selector":{"app":"client"}},{"cidr":"203.0.113.0/24"}],"ports":[{"port":80},{"port":443}]}]}"#,
+        )
+        .unwrap();
+        let first = compile(&view, std::slice::from_ref(&web));
+        assert!(!first.rules.is_empty());
+        let stats = maps.apply(&first).unwrap();
+        let total = first.identities.len() + first.local.len() + first.rules.len();
+        assert_eq!(
+            (stats.upserted, stats.removed, stats.generation),
+            (total, 0, 1)
+        );
+        assert_eq!(maps.read().unwrap(), first);
+
+        // The same tables again: nothing written, the generation stays.
+        let stats = maps.apply(&first).unwrap();
+        assert!(!stats.changed());
+        assert_eq!(maps.generation().unwrap(), 1);
+
+        // An endpoint gone and the policy removed: stale entries deleted.
+        view.endpoints.pop();
+        view.local.remove(&"10.244.1.3".parse().unwrap());
+        let second = compile(&view, &[]);
+        let stats = maps.apply(&second).unwrap();
+        assert!(stats.removed >= first.rules.len() + 2, "{stats:?}");
+        assert_eq!(stats.generation, 2);
+        assert_eq!(maps.read().unwrap(), second);
+
+        // What another writer left behind is removed too (level-triggered).
+        maps.rules.insert(key(999), entry(1), 0).unwrap();
+        let stats = maps.apply(&second).unwrap();
+        assert_eq!((stats.upserted, stats.removed, stats.generation), (0, 1, 3));
+        assert_eq!(maps.read().unwrap(), second);
+    }
 }

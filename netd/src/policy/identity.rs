@@ -117,10 +117,7 @@ mod tests {
         let (a, b) = (0u32..)
             .find_map(|i| {
                 let s = format!("n{i}");
-                match seen.insert(slot(&s), s.clone()) {
-                    Some(prev) => Some((prev, s)),
-                    None => None,
-                }
+                seen.insert(slot(&s), s.clone()).map(|prev| (prev, s))
             })
             .unwrap();
         let (low, high) = if a < b { (a, b) } else { (b, a) };
