@@ -385,11 +385,11 @@ fn per_cpu_section(s: &mut String, r: &Results, workload: &str) {
     );
     let _ = writeln!(
         s,
-        "| mode | variant | busy % | system+irq % | softirq % | NET_RX k/s | softnet processed k/s | squeezed/s | backlog drops |"
+        "| mode | variant | busy % | system+irq % | softirq % | NET_RX k/s | softnet processed k/s | squeezed/s | backlog drops | receiver skbs per ACK |"
     );
     let _ = writeln!(
         s,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | ---: |"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: |"
     );
     for v in r.variants() {
         for m in &r.modes {
@@ -413,9 +413,14 @@ fn per_cpu_section(s: &mut String, r: &Results, workload: &str) {
                 .iter()
                 .flat_map(|x| x.cpu.softnet.iter().map(|c| c.dropped))
                 .sum();
+            let per_ack: Vec<f64> = samples
+                .iter()
+                .filter_map(|x| skbs_per_ack(&x.raw))
+                .collect();
+            let per_ack = percentile(&per_ack, 50.0).map_or("-".into(), |x| format!("{x:.1}"));
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {drops} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {drops} | {per_ack} |",
                 m.mode.name(),
                 variant_label(m.mode, v),
                 col(&|c, i| c.busy_share(i).map(|x| x * 100.0), 0),
@@ -431,6 +436,18 @@ fn per_cpu_section(s: &mut String, r: &Results, workload: &str) {
         }
     }
     s.push('\n');
+}
+
+/// TCP segments (skbs, after GRO) the receiver took in per segment it sent
+/// back, from its `Tcp` counters: how often it acknowledged. Every ACK
+/// crosses the whole path in the other direction.
+fn skbs_per_ack(raw: &serde_json::Value) -> Option<f64> {
+    let server = &raw["tcp_counters"]["server"];
+    let (data, acks) = (
+        server["Tcp.InSegs"].as_f64()?,
+        server["Tcp.OutSegs"].as_f64()?,
+    );
+    (acks > 0.0).then(|| data / acks)
 }
 
 /// The goals, each with the figure from this run and whether it is met.
