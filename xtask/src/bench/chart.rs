@@ -1,5 +1,6 @@
-//! `bench.png`: one small bar chart per key figure, a bar per mode (the
-//! median) with a whisker from min to max.
+//! `bench.png`: one small bar chart per key figure, a bar per mode and
+//! placement (the median across rounds; unpinned in a lighter shade) with
+//! a whisker from min to max, all with the run's first GRO setting.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,6 +14,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 use super::report::{FIGURES, Figure, figure_stats};
 use super::results::Results;
 use super::testbed::Mode;
+use super::workloads::Variant;
 
 /// Read at run time (fonts-dejavu-core, which setup installs), so xtask
 /// itself compiles on a machine without it.
@@ -30,7 +32,7 @@ const PANELS: &[(&str, &str, &str)] = &[
     ("rr", "p99_us", "RR round trip p99, µs"),
     ("tcp-1", "cpu_s_per_gbit", "CPU cores per Gbit/s, TCP 1"),
 ];
-const SIZE: (u32, u32) = (1200, 640);
+const SIZE: (u32, u32) = (1800, 760);
 
 pub fn load_font() -> Result<&'static [u8]> {
     let bytes = std::fs::read(FONT)
@@ -74,14 +76,44 @@ fn draw_into(rgb: &mut [u8], results: &Results) -> Result<()> {
     let root = BitMapBackend::with_buffer(rgb, SIZE).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let m = &results.meta.machine;
+    let primary = results.primary();
+    let placements: Vec<Variant> = results
+        .variants()
+        .into_iter()
+        .filter(|v| v.gro == primary.gro)
+        .collect();
     let title = format!(
-        "netd vs kernel VXLAN, routing, bare underlay — {} cores, kernel {}, {} × {} s; bar: median, whisker: min–max",
-        m.cores, m.kernel, results.meta.reps, results.meta.seconds
+        "netd vs kernel VXLAN, routing, bare — {} × {}, kernel {}, {} rounds × {} s, GRO {}; bar: median ({}), whisker: min–max",
+        m.cores,
+        m.cpu_model,
+        m.kernel,
+        results.meta.rounds.max(1),
+        results.meta.seconds,
+        primary.gro.name(),
+        placements
+            .iter()
+            .enumerate()
+            .map(|(i, v)| format!(
+                "{} {}",
+                if i == 0 { "dark" } else { "light" },
+                v.placement.name()
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let (head, body) = root.split_vertically(36);
-    head.draw_text(&title, &(FONT_NAME, 20).into_font().color(&BLACK), (12, 8))
+    head.draw_text(&title, &(FONT_NAME, 16).into_font().color(&BLACK), (12, 10))
         .map_err(err)?;
-    let modes: Vec<Mode> = results.modes.iter().map(|m| m.mode).collect();
+    let bars: Vec<(Mode, Variant, bool)> = results
+        .modes
+        .iter()
+        .flat_map(|m| {
+            placements
+                .iter()
+                .enumerate()
+                .map(move |(i, v)| (m.mode, *v, i > 0))
+        })
+        .collect();
     for (area, (workload, metric, title)) in body.split_evenly((2, 4)).iter().zip(PANELS) {
         let Some(f) = FIGURES
             .iter()
@@ -89,7 +121,7 @@ fn draw_into(rgb: &mut [u8], results: &Results) -> Result<()> {
         else {
             continue;
         };
-        panel(area, results, &modes, f, title)?;
+        panel(area, results, &bars, f, title)?;
     }
     root.present().map_err(err)?;
     Ok(())
@@ -99,14 +131,18 @@ fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("plotters: {e:?}")
 }
 
+/// A bar per (mode, variant); `light` for every placement after the first.
 fn panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
     results: &Results,
-    modes: &[Mode],
+    bars: &[(Mode, Variant, bool)],
     f: &Figure,
     title: &str,
 ) -> Result<()> {
-    let stats: Vec<_> = modes.iter().map(|&m| figure_stats(results, m, f)).collect();
+    let stats: Vec<_> = bars
+        .iter()
+        .map(|&(m, v, _)| figure_stats(results, m, f, v))
+        .collect();
     let top = stats
         .iter()
         .flatten()
@@ -115,7 +151,7 @@ fn panel<DB: DrawingBackend>(
         .max(1e-9)
         * 1.2;
     // A segmented 0..k range has k + 1 slots.
-    let last = (modes.len() as u32).saturating_sub(1);
+    let last = (bars.len() as u32).saturating_sub(1);
     let mut chart = ChartBuilder::on(area)
         .caption(title, (FONT_NAME, 14))
         .margin(8)
@@ -128,11 +164,13 @@ fn panel<DB: DrawingBackend>(
         .disable_x_mesh()
         .light_line_style(TRANSPARENT)
         .y_labels(6)
-        .x_labels(modes.len())
+        .x_labels(bars.len())
         .x_label_formatter(&|x| match x {
-            SegmentValue::CenterOf(i) => modes
+            // One label per mode, under its first bar.
+            SegmentValue::CenterOf(i) => bars
                 .get(*i as usize)
-                .map_or("", |m| short_name(*m))
+                .filter(|(_, _, light)| !light)
+                .map_or("", |(m, _, _)| short_name(*m))
                 .to_string(),
             _ => String::new(),
         })
@@ -140,17 +178,22 @@ fn panel<DB: DrawingBackend>(
         .label_style((FONT_NAME, 11))
         .draw()
         .map_err(err)?;
-    for (i, (mode, st)) in modes.iter().zip(&stats).enumerate() {
+    for (i, ((mode, _, light), st)) in bars.iter().zip(&stats).enumerate() {
         let Some(st) = st else { continue };
         let i = i as u32;
+        let c = if *light {
+            lighter(color(*mode))
+        } else {
+            color(*mode)
+        };
         let mut bar = Rectangle::new(
             [
                 (SegmentValue::Exact(i), 0.0),
                 (SegmentValue::Exact(i + 1), st.median),
             ],
-            color(*mode).filled(),
+            c.filled(),
         );
-        bar.set_margin(0, 0, 8, 8);
+        bar.set_margin(0, 0, 3, 3);
         chart.draw_series(std::iter::once(bar)).map_err(err)?;
         let whisker = PathElement::new(
             vec![
@@ -166,7 +209,7 @@ fn panel<DB: DrawingBackend>(
                 SegmentValue::CenterOf(i),
                 st.max.max(st.median) + top * 0.02,
             ),
-            (FONT_NAME, 11)
+            (FONT_NAME, 9)
                 .into_font()
                 .color(&BLACK)
                 .pos(Pos::new(HPos::Center, VPos::Bottom)),
@@ -174,6 +217,12 @@ fn panel<DB: DrawingBackend>(
         chart.draw_series(std::iter::once(label)).map_err(err)?;
     }
     Ok(())
+}
+
+/// Halfway to white.
+fn lighter(c: RGBColor) -> RGBColor {
+    let up = |x: u8| x + (255 - x) / 2;
+    RGBColor(up(c.0), up(c.1), up(c.2))
 }
 
 /// Tick labels without needless decimals: 20000, 2.5, 0.05.

@@ -5,6 +5,12 @@
 //! leases against the testbed's etcd. Writes every sample as JSON, a
 //! Markdown report and a PNG chart.
 //!
+//! A run is a number of rounds, each of which builds every mode's testbed
+//! once (in an order that rotates from round to round) and runs all of its
+//! workloads in every placement and GRO setting: slow drifts of a shared
+//! machine then spread over all modes instead of landing on whichever ran
+//! last, and the spread across rounds is reported with each median.
+//!
 //! Nothing here asserts a timing: the machine is shared and noisy. A run
 //! fails only when a mode moved no traffic or a figure is missing.
 
@@ -36,13 +42,13 @@ use crate::{setup, util};
 use progress::Progress;
 use results::{ModeResult, Results};
 use testbed::{Mode, Testbed};
-use workloads::Workload;
+use workloads::{Gro, Placement, Variant, Workload};
 
 #[derive(Args)]
 pub struct Options {
-    /// A short run for CI: one 1-second repetition per workload and 200
-    /// leases; checks only that every mode moved traffic and that every
-    /// figure was produced.
+    /// A short run for CI: one round, pinned, one 1-second run per
+    /// workload and 200 leases; checks only that every mode moved traffic
+    /// and that every figure was produced.
     #[arg(long)]
     quick: bool,
     /// Directory for bench.json, report.md and bench.png.
@@ -53,10 +59,27 @@ pub struct Options {
     /// netd-egress-plain,netd-egress-nat).
     #[arg(long, value_delimiter = ',', value_parser = Mode::parse)]
     modes: Option<Vec<Mode>>,
-    /// Repetitions of each workload (default 3; 1 with --quick).
+    /// Workloads to run, comma separated (default: all of
+    /// tcp-1,tcp-4,udp-64,udp-1400,rr).
+    #[arg(long, value_delimiter = ',', value_parser = Workload::parse)]
+    workloads: Option<Vec<Workload>>,
+    /// Rounds; each builds every mode's testbed once and runs all its
+    /// workloads, the mode order rotated by one from round to round
+    /// (default 5; 1 with --quick).
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Where client and server run: pinned to cores 0 and 1, unpinned, or
+    /// both (default both; pinned with --quick).
+    #[arg(long, value_enum)]
+    placement: Option<Choice<Placement>>,
+    /// GRO on every container's eth0, the same in every container mode:
+    /// on, off, or both (default on).
+    #[arg(long, value_enum)]
+    gro: Option<Choice<Gro>>,
+    /// Repetitions of each workload per round (default 1).
     #[arg(long)]
     reps: Option<u32>,
-    /// Seconds each measured run lasts (default 5; 1 with --quick).
+    /// Seconds each measured run lasts (default 3; 1 with --quick).
     #[arg(long)]
     seconds: Option<u32>,
     /// Simulated remote leases for the control-plane runs, comma separated
@@ -78,11 +101,51 @@ pub struct Options {
     report_from: Option<PathBuf>,
 }
 
+/// One setting, or both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice<T> {
+    One(T),
+    Both,
+}
+
+impl<T: clap::ValueEnum + Clone + Send + Sync + 'static> clap::ValueEnum for Choice<T> {
+    fn value_variants<'a>() -> &'a [Self] {
+        // Leaked once per type: clap asks for a 'static list.
+        let mut all: Vec<Self> = T::value_variants()
+            .iter()
+            .cloned()
+            .map(Choice::One)
+            .collect();
+        all.push(Choice::Both);
+        all.leak()
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        match self {
+            Choice::One(t) => t.to_possible_value(),
+            Choice::Both => Some(clap::builder::PossibleValue::new("both")),
+        }
+    }
+}
+
+impl<T: clap::ValueEnum + Copy> Choice<T> {
+    fn expand(self) -> Vec<T> {
+        match self {
+            Choice::One(t) => vec![t],
+            Choice::Both => T::value_variants().to_vec(),
+        }
+    }
+}
+
 /// What one invocation measures, with the defaults filled in.
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub quick: bool,
     pub modes: Vec<Mode>,
+    pub workloads: Vec<Workload>,
+    pub rounds: u32,
+    pub placements: Vec<Placement>,
+    pub gro: Vec<Gro>,
     pub reps: u32,
     pub seconds: u32,
     /// Seconds iperf3 runs before it starts counting (slow start, ARP).
@@ -99,6 +162,11 @@ pub struct Plan {
 impl Plan {
     fn from(opts: &Options) -> Self {
         let quick = opts.quick;
+        let default_placement = if quick {
+            Choice::One(Placement::Pinned)
+        } else {
+            Choice::Both
+        };
         Plan {
             quick,
             modes: match (&opts.modes, opts.no_data_plane) {
@@ -106,8 +174,15 @@ impl Plan {
                 (Some(modes), _) => modes.clone(),
                 (None, _) => Mode::ALL.to_vec(),
             },
-            reps: opts.reps.unwrap_or(if quick { 1 } else { 3 }).max(1),
-            seconds: opts.seconds.unwrap_or(if quick { 1 } else { 5 }).max(1),
+            workloads: opts
+                .workloads
+                .clone()
+                .unwrap_or_else(|| Workload::ALL.to_vec()),
+            rounds: opts.rounds.unwrap_or(if quick { 1 } else { 5 }).max(1),
+            placements: opts.placement.unwrap_or(default_placement).expand(),
+            gro: opts.gro.unwrap_or(Choice::One(Gro::On)).expand(),
+            reps: opts.reps.unwrap_or(1).max(1),
+            seconds: opts.seconds.unwrap_or(if quick { 1 } else { 3 }).max(1),
             omit: if quick { 0 } else { 1 },
             lease_counts: match (&opts.leases, opts.no_control_plane) {
                 (_, true) => Vec::new(),
@@ -119,6 +194,47 @@ impl Plan {
             joins_per_sec: 20.0,
             prog_repeat: if quick { 10_000 } else { 1_000_000 },
             prog_single_runs: if quick { 5 } else { 100 },
+        }
+    }
+
+    /// Round `round`'s mode order (0-based): the list rotated by one per
+    /// round, so that no mode always runs first, last or after the same
+    /// neighbour.
+    pub fn round_order(&self, round: u32) -> Vec<Mode> {
+        let mut order = self.modes.clone();
+        if !order.is_empty() {
+            let by = round as usize % order.len();
+            order.rotate_left(by);
+        }
+        order
+    }
+
+    /// Every (GRO, placement) combination, placements rotated per round.
+    pub fn variants(&self, round: u32) -> Vec<Variant> {
+        let mut placements = self.placements.clone();
+        if !placements.is_empty() {
+            let by = round as usize % placements.len();
+            placements.rotate_left(by);
+        }
+        self.gro
+            .iter()
+            .flat_map(|&gro| {
+                placements
+                    .iter()
+                    .map(move |&placement| Variant { placement, gro })
+            })
+            .collect()
+    }
+
+    /// The variant the chart and the goals use: the first of each setting.
+    pub fn primary(&self) -> Variant {
+        Variant {
+            placement: self
+                .placements
+                .first()
+                .copied()
+                .unwrap_or(Placement::Pinned),
+            gro: self.gro.first().copied().unwrap_or(Gro::On),
         }
     }
 }
@@ -171,12 +287,15 @@ pub fn run(opts: &Options) -> Result<()> {
     let mut results = Results::new(&plan, std::env::args().skip(1).collect());
     let mut progress = Progress::new(&plan);
     println!(
-        "==> bench: modes {}, {} × {}s per workload{}; about {} in all",
+        "==> bench: modes {}, {} round(s), placement {}, GRO {}, {} × {}s per workload{}; about {} in all",
         plan.modes
             .iter()
             .map(|m| m.name())
             .collect::<Vec<_>>()
             .join(","),
+        plan.rounds,
+        names(plan.placements.iter().map(|p| p.name())),
+        names(plan.gro.iter().map(|g| g.name())),
         plan.reps,
         plan.seconds,
         if plan.quick { " (quick)" } else { "" },
@@ -209,26 +328,44 @@ fn rewrite_report(json: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Every mode, then the control plane; stops early only when interrupted.
+fn names<'a>(it: impl Iterator<Item = &'a str>) -> String {
+    it.collect::<Vec<_>>().join(",")
+}
+
+/// Rounds of every mode, then the control plane; stops early only when
+/// interrupted.
 fn measure(plan: &Plan, out: &Path, progress: &mut Progress, results: &mut Results) -> Result<()> {
-    for (i, &mode) in plan.modes.iter().enumerate() {
-        check_interrupt()?;
-        progress.step(
-            &format!(
-                "mode {} ({}/{}): build testbed",
-                mode.name(),
-                i + 1,
-                plan.modes.len()
-            ),
-            progress::SETUP_SECS,
-        );
-        let result = guarded(mode.name(), || measure_mode(plan, mode, progress, i));
-        match result {
-            Ok(r) => results.modes.push(r),
-            Err(e) if interrupted() => return Err(e),
-            Err(e) => {
-                eprintln!("!!  mode {}: {e:#}", mode.name());
-                results.modes.push(ModeResult::failed(mode, &e));
+    for round in 0..plan.rounds {
+        let order = plan.round_order(round);
+        results
+            .meta
+            .round_orders
+            .push(order.iter().map(|m| m.name().to_string()).collect());
+        for (i, &mode) in order.iter().enumerate() {
+            check_interrupt()?;
+            let at = Step {
+                round: round + 1,
+                index: i + 1,
+                of: order.len(),
+            };
+            progress.step(
+                &format!("{} {}: build testbed", at.label(plan), mode.name()),
+                progress::SETUP_SECS,
+            );
+            let first = results.modes.iter().all(|m| m.mode != mode);
+            let result = guarded(mode.name(), || {
+                measure_mode(plan, mode, progress, at, first)
+            });
+            match result {
+                Ok(r) => merge(results, r),
+                Err(e) if interrupted() => return Err(e),
+                Err(e) => {
+                    eprintln!("!!  round {} mode {}: {e:#}", at.round, mode.name());
+                    let mut failed = ModeResult::failed(mode, &e);
+                    failed.errors = vec![format!("round {}: {e:#}", at.round)];
+                    failed.setups_s.clear();
+                    merge(results, failed);
+                }
             }
         }
     }
@@ -252,53 +389,112 @@ fn measure(plan: &Plan, out: &Path, progress: &mut Progress, results: &mut Resul
     Ok(())
 }
 
-/// One mode on a fresh testbed, torn down before returning.
+/// A mode's place in the run, for progress lines.
+#[derive(Clone, Copy)]
+struct Step {
+    round: u32,
+    index: usize,
+    of: usize,
+}
+
+impl Step {
+    fn label(self, plan: &Plan) -> String {
+        format!(
+            "round {}/{} mode {}/{}",
+            self.round, plan.rounds, self.index, self.of
+        )
+    }
+}
+
+/// Adds one round's result of a mode to that mode's result: the first
+/// round's path record and program runs, every round's samples.
+fn merge(results: &mut Results, r: ModeResult) {
+    match results.modes.iter_mut().find(|m| m.mode == r.mode) {
+        None => results.modes.push(r),
+        Some(m) => {
+            if m.path.interfaces.is_empty() {
+                m.path = r.path;
+            }
+            if m.progrun.is_none() {
+                m.progrun = r.progrun;
+            }
+            m.setups_s.extend(r.setups_s);
+            m.samples.extend(r.samples);
+            m.errors.extend(r.errors);
+        }
+    }
+}
+
+/// One mode on a fresh testbed, torn down before returning: every variant
+/// of every workload; the program runs only the first time the mode runs.
 fn measure_mode(
     plan: &Plan,
     mode: Mode,
     progress: &mut Progress,
-    index: usize,
+    at: Step,
+    first: bool,
 ) -> Result<ModeResult> {
     let started = Instant::now();
     let tb = Testbed::build(mode)?;
     let mut result = ModeResult::new(mode, started.elapsed(), tb.describe_path()?);
-    println!(
-        "    {} → {} ({}), path MTU {}",
-        tb.client.name(),
-        tb.server_ip,
-        mode.description(),
-        tb.path_mtu()
-    );
-    for workload in Workload::ALL {
-        for rep in 1..=plan.reps {
-            check_interrupt()?;
-            progress.step(
-                &format!(
-                    "mode {} ({}/{}): {} rep {rep}/{}",
-                    mode.name(),
-                    index + 1,
-                    plan.modes.len(),
-                    workload.name(),
-                    plan.reps
-                ),
-                progress::run_secs(plan),
-            );
-            match workloads::run(&tb, workload, rep, plan) {
-                Ok(sample) => {
-                    println!("      {}", sample.summary());
-                    result.samples.push(sample);
-                }
-                Err(e) if interrupted() => return Err(e),
-                Err(e) => {
-                    eprintln!("!!  {} {}: {e:#}", mode.name(), workload.name());
-                    result
-                        .errors
-                        .push(format!("{} rep {rep}: {e:#}", workload.name()));
+    if first {
+        println!(
+            "    {} → {} ({}), path MTU {}",
+            tb.client.name(),
+            tb.server_ip,
+            mode.description(),
+            tb.path_mtu()
+        );
+    }
+    for variant in plan.variants(at.round - 1) {
+        // GRO has nothing to act on without containers: one setting only.
+        if !results::has_containers(mode) && variant.gro != plan.gro[0] {
+            continue;
+        }
+        let gro_seen = workloads::set_container_gro(&tb, variant.gro)?;
+        for &workload in &plan.workloads {
+            for rep in 1..=plan.reps {
+                check_interrupt()?;
+                progress.step(
+                    &format!(
+                        "{} {}: {} {}{}",
+                        at.label(plan),
+                        mode.name(),
+                        workload.name(),
+                        variant.label(),
+                        if plan.reps > 1 {
+                            format!(" rep {rep}/{}", plan.reps)
+                        } else {
+                            String::new()
+                        }
+                    ),
+                    progress::run_secs(plan),
+                );
+                match workloads::run_variant(&tb, workload, rep, variant.placement, plan) {
+                    Ok(mut sample) => {
+                        sample.round = at.round;
+                        sample.gro = variant.gro.name().to_string();
+                        sample.gro_seen = gro_seen.clone();
+                        println!("      {}", sample.summary());
+                        result.samples.push(sample);
+                    }
+                    Err(e) if interrupted() => return Err(e),
+                    Err(e) => {
+                        eprintln!("!!  {} {}: {e:#}", mode.name(), workload.name());
+                        result.errors.push(format!(
+                            "round {} {} {} rep {rep}: {e:#}",
+                            at.round,
+                            workload.name(),
+                            variant.label()
+                        ));
+                    }
                 }
             }
         }
     }
-    if mode.is_netd() {
+    if mode.is_netd() && first {
+        // Program costs with the first variant's GRO, as the figures.
+        workloads::set_container_gro(&tb, plan.primary().gro)?;
         let what = if progrun::runs_in(plan, mode) {
             "BPF_PROG_TEST_RUN and live program costs"
         } else {
@@ -445,4 +641,43 @@ pub fn sh(ns: &NsRef, argv: &[&str]) -> Result<String> {
     let out = run_bounded(cmd, Duration::from_secs(30))
         .with_context(|| format!("[{}] {}", ns.name(), argv.join(" ")))?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(args: &[&str]) -> Plan {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            opts: Options,
+        }
+        let cli = <Cli as clap::Parser>::parse_from([&["bench"][..], args].concat());
+        Plan::from(&cli.opts)
+    }
+
+    #[test]
+    fn rounds_rotate_the_mode_order() {
+        let p = plan(&["--modes", "bare,routed,kernel-vxlan"]);
+        assert_eq!(p.rounds, 5);
+        let names = |r| -> Vec<&str> { p.round_order(r).iter().map(|m| m.name()).collect() };
+        assert_eq!(names(0), ["bare", "routed", "kernel-vxlan"]);
+        assert_eq!(names(1), ["routed", "kernel-vxlan", "bare"]);
+        assert_eq!(names(3), names(0));
+    }
+
+    #[test]
+    fn full_run_measures_both_placements_quick_only_pinned() {
+        let full = plan(&[]);
+        assert_eq!(full.placements, [Placement::Pinned, Placement::Unpinned]);
+        assert_eq!(full.gro, [Gro::On]);
+        assert_eq!(full.variants(1)[0].placement, Placement::Unpinned);
+        let quick = plan(&["--quick"]);
+        assert_eq!((quick.rounds, quick.seconds), (1, 1));
+        assert_eq!(quick.variants(0), [Variant::DEFAULT]);
+        let both = plan(&["--gro", "both", "--placement", "unpinned"]);
+        assert_eq!(both.gro, [Gro::On, Gro::Off]);
+        assert_eq!(both.variants(0).len(), 2);
+    }
 }

@@ -5,7 +5,6 @@ use std::time::Instant;
 
 use super::Plan;
 use super::testbed::Mode;
-use super::workloads::Workload;
 
 /// Building and removing a testbed, attaching containers, pings.
 pub const SETUP_SECS: f64 = 8.0;
@@ -16,9 +15,9 @@ pub fn run_secs(plan: &Plan) -> f64 {
     f64::from(plan.seconds + plan.omit) + RUN_OVERHEAD_SECS
 }
 
-/// Live costs (two workloads) in every netd mode; test runs in one.
+/// Live costs (three workloads) in every netd mode; test runs in one.
 pub fn progrun_secs(plan: &Plan, mode: Mode) -> f64 {
-    let live = 2.0 * run_secs(plan);
+    let live = 3.0 * run_secs(plan);
     if super::progrun::runs_in(plan, mode) {
         // Four frames, a loop and single runs each; bpftool starts in ~10 ms.
         live + 4.0 * (2.0 + f64::from(plan.prog_single_runs) * 0.02)
@@ -32,8 +31,10 @@ pub fn control_plane_secs(plan: &Plan, leases: usize) -> f64 {
     SETUP_SECS + 3.0 + leases as f64 / 2000.0 + joins
 }
 
+/// One mode in one round: its testbed and every variant of every workload.
 fn mode_secs(plan: &Plan) -> f64 {
-    let runs = (Workload::ALL.len() as u32 * plan.reps) as f64;
+    let variants = plan.placements.len() * plan.gro.len();
+    let runs = (plan.workloads.len() * variants) as f64 * f64::from(plan.reps);
     SETUP_SECS + runs * run_secs(plan)
 }
 
@@ -45,7 +46,7 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(plan: &Plan) -> Self {
-        let mut total = plan.modes.len() as f64 * mode_secs(plan);
+        let mut total = f64::from(plan.rounds) * plan.modes.len() as f64 * mode_secs(plan);
         for &m in plan.modes.iter().filter(|m| m.is_netd()) {
             total += progrun_secs(plan, m);
         }

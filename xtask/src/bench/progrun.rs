@@ -196,13 +196,13 @@ fn prog_stats(cluster: &Cluster) -> Result<BTreeMap<(usize, String), (u64, u64)>
     Ok(out)
 }
 
-/// Runs a TCP and a UDP workload with run-time accounting on and reports
+/// Runs TCP (1 and 4 streams) and UDP workloads with run-time accounting on and reports
 /// every program that ran.
 fn live_costs(tb: &Testbed, plan: &Plan) -> Result<Vec<LiveCost>> {
     let cluster = tb.cluster().context("a netd testbed")?;
     let _stats = enable_run_time_stats().context("BPF_ENABLE_STATS")?;
     let mut costs = Vec::new();
-    for w in [Workload::Tcp1, Workload::Udp64] {
+    for w in [Workload::Tcp1, Workload::Tcp4, Workload::Udp64] {
         check_interrupt()?;
         let before = prog_stats(cluster)?;
         let sample = workloads::run(tb, w, 1, plan)?;

@@ -13,6 +13,7 @@ use super::control_plane::ControlPlaneResult;
 use super::progrun::ProgRunResult;
 use super::results::{ModeResult, Results};
 use super::testbed::Mode;
+use super::workloads::Variant;
 
 /// One reported figure: a metric of a workload.
 pub struct Figure {
@@ -107,10 +108,12 @@ pub const FIGURES: &[Figure] = &[
     ),
 ];
 
-/// Median, min and max of a figure's samples.
+/// Median, p10, p90, min and max of a figure's samples.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Stats {
     pub median: f64,
+    pub p10: f64,
+    pub p90: f64,
     pub min: f64,
     pub max: f64,
     pub n: usize,
@@ -119,6 +122,8 @@ pub struct Stats {
 pub fn stats(values: &[f64]) -> Option<Stats> {
     Some(Stats {
         median: percentile(values, 50.0)?,
+        p10: percentile(values, 10.0)?,
+        p90: percentile(values, 90.0)?,
         min: values.iter().copied().fold(f64::INFINITY, f64::min),
         max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         n: values.len(),
@@ -141,9 +146,19 @@ pub fn percentile(values: &[f64], p: f64) -> Option<f64> {
     Some(v[rank.clamp(1, v.len()) - 1])
 }
 
-pub fn figure_stats(results: &Results, mode: Mode, f: &Figure) -> Option<Stats> {
+pub fn figure_stats(results: &Results, mode: Mode, f: &Figure, v: Variant) -> Option<Stats> {
+    metric_stats(results, mode, f.workload, f.metric, v)
+}
+
+pub fn metric_stats(
+    results: &Results,
+    mode: Mode,
+    workload: &str,
+    metric: &str,
+    v: Variant,
+) -> Option<Stats> {
     let m = results.modes.iter().find(|m| m.mode == mode)?;
-    stats(&m.values(f.workload, f.metric))
+    stats(&m.values_in(workload, metric, v))
 }
 
 pub fn write(out: &Path, results: &Results, font: &'static [u8]) -> Result<()> {
@@ -163,6 +178,9 @@ pub fn markdown(r: &Results) -> String {
     goals_section(&mut s, r);
     for f in FIGURES {
         figure_table(&mut s, r, f);
+    }
+    for w in ["tcp-1", "tcp-4", "udp-64"] {
+        per_cpu_section(&mut s, r, w);
     }
     if let Some(p) = r.progrun() {
         progrun_section(&mut s, p);
@@ -210,15 +228,33 @@ fn machine_section(s: &mut String, r: &Results) {
     let _ = writeln!(s, "- netd commit: {}", r.meta.netd_commit);
     let _ = writeln!(
         s,
-        "- command: `{}`; {} repetition(s) of {} s per workload (iperf3 omits the first {} s)",
-        r.meta.command, r.meta.reps, r.meta.seconds, r.meta.omit_seconds
+        "- command: `{}`; {} round(s), each mode once per round in a rotated order, \
+         {} run(s) of {} s per workload and variant per round (iperf3 omits the first {} s); \
+         took {}",
+        r.meta.command,
+        r.meta.rounds.max(1),
+        r.meta.reps,
+        r.meta.seconds,
+        r.meta.omit_seconds,
+        super::progress::clock(r.meta.finished_unix.saturating_sub(r.meta.started_unix) as f64)
+    );
+    for (i, order) in r.meta.round_orders.iter().enumerate() {
+        let _ = writeln!(s, "  - round {}: {}", i + 1, order.join(" → "));
+    }
+    let _ = writeln!(
+        s,
+        "- variants: placement pinned (client on core 0, server on core 1) or unpinned \
+         (the scheduler's choice); GRO on or off on every container's `eth0` in every \
+         container mode (bare has no containers)"
     );
     let _ = writeln!(
         s,
-        "- ratios divide medians; \"other load\" is the most cores found busy with \
-         other work just before a run of that workload (full runs wait up to 30 s for \
-         it to drop below 0.25): the machine is shared, so high values mark figures \
-         measured against competing load\n"
+        "- spread: p10–p90 and min–max across rounds; ratios divide medians of the same \
+         variant; \"cpuN busy / softirq\" is the median share of each core busy and in \
+         softirq over the runs (machine-wide, other load included); \"backlog drops\" \
+         sums `/proc/net/softnet_stat` drops over the runs; \"other load\" is the most \
+         cores found busy with other work just before a run (full runs wait up to 1 s \
+         for it to drop below 0.25)\n"
     );
 }
 
@@ -248,47 +284,82 @@ fn figure_table(s: &mut String, r: &Results, f: &Figure) {
     } else {
         "lower is better"
     };
+    if !r
+        .modes
+        .iter()
+        .any(|m| m.samples.iter().any(|x| x.workload == f.workload))
+    {
+        return;
+    }
     let _ = writeln!(s, "## {} ({}; {better})\n", f.title, f.unit);
     let _ = writeln!(
         s,
-        "| mode | median | min | max | n | ÷ bare | ÷ routed | ÷ kernel-vxlan | other load |"
+        "| mode | variant | median | p10–p90 | min–max | n | ÷ routed | ÷ kernel-vxlan | cpu busy % | cpu softirq % | backlog drops | other load |"
     );
     let _ = writeln!(
         s,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
-    let base = |m| figure_stats(r, m, f);
-    let (bare, routed, kvx) = (
-        base(Mode::Bare),
-        base(Mode::Routed),
-        base(Mode::KernelVxlan),
-    );
-    for m in &r.modes {
-        let st = figure_stats(r, m.mode, f);
-        let cell = |pick: fn(&Stats) -> f64| st.as_ref().map_or("-".into(), |x| fmt_value(pick(x)));
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            m.mode.name(),
-            cell(|x| x.median),
-            cell(|x| x.min),
-            cell(|x| x.max),
-            st.map_or(0, |x| x.n),
-            ratio(st, bare),
-            ratio(st, routed),
-            ratio(st, kvx),
-            other_load(m, f.workload)
-        );
+    for v in r.variants() {
+        let base = |m| figure_stats(r, m, f, v);
+        let (routed, kvx) = (base(Mode::Routed), base(Mode::KernelVxlan));
+        for m in &r.modes {
+            let st = figure_stats(r, m.mode, f, v);
+            let range = |a: fn(&Stats) -> f64, b: fn(&Stats) -> f64| {
+                st.as_ref().map_or("-".into(), |x| {
+                    format!("{}–{}", fmt_value(a(x)), fmt_value(b(x)))
+                })
+            };
+            let drops: f64 = m
+                .samples_in(f.workload, v)
+                .filter_map(|x| x.metrics.get("softnet_drops"))
+                .sum();
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} |",
+                m.mode.name(),
+                variant_label(m.mode, v),
+                st.as_ref().map_or("-".into(), |x| fmt_value(x.median)),
+                range(|x| x.p10, |x| x.p90),
+                range(|x| x.min, |x| x.max),
+                st.map_or(0, |x| x.n),
+                ratio(st, routed),
+                ratio(st, kvx),
+                per_cpu(r, m, f.workload, v, "busy"),
+                per_cpu(r, m, f.workload, v, "softirq"),
+                drops,
+                other_load(m, f.workload, v)
+            );
+        }
     }
     s.push('\n');
 }
 
+/// `placement, GRO x`, or only the placement where there are no containers.
+fn variant_label(mode: Mode, v: Variant) -> String {
+    if super::results::has_containers(mode) {
+        v.label()
+    } else {
+        format!("{}, no containers", v.placement.name())
+    }
+}
+
+/// Median `cpuN_<what>_pct` of each CPU over the runs, as `a / b`.
+fn per_cpu(r: &Results, m: &ModeResult, workload: &str, v: Variant, what: &str) -> String {
+    let cpus = r.meta.machine.cores.max(1);
+    let cells: Vec<String> = (0..cpus)
+        .map(|i| {
+            metric_stats(r, m.mode, workload, &format!("cpu{i}_{what}_pct"), v)
+                .map_or("-".into(), |x| format!("{:.0}", x.median))
+        })
+        .collect();
+    cells.join(" / ")
+}
+
 /// The most background load (cores busy before a run) any of the
 /// workload's runs started with.
-fn other_load(m: &ModeResult, workload: &str) -> String {
-    m.samples
-        .iter()
-        .filter(|s| s.workload == workload)
+fn other_load(m: &ModeResult, workload: &str, v: Variant) -> String {
+    m.samples_in(workload, v)
         .map(|s| s.background_cores)
         .fold(None, |acc: Option<f64>, x| {
             Some(acc.map_or(x, |a| a.max(x)))
@@ -296,16 +367,101 @@ fn other_load(m: &ModeResult, workload: &str) -> String {
         .map_or("-".into(), |x| format!("{x:.2}"))
 }
 
+/// Where a workload's work landed, per CPU: busy, system (+irq) and
+/// softirq shares of each core, network softirqs raised and packets the
+/// backlog and NAPI polls processed per second, polls squeezed, drops.
+fn per_cpu_section(s: &mut String, r: &Results, workload: &str) {
+    if !r
+        .modes
+        .iter()
+        .any(|m| m.samples.iter().any(|x| x.workload == workload))
+    {
+        return;
+    }
+    let cpus = r.meta.machine.cores.max(1);
+    let _ = writeln!(
+        s,
+        "## Where the work lands, {workload} (medians over the runs; per CPU `cpu0 / cpu1 …`)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| mode | variant | busy % | system+irq % | softirq % | NET_RX k/s | softnet processed k/s | squeezed/s | backlog drops | receiver skbs per ACK |"
+    );
+    let _ = writeln!(
+        s,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | ---: | ---: |"
+    );
+    for v in r.variants() {
+        for m in &r.modes {
+            let samples: Vec<_> = m.samples_in(workload, v).collect();
+            if samples.is_empty() {
+                continue;
+            }
+            let col = |f: &dyn Fn(&super::cpu::CpuDelta, usize) -> Option<f64>, digits: usize| {
+                (0..cpus)
+                    .map(|i| {
+                        let vals: Vec<f64> = samples.iter().filter_map(|x| f(&x.cpu, i)).collect();
+                        percentile(&vals, 50.0).map_or("-".into(), |x| format!("{x:.digits$}"))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            };
+            let rate = |c: &super::cpu::CpuDelta, x: u64| {
+                (c.wall_s > 0.0).then(|| x as f64 / c.wall_s / 1e3)
+            };
+            let drops: u64 = samples
+                .iter()
+                .flat_map(|x| x.cpu.softnet.iter().map(|c| c.dropped))
+                .sum();
+            let per_ack: Vec<f64> = samples
+                .iter()
+                .filter_map(|x| skbs_per_ack(&x.raw))
+                .collect();
+            let per_ack = percentile(&per_ack, 50.0).map_or("-".into(), |x| format!("{x:.1}"));
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {drops} | {per_ack} |",
+                m.mode.name(),
+                variant_label(m.mode, v),
+                col(&|c, i| c.busy_share(i).map(|x| x * 100.0), 0),
+                col(&|c, i| c.system_share(i).map(|x| x * 100.0), 0),
+                col(&|c, i| c.softirq_share(i).map(|x| x * 100.0), 0),
+                col(&|c, i| rate(c, *c.net_softirqs.get("NET_RX")?.get(i)?), 1),
+                col(&|c, i| rate(c, c.softnet.get(i)?.processed), 0),
+                col(
+                    &|c, i| rate(c, c.softnet.get(i)?.time_squeeze).map(|x| x * 1e3),
+                    0
+                ),
+            );
+        }
+    }
+    s.push('\n');
+}
+
+/// TCP segments (skbs, after GRO) the receiver took in per segment it sent
+/// back, from its `Tcp` counters: how often it acknowledged. Every ACK
+/// crosses the whole path in the other direction.
+fn skbs_per_ack(raw: &serde_json::Value) -> Option<f64> {
+    let server = &raw["tcp_counters"]["server"];
+    let (data, acks) = (
+        server["Tcp.InSegs"].as_f64()?,
+        server["Tcp.OutSegs"].as_f64()?,
+    );
+    (acks > 0.0).then(|| data / acks)
+}
+
 /// The goals, each with the figure from this run and whether it is met.
 fn goals_section(s: &mut String, r: &Results) {
     let _ = writeln!(s, "## Goals\n");
+    let primary = r.primary();
+    let _ = writeln!(s, "Figures of the {} runs.\n", primary.label());
     let _ = writeln!(s, "| goal | this run | met |");
     let _ = writeln!(s, "| --- | --- | --- |");
     let get = |mode, workload, metric| {
         let f = FIGURES
             .iter()
             .find(|f| f.workload == workload && f.metric == metric)?;
-        figure_stats(r, mode, f).map(|x| x.median)
+        figure_stats(r, mode, f, primary).map(|x| x.median)
     };
     for netd in [Mode::NetdTc, Mode::NetdXdp] {
         let n = netd.name();
@@ -546,11 +702,20 @@ pub fn missing_figures(plan: &Plan, r: &Results) -> Vec<String> {
             missing.push(format!("{}: not measured", mode.name()));
             continue;
         };
-        for f in FIGURES {
-            let v = m.values(f.workload, f.metric);
-            let ok = !v.is_empty() && (!f.traffic || v.iter().any(|&x| x > 0.0));
-            if !ok {
-                missing.push(format!("{}: {} {}", mode.name(), f.workload, f.metric));
+        let ran = |w: &str| plan.workloads.iter().any(|x| x.name() == w);
+        for variant in plan.variants(0) {
+            for f in FIGURES.iter().filter(|f| ran(f.workload)) {
+                let v = m.values_in(f.workload, f.metric, variant);
+                let ok = !v.is_empty() && (!f.traffic || v.iter().any(|&x| x > 0.0));
+                if !ok {
+                    missing.push(format!(
+                        "{} ({}): {} {}",
+                        mode.name(),
+                        variant.label(),
+                        f.workload,
+                        f.metric
+                    ));
+                }
             }
         }
     }
@@ -629,6 +794,10 @@ mod tests {
         assert_eq!(percentile(&[], 50.0), None);
         let st = stats(&v).unwrap();
         assert_eq!((st.min, st.max, st.n), (1.0, 5.0, 5));
+        assert_eq!((st.p10, st.p90), (1.0, 5.0));
+        let ten: Vec<f64> = (1..=10).map(f64::from).collect();
+        let st = stats(&ten).unwrap();
+        assert_eq!((st.p10, st.median, st.p90), (1.0, 5.5, 9.0));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use super::control_plane::ControlPlaneResult;
 use super::cpu::CpuDelta;
 use super::progrun::ProgRunResult;
 use super::testbed::Mode;
+use super::workloads::{Gro, Placement, Variant};
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Results {
@@ -32,6 +33,33 @@ impl Results {
         self.meta.finished_unix = unix_now();
     }
 
+    /// Every (GRO, placement) variant the run measured, in plan order;
+    /// results from before variants were pinned with GRO as netd set it.
+    pub fn variants(&self) -> Vec<Variant> {
+        let placements = if self.meta.placements.is_empty() {
+            vec![Placement::Pinned]
+        } else {
+            self.meta.placements.clone()
+        };
+        let gro = if self.meta.gro.is_empty() {
+            vec![Gro::On]
+        } else {
+            self.meta.gro.clone()
+        };
+        gro.iter()
+            .flat_map(|&gro| {
+                placements
+                    .iter()
+                    .map(move |&placement| Variant { placement, gro })
+            })
+            .collect()
+    }
+
+    /// The variant of the chart and the goals.
+    pub fn primary(&self) -> Variant {
+        self.variants().first().copied().unwrap_or(Variant::DEFAULT)
+    }
+
     /// The mode whose BPF_PROG_TEST_RUN cases were run.
     pub fn progrun(&self) -> Option<&ProgRunResult> {
         self.modes
@@ -45,6 +73,17 @@ impl Results {
 pub struct Meta {
     pub command: String,
     pub quick: bool,
+    /// Rounds: each ran every mode once, in a rotated order.
+    #[serde(default)]
+    pub rounds: u32,
+    /// Mode order of each round.
+    #[serde(default)]
+    pub round_orders: Vec<Vec<String>>,
+    #[serde(default)]
+    pub placements: Vec<Placement>,
+    #[serde(default)]
+    pub gro: Vec<Gro>,
+    /// Repetitions of each workload per variant within a round.
     pub reps: u32,
     pub seconds: u32,
     pub omit_seconds: u32,
@@ -60,6 +99,10 @@ impl Meta {
         Meta {
             command: format!("cargo xtask {}", args.join(" ")),
             quick: plan.quick,
+            rounds: plan.rounds,
+            round_orders: Vec::new(),
+            placements: plan.placements.clone(),
+            gro: plan.gro.clone(),
             reps: plan.reps,
             seconds: plan.seconds,
             omit_seconds: plan.omit,
@@ -74,8 +117,10 @@ impl Meta {
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Machine {
+    /// `model name` of `/proc/cpuinfo`.
     pub cpu_model: String,
     pub cores: usize,
+    /// `uname -r`.
     pub kernel: String,
     pub mem_total_kib: u64,
     pub load_avg_at_start: String,
@@ -180,7 +225,11 @@ pub fn unix_now() -> u64 {
 pub struct ModeResult {
     pub mode: Mode,
     pub description: String,
+    /// Testbed build time of the first round.
     pub setup_s: f64,
+    /// Testbed build time of every round.
+    #[serde(default)]
+    pub setups_s: Vec<f64>,
     pub path: PathRecord,
     pub samples: Vec<Sample>,
     pub progrun: Option<ProgRunResult>,
@@ -193,6 +242,7 @@ impl ModeResult {
             mode,
             description: mode.description().to_string(),
             setup_s: setup.as_secs_f64(),
+            setups_s: vec![setup.as_secs_f64()],
             path,
             samples: Vec::new(),
             progrun: None,
@@ -206,15 +256,33 @@ impl ModeResult {
         r
     }
 
-    /// Every sample of `metric` in `workload`'s runs.
-    pub fn values(&self, workload: &str, metric: &str) -> Vec<f64> {
-        self.samples
-            .iter()
-            .filter(|s| s.workload == workload)
+    /// The samples of `workload` run as `variant`. GRO is ignored in a
+    /// mode without containers (it runs once, whatever the setting).
+    pub fn samples_in<'a>(
+        &'a self,
+        workload: &'a str,
+        variant: Variant,
+    ) -> impl Iterator<Item = &'a Sample> + 'a {
+        let any_gro = !has_containers(self.mode);
+        self.samples.iter().filter(move |s| {
+            s.workload == workload
+                && s.placement_or_default() == variant.placement.name()
+                && (any_gro || s.gro_or_default() == variant.gro.name())
+        })
+    }
+
+    /// Every sample of `metric` in `workload`'s runs as `variant`.
+    pub fn values_in(&self, workload: &str, metric: &str, variant: Variant) -> Vec<f64> {
+        self.samples_in(workload, variant)
             .filter_map(|s| s.metrics.get(metric).copied())
             .filter(|v| v.is_finite())
             .collect()
     }
+}
+
+/// Whether `mode`'s testbed has containers whose GRO the bench sets.
+pub fn has_containers(mode: Mode) -> bool {
+    mode != Mode::Bare
 }
 
 /// One measured run of a workload.
@@ -222,6 +290,20 @@ impl ModeResult {
 pub struct Sample {
     pub workload: String,
     pub rep: u32,
+    /// The round it ran in (1-based).
+    #[serde(default)]
+    pub round: u32,
+    /// `pinned` or `unpinned`; empty in results from before placements
+    /// (which were pinned).
+    #[serde(default)]
+    pub placement: String,
+    /// GRO on the containers' `eth0` as read back before the run; empty in
+    /// results from before the setting (netd's on, the others off).
+    #[serde(default)]
+    pub gro: String,
+    /// What `ethtool -k` showed on each container's `eth0`.
+    #[serde(default)]
+    pub gro_seen: String,
     /// Named figures, e.g. `gbps`, `pps`, `rr_per_s`, `p99_us`.
     pub metrics: BTreeMap<String, f64>,
     pub cpu: CpuDelta,
@@ -237,13 +319,35 @@ pub struct Sample {
 }
 
 impl Sample {
+    pub fn placement_or_default(&self) -> &str {
+        if self.placement.is_empty() {
+            Placement::Pinned.name()
+        } else {
+            &self.placement
+        }
+    }
+
+    pub fn gro_or_default(&self) -> &str {
+        if self.gro.is_empty() {
+            Gro::On.name()
+        } else {
+            &self.gro
+        }
+    }
+
     pub fn summary(&self) -> String {
         let figures: Vec<String> = self
             .metrics
             .iter()
             .map(|(k, v)| format!("{k}={}", short(*v)))
             .collect();
-        format!("{} rep {}: {}", self.workload, self.rep, figures.join(" "))
+        format!(
+            "{} round {} rep {}: {}",
+            self.workload,
+            self.round,
+            self.rep,
+            figures.join(" ")
+        )
     }
 }
 

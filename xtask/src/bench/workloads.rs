@@ -1,21 +1,23 @@
 //! The data-plane workloads, each one bounded run from the client
 //! namespace to a server started for it in the server namespace.
 //!
-//! Client and server are pinned to different cores (iperf3 -A, taskset),
-//! so the two ends do not share a core with each other; the kernel's
-//! packet work lands where the softirqs run, which is why CPU cost is read
-//! machine-wide from /proc/stat.
+//! Pinned, client and server run on different cores (iperf3 -A, taskset),
+//! so the two ends do not share a core with each other; unpinned, the
+//! scheduler places them. The kernel's packet work lands where the
+//! softirqs run, which is why CPU cost is read machine-wide and per CPU
+//! from /proc/stat.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use netd_tests::{Daemon, NsRef};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::cpu::{CpuDelta, CpuMeter, busy_cores, softnet_drops};
 use super::results::Sample;
-use super::testbed::Testbed;
+use super::testbed::{Testbed, parse_ethtool_k};
 use super::{Plan, run_bounded, sh};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +38,16 @@ impl Workload {
         Workload::Rr,
     ];
 
+    pub fn parse(s: &str) -> Result<Workload, String> {
+        Workload::ALL
+            .into_iter()
+            .find(|w| w.name() == s.trim())
+            .ok_or_else(|| {
+                let names: Vec<_> = Workload::ALL.iter().map(|w| w.name()).collect();
+                format!("unknown workload {s:?} (one of {})", names.join(", "))
+            })
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Workload::Tcp1 => "tcp-1",
@@ -45,6 +57,91 @@ impl Workload {
             Workload::Rr => "rr",
         }
     }
+}
+
+/// Where the client and the server run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    /// Client on core 0, server on core 1.
+    Pinned,
+    /// Wherever the scheduler puts them.
+    Unpinned,
+}
+
+impl Placement {
+    pub fn name(self) -> &'static str {
+        match self {
+            Placement::Pinned => "pinned",
+            Placement::Unpinned => "unpinned",
+        }
+    }
+}
+
+/// GRO on every container's `eth0`, set the same in every container mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Gro {
+    On,
+    Off,
+}
+
+impl Gro {
+    pub fn name(self) -> &'static str {
+        match self {
+            Gro::On => "on",
+            Gro::Off => "off",
+        }
+    }
+}
+
+/// How one run is set up, besides the mode and the workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Variant {
+    pub placement: Placement,
+    pub gro: Gro,
+}
+
+impl Variant {
+    pub const DEFAULT: Variant = Variant {
+        placement: Placement::Pinned,
+        gro: Gro::On,
+    };
+
+    pub fn label(self) -> String {
+        format!("{}, GRO {}", self.placement.name(), self.gro.name())
+    }
+}
+
+/// Sets GRO on `eth0` of every container of the testbed and reads it back:
+/// what the run then measured, as `container0 on, container1 on`. The
+/// container namespaces are the ones the testbed recorded in its path.
+pub fn set_container_gro(tb: &Testbed, gro: Gro) -> Result<String> {
+    let mut seen = Vec::new();
+    for i in tb.path.interfaces.iter() {
+        if !i.role.starts_with("container") || i.ifname != "eth0" {
+            continue;
+        }
+        let ns = NsRef::new(i.ns.clone());
+        sh(&ns, &["ethtool", "-K", "eth0", "gro", gro.name()])?;
+        let now = parse_ethtool_k(&sh(&ns, &["ethtool", "-k", "eth0"])?);
+        let actual = now
+            .get("generic-receive-offload")
+            .map_or("-", |v| v.split_whitespace().next().unwrap_or("-"));
+        if actual != gro.name() {
+            bail!(
+                "{}: GRO is {actual} after setting it {}",
+                i.role,
+                gro.name()
+            );
+        }
+        seen.push(format!("{} {actual}", i.role));
+    }
+    Ok(if seen.is_empty() {
+        "n/a".to_string()
+    } else {
+        seen.join(", ")
+    })
 }
 
 const IPERF_PORT: &str = "5201";
@@ -58,13 +155,15 @@ const SLACK: Duration = Duration::from_secs(30);
 
 /// Background load (cores) below which a run starts right away.
 const QUIET_CORES: f64 = 0.25;
-/// Longest wait for the machine to quiet down before a run.
-const QUIET_WAIT: Duration = Duration::from_secs(30);
+/// Longest wait for the machine to quiet down before a run. Short: rounds
+/// already spread other load over all modes, and a long wait per run
+/// would multiply a full run's length on a busy machine.
+const QUIET_WAIT: Duration = Duration::from_secs(1);
 
 /// Waits (bounded) until little else runs on the machine; returns the
 /// background load the run starts with. The quick run does not wait.
 fn wait_quiet(plan: &Plan) -> Result<f64> {
-    let window = Duration::from_millis(if plan.quick { 100 } else { 500 });
+    let window = Duration::from_millis(if plan.quick { 100 } else { 300 });
     let deadline = std::time::Instant::now() + QUIET_WAIT;
     let mut said = false;
     loop {
@@ -82,7 +181,18 @@ fn wait_quiet(plan: &Plan) -> Result<f64> {
     }
 }
 
+/// One run pinned, with whatever GRO the containers have.
 pub fn run(tb: &Testbed, w: Workload, rep: u32, plan: &Plan) -> Result<Sample> {
+    run_variant(tb, w, rep, Placement::Pinned, plan)
+}
+
+pub fn run_variant(
+    tb: &Testbed,
+    w: Workload,
+    rep: u32,
+    placement: Placement,
+    plan: &Plan,
+) -> Result<Sample> {
     let background_cores = wait_quiet(plan)?;
     let loadavg = std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -90,17 +200,29 @@ pub fn run(tb: &Testbed, w: Workload, rep: u32, plan: &Plan) -> Result<Sample> {
         .to_string();
     let drops_before = softnet_drops();
     let (mut metrics, cpu, raw) = match w {
-        Workload::Tcp1 => iperf_tcp(tb, plan, 1)?,
-        Workload::Tcp4 => iperf_tcp(tb, plan, 4)?,
-        Workload::Udp64 => iperf_udp(tb, plan, 64)?,
-        Workload::Udp1400 => iperf_udp(tb, plan, 1400)?,
-        Workload::Rr => sockperf_rr(tb, plan)?,
+        Workload::Tcp1 => iperf_tcp(tb, plan, placement, 1)?,
+        Workload::Tcp4 => iperf_tcp(tb, plan, placement, 4)?,
+        Workload::Udp64 => iperf_udp(tb, plan, placement, 64)?,
+        Workload::Udp1400 => iperf_udp(tb, plan, placement, 1400)?,
+        Workload::Rr => sockperf_rr(tb, plan, placement)?,
     };
     let drops = softnet_drops().saturating_sub(drops_before);
     metrics.insert("softnet_drops".into(), drops as f64);
+    for (i, _) in cpu.per_cpu.iter().enumerate() {
+        if let Some(x) = cpu.softirq_share(i) {
+            metrics.insert(format!("cpu{i}_softirq_pct"), x * 100.0);
+        }
+        if let Some(x) = cpu.busy_share(i) {
+            metrics.insert(format!("cpu{i}_busy_pct"), x * 100.0);
+        }
+    }
     Ok(Sample {
         workload: w.name().to_string(),
         rep,
+        round: 0,
+        placement: placement.name().to_string(),
+        gro: String::new(),
+        gro_seen: String::new(),
         metrics,
         cpu,
         loadavg,
@@ -111,10 +233,10 @@ pub fn run(tb: &Testbed, w: Workload, rep: u32, plan: &Plan) -> Result<Sample> {
 
 type Measured = (BTreeMap<String, f64>, CpuDelta, Value);
 
-fn iperf_tcp(tb: &Testbed, plan: &Plan, streams: u32) -> Result<Measured> {
+fn iperf_tcp(tb: &Testbed, plan: &Plan, placement: Placement, streams: u32) -> Result<Measured> {
     let streams = streams.to_string();
     let (client0, server0) = (tcp_counters(&tb.client), tcp_counters(&tb.server));
-    let (mut end, cpu) = iperf(tb, plan, &["-P", &streams])?;
+    let (mut end, cpu) = iperf(tb, plan, placement, &["-P", &streams])?;
     // Why segments were retransmitted: each end's TcpExt counters.
     end["tcp_counters"] = json!({
         "client": counter_delta(&client0, &tcp_counters(&tb.client)),
@@ -137,10 +259,10 @@ fn iperf_tcp(tb: &Testbed, plan: &Plan, streams: u32) -> Result<Measured> {
     Ok((m, cpu, end))
 }
 
-fn iperf_udp(tb: &Testbed, plan: &Plan, len: u32) -> Result<Measured> {
+fn iperf_udp(tb: &Testbed, plan: &Plan, placement: Placement, len: u32) -> Result<Measured> {
     let len = len.to_string();
     // -b 0: as fast as the sender can; what arrives is the figure.
-    let (end, cpu) = iperf(tb, plan, &["-u", "-l", &len, "-b", "0"])?;
+    let (end, cpu) = iperf(tb, plan, placement, &["-u", "-l", &len, "-b", "0"])?;
     let recv = &end["sum_received"];
     let delivered = num(&recv["packets"])? - num(&recv["lost_packets"]).unwrap_or(0.0);
     let secs = num(&recv["seconds"])?;
@@ -227,12 +349,22 @@ fn iperf_cpu(end: &Value, m: &mut BTreeMap<String, f64>) {
 
 /// One iperf3 client run against a one-off server; returns its `end`
 /// object and the machine's CPU time over the run.
-fn iperf(tb: &Testbed, plan: &Plan, extra: &[&str]) -> Result<(Value, CpuDelta)> {
+fn iperf(
+    tb: &Testbed,
+    plan: &Plan,
+    placement: Placement,
+    extra: &[&str],
+) -> Result<(Value, CpuDelta)> {
     let logs = tempfile::tempdir()?;
+    let pinned = placement == Placement::Pinned;
+    let mut server_args = vec!["-s", "-1", "-p", IPERF_PORT];
+    if pinned {
+        server_args.extend(["-A", SERVER_CPU]);
+    }
     let _server = Daemon::start(
         &tb.server,
         "iperf3",
-        ["-s", "-1", "-p", IPERF_PORT, "-A", SERVER_CPU],
+        server_args,
         &logs.path().join("iperf3-server.log"),
     );
     wait_listening(&tb.server, IPERF_PORT)?;
@@ -240,9 +372,10 @@ fn iperf(tb: &Testbed, plan: &Plan, extra: &[&str]) -> Result<(Value, CpuDelta)>
     let affinity = format!("{CLIENT_CPU},{SERVER_CPU}");
     let ip = tb.server_ip.to_string();
     let mut cmd = tb.client.command("iperf3");
-    cmd.args([
-        "-c", &ip, "-p", IPERF_PORT, "-t", &secs, "-O", &omit, "-J", "-A", &affinity,
-    ]);
+    cmd.args(["-c", &ip, "-p", IPERF_PORT, "-t", &secs, "-O", &omit, "-J"]);
+    if pinned {
+        cmd.args(["-A", &affinity]);
+    }
     cmd.args(extra);
     let timeout = Duration::from_secs(u64::from(plan.seconds + plan.omit)) + SLACK;
     let meter = CpuMeter::start()?;
@@ -263,14 +396,20 @@ fn iperf(tb: &Testbed, plan: &Plan, extra: &[&str]) -> Result<(Value, CpuDelta)>
 
 /// TCP ping-pong with one message in flight: the transaction rate and the
 /// round-trip percentiles.
-fn sockperf_rr(tb: &Testbed, plan: &Plan) -> Result<Measured> {
+/// `argv` under `taskset -c cpu` when pinned, as is otherwise.
+fn placed<'a>(placement: Placement, cpu: &'a str, argv: &[&'a str]) -> Vec<&'a str> {
+    match placement {
+        Placement::Pinned => [&["taskset", "-c", cpu][..], argv].concat(),
+        Placement::Unpinned => argv.to_vec(),
+    }
+}
+
+fn sockperf_rr(tb: &Testbed, plan: &Plan, placement: Placement) -> Result<Measured> {
     let logs = tempfile::tempdir()?;
-    let _server = Daemon::start(
-        &tb.server,
-        "taskset",
-        [
-            "-c",
-            SERVER_CPU,
+    let server = placed(
+        placement,
+        SERVER_CPU,
+        &[
             "sockperf",
             "sr",
             "--tcp",
@@ -279,23 +418,23 @@ fn sockperf_rr(tb: &Testbed, plan: &Plan) -> Result<Measured> {
             "-p",
             SOCKPERF_PORT,
         ],
+    );
+    let _server = Daemon::start(
+        &tb.server,
+        server[0],
+        &server[1..],
         &logs.path().join("sockperf-server.log"),
     );
     wait_listening(&tb.server, SOCKPERF_PORT)?;
     let ip = tb.server_ip.to_string();
     let secs = (plan.seconds + plan.omit).to_string();
-    let mut cmd = tb.client.command("taskset");
-    cmd.args([
-        "-c",
+    let client = placed(
+        placement,
         CLIENT_CPU,
-        "sockperf",
-        "pp",
-        "--tcp",
-        "-i",
-        &ip,
-        "-p",
-        SOCKPERF_PORT,
-    ]);
+        &["sockperf", "pp", "--tcp", "-i", &ip, "-p", SOCKPERF_PORT],
+    );
+    let mut cmd = tb.client.command(client[0]);
+    cmd.args(&client[1..]);
     cmd.args(["-t", &secs, "-m", RR_MSG_BYTES, "--full-rtt"]);
     let timeout = Duration::from_secs(u64::from(plan.seconds + plan.omit)) + SLACK;
     let meter = CpuMeter::start()?;
