@@ -47,6 +47,7 @@ fn color(mode: Mode) -> RGBColor {
         Mode::NetdXdp => RGBColor(20, 100, 50),
         Mode::EgressPlain => RGBColor(150, 90, 180),
         Mode::EgressNat => RGBColor(100, 40, 140),
+        Mode::CiliumStyle => RGBColor(200, 60, 60),
     }
 }
 
@@ -59,6 +60,7 @@ fn short_name(mode: Mode) -> &'static str {
         Mode::NetdXdp => "netd-xdp",
         Mode::EgressPlain => "egr-plain",
         Mode::EgressNat => "egr-nat",
+        Mode::CiliumStyle => "cilium",
     }
 }
 

@@ -10,6 +10,7 @@
 
 mod bpf_map;
 mod chart;
+mod cilium_style;
 mod control_plane;
 mod cpu;
 mod etcd_http;
@@ -50,7 +51,7 @@ pub struct Options {
     out: PathBuf,
     /// Data-plane modes to measure, comma separated (default: all of
     /// bare,routed,kernel-vxlan,netd-vxlan-tc,netd-vxlan-xdp,
-    /// netd-egress-plain,netd-egress-nat).
+    /// netd-egress-plain,netd-egress-nat,cilium-style).
     #[arg(long, value_delimiter = ',', value_parser = Mode::parse)]
     modes: Option<Vec<Mode>>,
     /// Repetitions of each workload (default 3; 1 with --quick).
