@@ -49,6 +49,7 @@ fn color(mode: Mode) -> RGBColor {
         Mode::NetdXdp => RGBColor(20, 100, 50),
         Mode::EgressPlain => RGBColor(150, 90, 180),
         Mode::EgressNat => RGBColor(100, 40, 140),
+        Mode::CiliumStyle => RGBColor(200, 60, 60),
     }
 }
 
@@ -61,6 +62,7 @@ fn short_name(mode: Mode) -> &'static str {
         Mode::NetdXdp => "netd-xdp",
         Mode::EgressPlain => "egr-plain",
         Mode::EgressNat => "egr-nat",
+        Mode::CiliumStyle => "cilium",
     }
 }
 

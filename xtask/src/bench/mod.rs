@@ -16,6 +16,7 @@
 
 mod bpf_map;
 mod chart;
+mod cilium_style;
 mod control_plane;
 mod cpu;
 mod etcd_http;
@@ -56,7 +57,7 @@ pub struct Options {
     out: PathBuf,
     /// Data-plane modes to measure, comma separated (default: all of
     /// bare,routed,kernel-vxlan,netd-vxlan-tc,netd-vxlan-xdp,
-    /// netd-egress-plain,netd-egress-nat).
+    /// netd-egress-plain,netd-egress-nat,cilium-style).
     #[arg(long, value_delimiter = ',', value_parser = Mode::parse)]
     modes: Option<Vec<Mode>>,
     /// Workloads to run, comma separated (default: all of

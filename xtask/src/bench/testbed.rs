@@ -32,10 +32,11 @@ pub enum Mode {
     NetdXdp,
     EgressPlain,
     EgressNat,
+    CiliumStyle,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 7] = [
+    pub const ALL: [Mode; 8] = [
         Mode::Bare,
         Mode::Routed,
         Mode::KernelVxlan,
@@ -43,6 +44,7 @@ impl Mode {
         Mode::NetdXdp,
         Mode::EgressPlain,
         Mode::EgressNat,
+        Mode::CiliumStyle,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,6 +56,7 @@ impl Mode {
             Mode::NetdXdp => "netd-vxlan-xdp",
             Mode::EgressPlain => "netd-egress-plain",
             Mode::EgressNat => "netd-egress-nat",
+            Mode::CiliumStyle => "cilium-style",
         }
     }
 
@@ -78,6 +81,9 @@ impl Mode {
                 "netd container to a host outside the cluster, routed back by the switch, no NAT"
             }
             Mode::EgressNat => "netd container to a host outside the cluster, --ip-masq",
+            Mode::CiliumStyle => {
+                "Cilium tunnel mode: TC programs, collect_md VXLAN device, bpf_redirect_peer"
+            }
         }
     }
 
@@ -127,12 +133,32 @@ impl Testbed {
             Mode::NetdXdp => netd("xdp")?,
             Mode::EgressPlain => egress(false)?,
             Mode::EgressNat => egress(true)?,
+            Mode::CiliumStyle => super::cilium_style::testbed()?,
         };
         if !ping(&tb.client, tb.server_ip, 3) {
             bail!("{}: {} does not answer ping", mode.name(), tb.server_ip);
         }
         tb.path = tb.record_path()?;
         Ok(tb)
+    }
+
+    /// A testbed of containers on `topo` wired by a mode's own module.
+    pub(super) fn with_containers(
+        mode: Mode,
+        topo: Topology,
+        containers: Vec<NetNs>,
+        server_ip: Ipv4Addr,
+    ) -> Testbed {
+        Testbed {
+            mode,
+            client: containers[0].handle(),
+            server: containers[1].handle(),
+            server_ip,
+            path: PathRecord::default(),
+            containers,
+            cluster: None,
+            topo: Some(topo),
+        }
     }
 
     /// The netd cluster, in the netd modes.
