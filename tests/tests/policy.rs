@@ -739,9 +739,11 @@ fn restart_keeps_conntrack_and_policy() {
                       "ingress": [{"from": [{"selector": {"app": "client"}}],
                                    "ports": [{"protocol": "TCP", "port": 7000}]}]}));
     thread::sleep(SETTLE);
+    // Port 7000 is the stream's (its listener stays bound): the TCP probes
+    // go to 7002, which nobody is allowed either.
     let denied = |what: &str| {
-        let o = probe(&p["other"].ns, &p["web"].ns, p["web"].ip, Proto::Tcp, 7000);
-        assert!(o.denied(), "{what}: other -> web:7000 not denied: {o:?}");
+        let o = probe(&p["other"].ns, &p["web"].ns, p["web"].ip, Proto::Tcp, 7002);
+        assert!(o.denied(), "{what}: other -> web:7002 not denied: {o:?}");
     };
     denied("before the restart");
     let stream = Stream::start(
