@@ -23,6 +23,7 @@ pub mod links;
 pub mod netns;
 pub mod ping_run;
 pub mod podman;
+pub mod policy;
 pub mod prometheus;
 pub mod stream;
 pub mod topology;
