@@ -40,14 +40,22 @@ fn info(ip: Ipv4Addr, network: &str, labels: &[(&str, &str)]) -> Value {
 
 /// Waits until `key` holds `want` bound to host `i`'s lease.
 fn wait_published(cluster: &Cluster, i: usize, key: &str, want: &Value) {
+    wait_published_within(cluster, i, key, want, SYNC);
+}
+
+fn wait_published_within(cluster: &Cluster, i: usize, key: &str, want: &Value, timeout: Duration) {
     let lease = cluster.state_lease_id(i);
     assert_ne!(lease, 0, "host {i} has no lease id");
-    wait_for(&format!("{key} = {want} on lease {lease:x}"), SYNC, || {
-        cluster.topo.etcd().get_kv(key).is_some_and(|kv| {
-            serde_json::from_str::<Value>(&kv.value).ok().as_ref() == Some(want)
-                && kv.lease == lease
-        })
-    });
+    wait_for(
+        &format!("{key} = {want} on lease {lease:x}"),
+        timeout,
+        || {
+            cluster.topo.etcd().get_kv(key).is_some_and(|kv| {
+                serde_json::from_str::<Value>(&kv.value).ok().as_ref() == Some(want)
+                    && kv.lease == lease
+            })
+        },
+    );
 }
 
 /// Host `i`'s policy view: its endpoints, as `netd status --json` shows
@@ -153,13 +161,15 @@ fn a_removed_or_changed_key_is_put_back() {
     let key = endpoint_key(&cluster, 0, a);
     let value = info(a, "default", &[("app", "web")]);
     wait_published(&cluster, 0, &key, &value);
+    // Found at the next full comparison (every 10 s).
+    let resync = Duration::from_secs(20);
     cluster.topo.etcd().del(&key);
-    wait_published(&cluster, 0, &key, &value);
+    wait_published_within(&cluster, 0, &key, &value, resync);
     cluster
         .topo
         .etcd()
         .put(&key, &info(a, "default", &[("app", "evil")]).to_string());
-    wait_published(&cluster, 0, &key, &value);
+    wait_published_within(&cluster, 0, &key, &value, resync);
 }
 
 /// Attach refuses a malformed label or network with a clear error and
