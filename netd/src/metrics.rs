@@ -256,6 +256,21 @@ mod tests {
     }
 
     #[test]
+    fn policy_drops_are_drop_reasons() {
+        let registry = Registry::new();
+        let counters: BTreeMap<&'static str, u64> = netd_common::Counter::ALL
+            .iter()
+            .map(|c| (c.label(), 1))
+            .collect();
+        register_counters(&registry, &counters).unwrap();
+        let text = encode(&registry).unwrap();
+        for reason in ["policy", "isolation"] {
+            let line = format!("netd_drop_count_total{{reason=\"{reason}\"}} 1");
+            assert!(text.contains(&line), "{text}");
+        }
+    }
+
+    #[test]
     fn health_needs_a_subnet_and_a_live_lease() {
         let pin = PinDir::new(Path::new("/nonexistent"));
         let none = NodeState::default();

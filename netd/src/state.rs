@@ -155,10 +155,18 @@ impl SubnetEnv {
     }
 }
 
-/// Removes what the daemon published here (`state.json`, `subnet.env` and
-/// a temporary file a write may have left); what is absent is fine.
+/// The policy sync's record of what it applied (`control::policy_sync`).
+pub const POLICY_SUMMARY: &str = "policy.json";
+
+/// Removes what the daemon published here (`state.json`, `subnet.env`,
+/// `policy.json` and a temporary file a write may have left); what is
+/// absent is fine.
 pub fn remove_published(run_dir: &Path) -> Vec<anyhow::Error> {
-    let files = [NodeState::path(run_dir), SubnetEnv::path(run_dir)];
+    let files = [
+        NodeState::path(run_dir),
+        SubnetEnv::path(run_dir),
+        run_dir.join(POLICY_SUMMARY),
+    ];
     let tmps = files.clone().map(|f| f.with_extension("tmp"));
     files
         .iter()

@@ -277,6 +277,29 @@ mod tests {
     }
 
     #[test]
+    fn run_takes_the_foreign_identity() {
+        let cli = Cli::try_parse_from([
+            "netd",
+            "run",
+            "--foreign-network",
+            "legacy",
+            "--foreign-label",
+            "origin=flannel",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.foreign_network, "legacy");
+        assert_eq!(
+            run.foreign_labels,
+            [("origin".to_string(), "flannel".to_string())]
+        );
+        assert!(Cli::try_parse_from(["netd", "run", "--foreign-label", "x"]).is_err());
+        assert!(Cli::try_parse_from(["netd", "run", "--foreign-network", "a b"]).is_err());
+    }
+
+    #[test]
     fn attach_takes_labels_and_a_network() {
         let cli = Cli::try_parse_from([
             "netd",

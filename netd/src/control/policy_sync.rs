@@ -49,7 +49,7 @@ pub const REAPPLY: Duration = Duration::from_secs(5);
 /// How often expired conntrack entries are deleted.
 pub const CONNTRACK_GC: Duration = Duration::from_secs(30);
 /// What the task last applied, for `netd status`.
-pub const SUMMARY_FILE: &str = "policy.json";
+pub const SUMMARY_FILE: &str = crate::state::POLICY_SUMMARY;
 
 /// Writes compiled tables into the kernel's `IDENTITIES`, `LOCAL_POLICY`
 /// and `POLICY` maps and bumps the generation (a trait so the task can be
