@@ -234,7 +234,6 @@ fn a_dead_hosts_endpoints_expire_with_its_lease() {
 /// /32, the same network id for the same network on both hosts, and
 /// distinct ids for distinct (network, labels).
 #[test]
-#[ignore = "needs policy::compile (pol-model) and the kernel's IDENTITIES (pol-kernel)"]
 fn identities_agree_across_hosts() {
     require_root();
     let mut cluster = Cluster::up(2, "tc");

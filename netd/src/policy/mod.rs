@@ -61,7 +61,10 @@ pub struct ForeignIdentity {
 
 impl Default for ForeignIdentity {
     fn default() -> Self {
-        Self { network: DEFAULT_NETWORK.into(), labels: BTreeMap::new() }
+        Self {
+            network: DEFAULT_NETWORK.into(),
+            labels: BTreeMap::new(),
+        }
     }
 }
 
