@@ -5,6 +5,7 @@
 pub mod backoff;
 pub mod config;
 pub mod lease;
+pub mod lease_cache;
 pub mod registry;
 pub mod subnet;
 pub mod sync;
