@@ -153,7 +153,7 @@ impl Rejections {
         if self.seen.get(key) == Some(&revision) {
             return;
         }
-        warn!(key, revision, "ignoring lease: {why}");
+        warn!(key = %key, revision, "ignoring lease: {why}");
         if self.seen.len() < MAX_REMEMBERED_REJECTIONS || self.seen.contains_key(key) {
             self.seen.insert(key.to_owned(), revision);
         }
