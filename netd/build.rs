@@ -19,6 +19,9 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let root = env::var("CARGO_MANIFEST_DIR")?;
+    // The kernel programs are built from netd-common's map types and
+    // capacities too: a change there must rebuild them.
+    println!("cargo:rerun-if-changed={root}/../netd-common/src");
     let ebpf_dir = PathBuf::from(root).join("../netd-ebpf");
     let ebpf_dir = ebpf_dir.to_str().context("non-UTF-8 path")?;
     aya_build::build_ebpf(

@@ -37,11 +37,13 @@ pub mod names {
     pub const FROM_TUNNEL_DEVICE: &str = "from_tunnel_device";
 }
 
-/// Capacity of the host-subnet LPM trie (remote hosts).
-pub const MAX_SUBNETS: u32 = 65536;
+/// Capacity of the host-subnet LPM trie (remote hosts): 100,000 hosts with
+/// room to spare. An LPM trie allocates on demand, so unused capacity
+/// costs nothing.
+pub const MAX_SUBNETS: u32 = 131_072;
 /// Capacity of the peer (underlay address) set. Allocated on demand
 /// (`BPF_F_NO_PREALLOC`): a host pays for the peers it has.
-pub const MAX_PEERS: u32 = 65536;
+pub const MAX_PEERS: u32 = 131_072;
 /// Capacity of the local endpoint map.
 pub const MAX_ENDPOINTS: u32 = 4096;
 

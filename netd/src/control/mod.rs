@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod config;
 pub mod endpoints;
 pub mod lease;
+pub mod lease_cache;
 pub mod policy_sync;
 pub mod registry;
 pub mod subnet;

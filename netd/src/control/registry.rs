@@ -158,6 +158,22 @@ fn causes<'a>(
 
 pub type Result<T> = std::result::Result<T, RegistryError>;
 
+/// Leases per range request when listing.
+const LIST_PAGE: i64 = 5000;
+
+/// The smallest key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Every byte 0xff: to the end of the key space.
+    vec![0]
+}
+
 /// One lease as stored: key suffix after `<prefix>/subnets/`, raw value, and
 /// the revision it was last written at.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -385,19 +401,37 @@ impl Registry {
         })
     }
 
-    /// All leases and the revision they were read at.
+    /// All leases and the revision they were read at, read in pages of
+    /// [`LIST_PAGE`] at that one revision: 100,000 leases in one answer
+    /// would pass gRPC's 4 MiB message limit.
     pub async fn list_subnets(&mut self) -> Result<(Vec<RawLease>, i64)> {
         let prefix = self.subnets_prefix();
-        let resp = self
-            .client
-            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| self.err(e))?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let leases = resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| {
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        let mut leases = Vec::new();
+        loop {
+            let options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE)
+                .with_revision(revision);
+            let mut resp = self
+                .client
+                .get(from.clone(), Some(options))
+                .await
+                .map_err(|e| self.err(e))?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            let more = resp.more();
+            let kvs = resp.take_kvs();
+            let Some(last) = kvs.last() else {
+                break;
+            };
+            // The next page starts just after the last key of this one.
+            from = last.key().to_vec();
+            from.push(0);
+            leases.extend(kvs.iter().filter_map(|kv| {
                 let key = std::str::from_utf8(kv.key())
                     .ok()?
                     .strip_prefix(&prefix)?
@@ -408,8 +442,11 @@ impl Registry {
                     mod_revision: kv.mod_revision(),
                     lease: kv.lease(),
                 })
-            })
-            .collect();
+            }));
+            if !more {
+                break;
+            }
+        }
         Ok((leases, revision))
     }
 
@@ -532,6 +569,16 @@ mod tests {
 
     fn grpc(code: Code, message: &str) -> etcd_client::Error {
         etcd_client::Error::GRpcStatus(Status::new(code, message))
+    }
+
+    #[test]
+    fn prefix_end_increments_the_last_byte() {
+        assert_eq!(
+            prefix_end(b"/netd/network/subnets/"),
+            b"/netd/network/subnets0"
+        );
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff"), [0]);
     }
 
     #[test]

@@ -7,11 +7,16 @@
 //!   etcd lease, as a joining host has), time from the put until the entry
 //!   is in the map;
 //! - leave: the same leases revoked, time until the entry is gone;
-//! - the daemon's RSS and CPU time, the maps' kernel memory.
+//! - burst: joins offered at 1,000/s or more over several etcd connections,
+//!   timed as above, and the rate at which the daemon programmed them;
+//! - the daemon's RSS and CPU time (CPU per join from the scheduler's
+//!   nanosecond run time of its threads, taken once the daemon is idle
+//!   after the sync), the maps' kernel memory.
 //!
-//! The network is 10.0.0.0/8 with /24 subnets (65,535 leasable), which
+//! The network is 10.0.0.0/8 with /26 subnets (262,143 leasable), which
 //! exists only as etcd keys and map entries inside the namespaces; the
-//! simulated hosts' public IPs are in 198.19.0.0/16 and never get traffic.
+//! simulated hosts' public IPs are in 198.18.1.0 to 198.19.255.250, off
+//! the testbed's underlay 198.18.0.0/24, and never get traffic.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -29,7 +34,20 @@ use super::etcd_http::{EtcdHttp, MAX_TXN_OPS};
 use super::{Plan, check_interrupt, run_bounded};
 
 const NETWORK: &str = "10.0.0.0/8";
+const SUBNET_LEN: u8 = 26;
 const SUBNETS_PREFIX: &str = "/netd/network/subnets/";
+/// Simulated hosts with distinct public IPs (250 per /24 of [`public_ip`]).
+const MAX_SIMULATED: usize = 250 * 511;
+/// Longest writing the leases into etcd may take, whatever their number.
+const ETCD_WRITE_TIMEOUT: Duration = Duration::from_secs(300);
+/// etcd connections the burst is offered over: one cannot commit 1,000
+/// puts a second on its own (each waits for its commit).
+const BURST_CONNECTIONS: usize = 8;
+/// The daemon counts as idle when its threads ran less than this in
+/// [`SETTLE_WINDOW`].
+const SETTLE_CPU: Duration = Duration::from_millis(2);
+const SETTLE_WINDOW: Duration = Duration::from_millis(250);
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest a sync, a join or a removal may take before it counts as lost.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 const WATCH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -74,6 +92,37 @@ pub struct ControlPlaneResult {
     pub daemon_synced: ProcUsage,
     pub daemon_after_joins: ProcUsage,
     pub daemon_after_removals: ProcUsage,
+    /// The daemon's threads' run time (schedstat, ns) once idle after the
+    /// sync, and after the steady joins.
+    #[serde(default)]
+    pub cpu_ns_synced: u64,
+    #[serde(default)]
+    pub cpu_ns_after_joins: u64,
+    /// Sync done to the daemon idle (the sync task's own resync, the
+    /// scrape).
+    #[serde(default)]
+    pub settle_s: f64,
+    /// The burst: joins offered, at what rate (per second, nominal).
+    #[serde(default)]
+    pub burst_joins: usize,
+    #[serde(default)]
+    pub burst_per_sec: f64,
+    /// Put to entry in the map, ms, for the burst's joins.
+    #[serde(default)]
+    pub burst_ms: Vec<f64>,
+    #[serde(default)]
+    pub burst_lost: usize,
+    /// The puts' actual rate: joins between the first and the last put.
+    #[serde(default)]
+    pub burst_offered_per_s: f64,
+    /// The daemon's rate: joins between the first and the last one seen
+    /// in the map.
+    #[serde(default)]
+    pub burst_absorbed_per_s: f64,
+    /// The burst's etcd lease revoked (every key in one revision) to
+    /// every entry gone.
+    #[serde(default)]
+    pub burst_removal_s: f64,
     /// `bpftool map show` bytes_memlock of SUBNETS and PEERS.
     pub subnets_memlock: u64,
     pub peers_memlock: u64,
@@ -85,6 +134,10 @@ pub fn run(plan: &Plan, count: usize, out: &Path) -> Result<ControlPlaneResult> 
         joins: plan.joins,
         ..Default::default()
     };
+    let simulated = count + plan.joins + plan.burst_joins + 1;
+    if simulated > MAX_SIMULATED {
+        bail!("{simulated} simulated hosts exceed the bench's {MAX_SIMULATED} public IPs");
+    }
     let topo = Topology::builder().hosts(1).build();
     let mut cluster = Cluster::on_topology(topo, "tc");
     let metrics = SocketAddr::from((netd_tests::host_ip(0), METRICS_PORT));
@@ -98,7 +151,7 @@ pub fn run(plan: &Plan, count: usize, out: &Path) -> Result<ControlPlaneResult> 
         "--network",
         NETWORK,
         "--subnet-len",
-        "24",
+        &SUBNET_LEN.to_string(),
     ]);
     let addr = SocketAddr::from((SWITCH_IP, 2379));
     let mut etcd = EtcdHttp::connect(cluster.topo.switch(), addr)?;
@@ -111,15 +164,25 @@ pub fn run(plan: &Plan, count: usize, out: &Path) -> Result<ControlPlaneResult> 
 
     let map = start_and_sync(&mut cluster, count, &mut r)?;
     let pid = cluster.daemons[0].as_ref().context("daemon")?.pid();
-    r.daemon_synced = ProcUsage::read(pid)?;
+    let synced = Instant::now();
     cluster.wait_ready(0);
     status_at_scale(&cluster, &mut r)?;
     scrape_at_scale(&cluster, metrics, &mut r)?;
     let own = own_index(&cluster.subnet(0));
+    // CPU per join counts the joins only, not the start's work.
+    settle(pid)?;
+    r.settle_s = synced.elapsed().as_secs_f64();
+    r.daemon_synced = ProcUsage::read(pid)?;
+    r.cpu_ns_synced = thread_cpu_ns(pid)?;
 
-    let joined = join_stream(plan, &mut etcd, &map, count, own, &mut r)?;
+    let mut fresh = (count..).filter(move |&i| Some(i) != own);
+    let joins: Vec<usize> = fresh.by_ref().take(plan.joins).collect();
+    let joined = join_stream(plan, &mut etcd, &map, &joins, &mut r)?;
+    r.cpu_ns_after_joins = thread_cpu_ns(pid)?;
     r.daemon_after_joins = ProcUsage::read(pid)?;
     remove_stream(plan, &mut etcd, &map, &joined, &mut r)?;
+    let burst: Vec<usize> = fresh.take(plan.burst_joins).collect();
+    burst_stream(plan, &cluster, addr, &mut etcd, &map, &burst, &mut r)?;
     r.daemon_after_removals = ProcUsage::read(pid)?;
     let pins = map.pins.clone();
     r.subnets_memlock = memlock(&pins.join("SUBNETS"))?;
@@ -135,37 +198,52 @@ pub fn run(plan: &Plan, count: usize, out: &Path) -> Result<ControlPlaneResult> 
     Ok(r)
 }
 
-/// Lease `i` of the simulated hosts: subnet 10.(1 + i/256).(i%256).0/24.
+/// Lease `i` of the simulated hosts: the network's (i + 1)th /26 (the
+/// first one is not leasable).
 fn subnet_of(i: usize) -> Ipv4Addr {
-    Ipv4Addr::from((10u32 << 24) + ((i as u32 + 256) << 8))
+    Ipv4Addr::from((10u32 << 24) + ((i as u32 + 1) << (32 - SUBNET_LEN)))
 }
 
-/// Index of a subnet ("10.a.b.0/24") in the scheme of [`subnet_of`].
+/// Index of a subnet ("10.a.b.c/26") in the scheme of [`subnet_of`].
 fn own_index(subnet: &str) -> Option<usize> {
     let ip: Ipv4Addr = subnet.split('/').next()?.parse().ok()?;
-    let [_, a, b, _] = ip.octets();
-    (a >= 1).then(|| (usize::from(a) - 1) * 256 + usize::from(b))
+    let n = (u32::from(ip).checked_sub(10u32 << 24)? >> (32 - SUBNET_LEN)) as usize;
+    n.checked_sub(1)
 }
 
-/// A flannel lease for simulated host `i`, public IP 198.19.x.y.
+/// Public IP of simulated host `i`: 198.18.(1 + i/250).(1 + i%250),
+/// carried on into 198.19.
+fn public_ip(i: usize) -> Ipv4Addr {
+    let base = u32::from(Ipv4Addr::new(198, 18, 0, 0));
+    Ipv4Addr::from(base + (((1 + i / 250) as u32) << 8) + (1 + i % 250) as u32)
+}
+
+/// A flannel lease for simulated host `i`.
 fn lease_kv(i: usize) -> (String, String) {
     let subnet = subnet_of(i);
-    let ip = Ipv4Addr::new(198, 19, (i / 250) as u8, (i % 250) as u8 + 1);
+    let ip = public_ip(i);
     let [a, b, c, d] = ip.octets();
-    let key = format!("{SUBNETS_PREFIX}{subnet}-24");
+    let key = format!("{SUBNETS_PREFIX}{subnet}-{SUBNET_LEN}");
     let value = format!(
         r#"{{"PublicIP":"{ip}","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"0e:6e:{a:02x}:{b:02x}:{c:02x}:{d:02x}"}}}}"#
     );
     (key, value)
 }
 
-/// The simulated hosts' leases, all bound to one long etcd lease.
+/// The simulated hosts' leases, all bound to one long etcd lease, in
+/// transactions of etcd's largest size, within [`ETCD_WRITE_TIMEOUT`].
 fn write_bulk(etcd: &mut EtcdHttp, count: usize) -> Result<()> {
+    let started = Instant::now();
     let lease = etcd.lease_grant(3600)?;
-    let all: Vec<(String, String)> = (0..count).map(lease_kv).collect();
-    for chunk in all.chunks(MAX_TXN_OPS) {
+    let mut chunk = Vec::with_capacity(MAX_TXN_OPS);
+    for first in (0..count).step_by(MAX_TXN_OPS) {
         check_interrupt()?;
-        etcd.put_all(chunk, lease)?;
+        if started.elapsed() > ETCD_WRITE_TIMEOUT {
+            bail!("only {first} of {count} leases written to etcd after {ETCD_WRITE_TIMEOUT:?}");
+        }
+        chunk.clear();
+        chunk.extend((first..count.min(first + MAX_TXN_OPS)).map(lease_kv));
+        etcd.put_all(&chunk, lease)?;
     }
     Ok(())
 }
@@ -222,10 +300,15 @@ fn start_and_sync(
         if map.is_none() {
             map = open_subnets(&pin_path);
         }
+        // Walking 100,000 keys every 2 ms would take the daemon's CPU:
+        // look up the last lease until it is there, then count.
         if let (Some(m), None) = (&map, synced) {
-            last = m.map.count()?;
-            if last >= count {
-                synced = Some(start.elapsed());
+            let last_in = count == 0 || m.map.contains(&key_of(count - 1))?;
+            if last_in {
+                last = m.map.count()?;
+                if last >= count {
+                    synced = Some(start.elapsed());
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(2));
@@ -335,9 +418,7 @@ fn tally(seen: &[Seen]) -> (Vec<f64>, usize, f64) {
 
 /// An address inside lease `i`'s subnet, as the map lookup key.
 fn key_of(i: usize) -> [u8; 8] {
-    let mut ip = subnet_of(i).octets();
-    ip[3] = 1;
-    lpm_key(Ipv4Addr::from(ip))
+    lpm_key(Ipv4Addr::from(u32::from(subnet_of(i)) + 1))
 }
 
 /// Puts `plan.joins` new leases at a steady rate; returns (index, lease id)
@@ -346,16 +427,14 @@ fn join_stream(
     plan: &Plan,
     etcd: &mut EtcdHttp,
     map: &SubnetMap,
-    count: usize,
-    own: Option<usize>,
+    indices: &[usize],
     r: &mut ControlPlaneResult,
 ) -> Result<Vec<(usize, i64)>> {
     let (tx, rx) = mpsc::channel();
     let watcher = poller(PinnedMap::open(&map.pins.join("SUBNETS"), 8)?, rx);
-    let indices = (count..).filter(|&i| Some(i) != own).take(plan.joins);
     let mut joined = Vec::new();
     let mut pace = Pace::new(plan.joins_per_sec);
-    for i in indices {
+    for &i in indices {
         check_interrupt()?;
         pace.wait();
         let lease = etcd.lease_grant(600)?;
@@ -421,8 +500,12 @@ struct Pace {
 
 impl Pace {
     fn new(per_sec: f64) -> Self {
+        Pace::starting(Instant::now(), per_sec)
+    }
+
+    fn starting(at: Instant, per_sec: f64) -> Self {
         Pace {
-            next: Instant::now(),
+            next: at,
             every: Duration::from_secs_f64(1.0 / per_sec),
         }
     }
@@ -449,12 +532,341 @@ fn memlock(pin: &Path) -> Result<u64> {
         .with_context(|| format!("no bytes_memlock in {v}"))
 }
 
+/// Puts `indices` as new leases at `plan.burst_per_sec`, spread over
+/// [`BURST_CONNECTIONS`] connections, each timed until it is in the map;
+/// then revokes them all at once and times the map emptying of them. They
+/// share one etcd lease, granted first, so a put is the whole join.
+fn burst_stream(
+    plan: &Plan,
+    cluster: &Cluster,
+    addr: SocketAddr,
+    etcd: &mut EtcdHttp,
+    map: &SubnetMap,
+    indices: &[usize],
+    r: &mut ControlPlaneResult,
+) -> Result<()> {
+    r.burst_joins = indices.len();
+    r.burst_per_sec = plan.burst_per_sec;
+    if indices.is_empty() {
+        return Ok(());
+    }
+    let lease = etcd.lease_grant(600)?;
+    let (tx, rx) = mpsc::channel();
+    let watcher = poller(PinnedMap::open(&map.pins.join("SUBNETS"), 8)?, rx);
+    let per_conn = plan.burst_per_sec / BURST_CONNECTIONS as f64;
+    let conns = (0..BURST_CONNECTIONS)
+        .map(|_| EtcdHttp::connect(cluster.topo.switch(), addr))
+        .collect::<Result<Vec<_>>>()?;
+    let start = Instant::now() + Duration::from_millis(20);
+    let puts: Vec<Result<Vec<Instant>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = conns
+            .into_iter()
+            .enumerate()
+            .map(|(c, mut conn)| {
+                let tx = tx.clone();
+                let mine: Vec<usize> = indices
+                    .iter()
+                    .copied()
+                    .skip(c)
+                    .step_by(BURST_CONNECTIONS)
+                    .collect();
+                // Connection c is offset by c slots: together they offer
+                // one join every 1/burst_per_sec.
+                let at = start + Duration::from_secs_f64(c as f64 / plan.burst_per_sec);
+                scope.spawn(move || -> Result<Vec<Instant>> {
+                    let mut pace = Pace::starting(at, per_conn);
+                    let mut sent = Vec::with_capacity(mine.len());
+                    for i in mine {
+                        check_interrupt()?;
+                        pace.wait();
+                        let (key, value) = lease_kv(i);
+                        let since = Instant::now();
+                        let _ = tx.send(Watch {
+                            key: key_of(i),
+                            present: true,
+                            since,
+                        });
+                        conn.put(&key, &value, lease)?;
+                        sent.push(since);
+                    }
+                    Ok(sent)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| bail!("burst thread panicked")))
+            .collect()
+    });
+    drop(tx);
+    let seen = watcher
+        .join()
+        .map_err(|_| anyhow::anyhow!("poller panicked"))?;
+    let mut sent = Vec::new();
+    for p in puts {
+        sent.extend(p?);
+    }
+    (r.burst_ms, r.burst_lost, _) = tally(&seen);
+    r.burst_offered_per_s = rate(sent.iter().copied());
+    r.burst_absorbed_per_s = rate(seen.iter().filter_map(|s| Some(s.since + s.after?)));
+
+    let revoked = Instant::now();
+    etcd.lease_revoke(lease)?;
+    let map = PinnedMap::open(&map.pins.join("SUBNETS"), 8)?;
+    let mut left: Vec<[u8; 8]> = indices.iter().map(|&i| key_of(i)).collect();
+    while !left.is_empty() && revoked.elapsed() < WATCH_TIMEOUT {
+        check_interrupt()?;
+        left.retain(|k| map.contains(k).unwrap_or(true));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if !left.is_empty() {
+        bail!(
+            "{} burst entries still in the map {WATCH_TIMEOUT:?} after the revoke",
+            left.len()
+        );
+    }
+    r.burst_removal_s = revoked.elapsed().as_secs_f64();
+    Ok(())
+}
+
+/// Events per second between the first and the last of `times`.
+fn rate(times: impl Iterator<Item = Instant>) -> f64 {
+    let (mut n, mut first, mut last) = (0usize, None::<Instant>, None::<Instant>);
+    for t in times {
+        n += 1;
+        first = Some(first.map_or(t, |f| f.min(t)));
+        last = Some(last.map_or(t, |l| l.max(t)));
+    }
+    match (first, last) {
+        (Some(f), Some(l)) if n > 1 && l > f => (n - 1) as f64 / (l - f).as_secs_f64(),
+        _ => 0.0,
+    }
+}
+
+/// Run time of every thread of `pid` so far, in ns (first field of each
+/// `/proc/<pid>/task/<tid>/schedstat`): `/proc/<pid>/stat` counts in
+/// 10 ms ticks, too coarse for a fraction of a millisecond per join.
+fn thread_cpu_ns(pid: u32) -> Result<u64> {
+    let dir = format!("/proc/{pid}/task");
+    let mut total = 0;
+    for task in std::fs::read_dir(&dir).with_context(|| format!("read {dir}"))? {
+        let path = task?.path().join("schedstat");
+        // A thread may end between the listing and the read.
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        total += text
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .with_context(|| format!("{}: {text:?}", path.display()))?;
+    }
+    Ok(total)
+}
+
+/// Waits until the daemon's threads are idle: less than [`SETTLE_CPU`] of
+/// run time in a [`SETTLE_WINDOW`].
+fn settle(pid: u32) -> Result<()> {
+    let start = Instant::now();
+    let mut before = thread_cpu_ns(pid)?;
+    while start.elapsed() < SETTLE_TIMEOUT {
+        check_interrupt()?;
+        std::thread::sleep(SETTLE_WINDOW);
+        let now = thread_cpu_ns(pid)?;
+        if now.saturating_sub(before) < SETTLE_CPU.as_nanos() as u64 {
+            return Ok(());
+        }
+        before = now;
+    }
+    bail!("the daemon was still busy {SETTLE_TIMEOUT:?} after the sync")
+}
+
+impl ControlPlaneResult {
+    /// Daemon CPU per steady join, µs.
+    pub fn cpu_us_per_join(&self) -> Option<f64> {
+        let ns = self.cpu_ns_after_joins.checked_sub(self.cpu_ns_synced)?;
+        (self.cpu_ns_synced > 0 && self.joins > 0).then(|| ns as f64 / 1e3 / self.joins as f64)
+    }
+
+    /// The daemon's peak resident memory over the run, MiB.
+    pub fn peak_rss_mib(&self) -> f64 {
+        [
+            &self.daemon_synced,
+            &self.daemon_after_joins,
+            &self.daemon_after_removals,
+        ]
+        .iter()
+        .map(|u| u.rss_peak_kib.max(u.rss_kib))
+        .max()
+        .unwrap_or(0) as f64
+            / 1024.0
+    }
+}
+
+/// One row of the goals table: what, the figure, whether it is met
+/// (`None`: not measured in this run).
+pub struct Goal {
+    pub what: &'static str,
+    pub value: Option<String>,
+    pub met: Option<bool>,
+}
+
+fn goal(
+    what: &'static str,
+    value: Option<f64>,
+    fmt: impl Fn(f64) -> String,
+    ok: impl Fn(f64) -> bool,
+) -> Goal {
+    let value = value.filter(|v| v.is_finite());
+    Goal {
+        what,
+        value: value.map(&fmt),
+        met: value.map(ok),
+    }
+}
+
+/// The control plane's goals, from the runs at 1,000, 10,000 and 100,000.
+pub fn goals(cps: &[ControlPlaneResult]) -> Vec<Goal> {
+    let at = |n: usize| cps.iter().find(|c| c.leases == n);
+    let p99 = |v: &[f64]| super::report::percentile(v, 99.0);
+    let ms = |x: f64| format!("{x:.1} ms");
+    let burst = at(10_000).filter(|c| c.burst_lost == 0 && !c.burst_ms.is_empty());
+    let burst_p99 = burst.and_then(|c| p99(&c.burst_ms));
+    vec![
+        goal(
+            "full sync of 100,000 leases < 1 s (daemon start to a full map)",
+            at(100_000).map(|c| c.start_to_synced_s),
+            |x| format!("{x:.3} s"),
+            |x| x < 1.0,
+        ),
+        goal(
+            "join-to-programmed p99 < 10 ms at 100,000 leases",
+            at(100_000).and_then(|c| p99(&c.join_ms)),
+            ms,
+            |x| x < 10.0,
+        ),
+        goal(
+            "daemon CPU per join at 100,000 leases ≤ 2× at 1,000",
+            at(100_000)
+                .and_then(|c| c.cpu_us_per_join())
+                .zip(at(1_000).and_then(|c| c.cpu_us_per_join()))
+                .map(|(big, small)| big / small),
+            |x| format!("{x:.2}×"),
+            |x| x <= 2.0,
+        ),
+        goal(
+            "≥ 1,000 joins/s absorbed at 10,000 leases (none lost)",
+            burst.map(|c| c.burst_absorbed_per_s),
+            |x| format!("{x:.0}/s"),
+            |x| x >= 1000.0,
+        ),
+        goal("join p99 < 50 ms in that burst", burst_p99, ms, |x| {
+            x < 50.0
+        }),
+        goal(
+            "RSS < 100 MiB at 100,000 leases (peak, VmHWM)",
+            at(100_000).map(ControlPlaneResult::peak_rss_mib),
+            |x| format!("{x:.1} MiB"),
+            |x| x < 100.0,
+        ),
+    ]
+}
+
+/// The control-plane table of `report.md`.
+pub fn section(s: &mut String, cps: &[ControlPlaneResult]) {
+    use std::fmt::Write as _;
+    let p = |v: &[f64], q: f64| {
+        super::report::percentile(v, q).map_or("-".into(), |x| format!("{x:.2}"))
+    };
+    let _ = writeln!(
+        s,
+        "## Control plane (one daemon, simulated remote leases in etcd)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| leases | etcd write s | start → running s | start → map full s | join p50 / p99 / max ms (lost) | put p50 ms | removal p50 / p99 ms (lost) | daemon CPU µs per join | burst offered / absorbed per s | burst p50 / p99 / max ms (lost) | burst revoke → gone s | RSS MiB (peak) | SUBNETS / PEERS KiB | status s |"
+    );
+    let _ = writeln!(
+        s,
+        "| ---: | ---: | ---: | ---: | --- | ---: | --- | ---: | --- | --- | ---: | --- | --- | ---: |"
+    );
+    for c in cps {
+        let _ = writeln!(
+            s,
+            "| {} | {:.2} | {:.3} | {:.3} | {} / {} / {} ({}) | {} | {} / {} ({}) | {} | {:.0} / {:.0} | {} / {} / {} ({}) | {:.3} | {:.1} ({:.1}) | {} / {} | {:.2} |",
+            c.leases,
+            c.etcd_write_s,
+            c.start_to_running_s,
+            c.start_to_synced_s,
+            p(&c.join_ms, 50.0),
+            p(&c.join_ms, 99.0),
+            p(&c.join_ms, 100.0),
+            c.join_lost,
+            p(&c.put_ms, 50.0),
+            p(&c.removal_ms, 50.0),
+            p(&c.removal_ms, 99.0),
+            c.removal_lost,
+            c.cpu_us_per_join()
+                .map_or("-".into(), |x| format!("{x:.0}")),
+            c.burst_offered_per_s,
+            c.burst_absorbed_per_s,
+            p(&c.burst_ms, 50.0),
+            p(&c.burst_ms, 99.0),
+            p(&c.burst_ms, 100.0),
+            c.burst_lost,
+            c.burst_removal_s,
+            c.daemon_after_removals.rss_kib as f64 / 1024.0,
+            c.peak_rss_mib(),
+            c.subnets_memlock / 1024,
+            c.peers_memlock / 1024,
+            c.status_s
+        );
+    }
+    s.push('\n');
+}
+
+/// What a run at `n` leases failed to produce.
+pub fn missing(n: usize, c: &ControlPlaneResult) -> Vec<String> {
+    let mut missing = Vec::new();
+    if c.map_entries != n || c.status_peers != n {
+        missing.push(format!(
+            "control plane at {n}: map {} / status {} entries",
+            c.map_entries, c.status_peers
+        ));
+    }
+    if c.join_ms.is_empty() || c.join_lost > 0 {
+        missing.push(format!(
+            "control plane at {n}: {} of {} joins programmed",
+            c.join_ms.len(),
+            c.joins
+        ));
+    }
+    if c.removal_ms.is_empty() || c.removal_lost > 0 {
+        missing.push(format!(
+            "control plane at {n}: {} of {} removals seen",
+            c.removal_ms.len(),
+            c.joins
+        ));
+    }
+    if c.burst_joins > 0 && (c.burst_ms.is_empty() || c.burst_lost > 0) {
+        missing.push(format!(
+            "control plane at {n}: {} of {} burst joins programmed",
+            c.burst_ms.len(),
+            c.burst_joins
+        ));
+    }
+    if c.daemon_synced.rss_kib == 0 || c.subnets_memlock == 0 || c.cpu_us_per_join().is_none() {
+        missing.push(format!("control plane at {n}: RSS, CPU or map memory"));
+    }
+    missing
+}
+
 fn summary(r: &ControlPlaneResult) -> String {
     let p = |v: &[f64], q: f64| {
         super::report::percentile(v, q).map_or("-".into(), |x| format!("{x:.1}"))
     };
     format!(
-        "synced {} in {:.3}s (running at {:.3}s); /metrics {:.3}s ({} bytes); join p50/p99 {}/{} ms; removal p50/p99 {}/{} ms; RSS {} MiB",
+        "synced {} in {:.3}s (running at {:.3}s); /metrics {:.3}s ({} bytes); join p50/p99 {}/{} ms, {} µs CPU each; removal p50/p99 {}/{} ms; burst {:.0}/s offered, {:.0}/s absorbed, p99 {} ms, {} lost; RSS {} MiB (peak {:.1})",
         r.map_entries,
         r.start_to_synced_s,
         r.start_to_running_s,
@@ -462,9 +874,16 @@ fn summary(r: &ControlPlaneResult) -> String {
         r.metrics_bytes,
         p(&r.join_ms, 50.0),
         p(&r.join_ms, 99.0),
+        r.cpu_us_per_join()
+            .map_or("-".into(), |x| format!("{x:.0}")),
         p(&r.removal_ms, 50.0),
         p(&r.removal_ms, 99.0),
-        r.daemon_after_removals.rss_kib / 1024
+        r.burst_offered_per_s,
+        r.burst_absorbed_per_s,
+        p(&r.burst_ms, 99.0),
+        r.burst_lost,
+        r.daemon_after_removals.rss_kib / 1024,
+        r.peak_rss_mib()
     )
 }
 
@@ -474,16 +893,29 @@ mod tests {
 
     #[test]
     fn lease_indices_map_to_distinct_subnets_and_back() {
-        assert_eq!(subnet_of(0), Ipv4Addr::new(10, 1, 0, 0));
-        assert_eq!(subnet_of(257), Ipv4Addr::new(10, 2, 1, 0));
-        assert_eq!(own_index("10.2.1.0/24"), Some(257));
-        assert_eq!(own_index("10.0.5.0/24"), None);
+        assert_eq!(subnet_of(0), Ipv4Addr::new(10, 0, 0, 64));
+        assert_eq!(subnet_of(257), Ipv4Addr::new(10, 0, 64, 128));
+        assert_eq!(own_index("10.0.64.128/26"), Some(257));
+        assert_eq!(own_index("10.0.0.0/26"), None);
+        assert_eq!(
+            own_index(&format!("{}/26", subnet_of(99_999))),
+            Some(99_999)
+        );
         let (key, value) = lease_kv(251);
-        assert_eq!(key, "/netd/network/subnets/10.1.251.0-24");
-        assert!(value.contains(r#""PublicIP":"198.19.1.2""#), "{value}");
+        assert_eq!(key, "/netd/network/subnets/10.0.63.0-26");
+        assert!(value.contains(r#""PublicIP":"198.18.2.2""#), "{value}");
         assert!(
-            value.contains(r#""VtepMAC":"0e:6e:c6:13:01:02""#),
+            value.contains(r#""VtepMAC":"0e:6e:c6:12:02:02""#),
             "{value}"
         );
+        // Off the testbed's underlay, distinct up to the last one.
+        assert_eq!(public_ip(0), Ipv4Addr::new(198, 18, 1, 1));
+        assert_eq!(
+            public_ip(MAX_SIMULATED - 1),
+            Ipv4Addr::new(198, 19, 255, 250)
+        );
+        assert_ne!(public_ip(249), public_ip(250));
+        // The lookup address is inside the lease's own subnet.
+        assert_eq!(key_of(2)[4..], [10, 0, 0, 193]);
     }
 }

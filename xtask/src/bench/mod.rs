@@ -84,7 +84,7 @@ pub struct Options {
     #[arg(long)]
     seconds: Option<u32>,
     /// Simulated remote leases for the control-plane runs, comma separated
-    /// (default 1000,5000,10000; 200 with --quick).
+    /// (default 1000,10000,100000; 200 with --quick).
     #[arg(long, value_delimiter = ',')]
     leases: Option<Vec<usize>>,
     /// Skip the control-plane runs.
@@ -155,6 +155,10 @@ pub struct Plan {
     /// Joins (and as many revocations) per control-plane run.
     pub joins: usize,
     pub joins_per_sec: f64,
+    /// Joins of the burst after them, and the rate they are offered at: a
+    /// little above 1,000/s, so a daemon that keeps up shows at least that.
+    pub burst_joins: usize,
+    pub burst_per_sec: f64,
     /// `repeat` of the BPF_PROG_TEST_RUN loop, and how many single runs.
     pub prog_repeat: u32,
     pub prog_single_runs: u32,
@@ -189,10 +193,12 @@ impl Plan {
                 (_, true) => Vec::new(),
                 (Some(list), _) => list.clone(),
                 (None, _) if quick => vec![200],
-                (None, _) => vec![1000, 5000, 10000],
+                (None, _) => vec![1000, 10000, 100000],
             },
             joins: if quick { 10 } else { 200 },
             joins_per_sec: 20.0,
+            burst_joins: if quick { 100 } else { 3000 },
+            burst_per_sec: 1100.0,
             prog_repeat: if quick { 10_000 } else { 1_000_000 },
             prog_single_runs: if quick { 5 } else { 100 },
         }

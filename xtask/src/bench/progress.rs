@@ -28,7 +28,8 @@ pub fn progrun_secs(plan: &Plan, mode: Mode) -> f64 {
 
 pub fn control_plane_secs(plan: &Plan, leases: usize) -> f64 {
     let joins = 2.0 * plan.joins as f64 / plan.joins_per_sec;
-    SETUP_SECS + 3.0 + leases as f64 / 2000.0 + joins
+    let burst = plan.burst_joins as f64 / plan.burst_per_sec;
+    SETUP_SECS + 3.0 + leases as f64 / 2000.0 + joins + burst
 }
 
 /// One mode in one round: its testbed and every variant of every workload.

@@ -9,7 +9,6 @@ use anyhow::{Context, Result};
 
 use super::Plan;
 use super::chart;
-use super::control_plane::ControlPlaneResult;
 use super::progrun::ProgRunResult;
 use super::results::{ModeResult, Results};
 use super::testbed::Mode;
@@ -189,7 +188,7 @@ pub fn markdown(r: &Results) -> String {
         live_section(&mut s, p);
     }
     if !r.control_plane.is_empty() {
-        control_plane_section(&mut s, &r.control_plane);
+        super::control_plane::section(&mut s, &r.control_plane);
     }
     path_section(&mut s, &r.modes);
     if !r.errors.is_empty() || r.modes.iter().any(|m| !m.errors.is_empty()) {
@@ -497,43 +496,21 @@ fn goals_section(s: &mut String, r: &Results) {
             |x| x <= 1.1,
         );
     }
-    let at = |n: usize| r.control_plane.iter().find(|c| c.leases == n);
-    let join99 = at(5000).and_then(|c| percentile(&c.join_ms, 99.0));
-    goal_abs(
-        s,
-        "join-to-programmed p99 < 100 ms at 5,000 hosts",
-        join99,
-        "ms",
-        |x| x < 100.0,
-    );
-    let sync = at(10000).map(|c| c.start_to_synced_s);
-    goal_abs(
-        s,
-        "full sync of 10,000 leases < 1 s (daemon start to a full map)",
-        sync,
-        "s",
-        |x| x < 1.0,
-    );
-    let rss = at(10000)
-        .map(|c| c.daemon_after_removals.rss_kib.max(c.daemon_synced.rss_kib) as f64 / 1024.0);
-    goal_abs(s, "RSS < 50 MiB at 10,000 peers", rss, "MiB", |x| x < 50.0);
+    for g in super::control_plane::goals(&r.control_plane) {
+        let met = match g.met {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "not measured",
+        };
+        let value = g.value.as_deref().unwrap_or("-");
+        let _ = writeln!(s, "| {} | {value} | {met} |", g.what);
+    }
     s.push('\n');
 }
 
 fn goal(s: &mut String, what: &str, ratio: Option<f64>, ok: fn(f64) -> bool) {
     let (value, met) = match ratio {
         Some(x) if x.is_finite() => (format!("{x:.2}×"), if ok(x) { "yes" } else { "no" }),
-        _ => ("-".into(), "not measured"),
-    };
-    let _ = writeln!(s, "| {what} | {value} | {met} |");
-}
-
-fn goal_abs(s: &mut String, what: &str, v: Option<f64>, unit: &str, ok: fn(f64) -> bool) {
-    let (value, met) = match v {
-        Some(x) if x.is_finite() => (
-            format!("{} {unit}", fmt_value(x)),
-            if ok(x) { "yes" } else { "no" },
-        ),
         _ => ("-".into(), "not measured"),
     };
     let _ = writeln!(s, "| {what} | {value} | {met} |");
@@ -604,51 +581,6 @@ fn counters(c: &std::collections::BTreeMap<String, u64>) -> String {
         .map(|(k, v)| format!("{k} +{v}"))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn control_plane_section(s: &mut String, cps: &[ControlPlaneResult]) {
-    let _ = writeln!(
-        s,
-        "## Control plane (one daemon, simulated remote leases in etcd)\n"
-    );
-    let _ = writeln!(
-        s,
-        "| leases | etcd write s | start → running s | start → map full s | join p50 / p99 / max ms (lost) | joins/s kept up | put p50 ms | removal p50 / p99 ms (lost) | RSS MiB (peak) | daemon CPU s at sync | CPU ms per join | SUBNETS / PEERS KiB | status s |"
-    );
-    let _ = writeln!(
-        s,
-        "| ---: | ---: | ---: | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | --- | ---: |"
-    );
-    for c in cps {
-        let p = |v: &[f64], q: f64| percentile(v, q).map_or("-".into(), fmt_value);
-        let join_cpu =
-            (c.daemon_after_joins.cpu_s - c.daemon_synced.cpu_s) * 1e3 / c.joins.max(1) as f64;
-        let _ = writeln!(
-            s,
-            "| {} | {:.2} | {:.3} | {:.3} | {} / {} / {} ({}) | {:.1} | {} | {} / {} ({}) | {:.1} ({:.1}) | {:.2} | {:.1} | {} / {} | {:.2} |",
-            c.leases,
-            c.etcd_write_s,
-            c.start_to_running_s,
-            c.start_to_synced_s,
-            p(&c.join_ms, 50.0),
-            p(&c.join_ms, 99.0),
-            p(&c.join_ms, 100.0),
-            c.join_lost,
-            c.join_ms.len() as f64 / c.joins_drained_s.max(1e-9),
-            p(&c.put_ms, 50.0),
-            p(&c.removal_ms, 50.0),
-            p(&c.removal_ms, 99.0),
-            c.removal_lost,
-            c.daemon_after_removals.rss_kib as f64 / 1024.0,
-            c.daemon_after_removals.rss_peak_kib as f64 / 1024.0,
-            c.daemon_synced.cpu_s,
-            join_cpu,
-            c.subnets_memlock / 1024,
-            c.peers_memlock / 1024,
-            c.status_s
-        );
-    }
-    s.push('\n');
 }
 
 /// Offloads worth a glance; `bench.json` has every one.
@@ -750,31 +682,7 @@ pub fn missing_figures(plan: &Plan, r: &Results) -> Vec<String> {
     for &n in &plan.lease_counts {
         match r.control_plane.iter().find(|c| c.leases == n) {
             None => missing.push(format!("control plane at {n} leases")),
-            Some(c) => {
-                if c.map_entries != n || c.status_peers != n {
-                    missing.push(format!(
-                        "control plane at {n}: map {} / status {} entries",
-                        c.map_entries, c.status_peers
-                    ));
-                }
-                if c.join_ms.is_empty() || c.join_lost > 0 {
-                    missing.push(format!(
-                        "control plane at {n}: {} of {} joins programmed",
-                        c.join_ms.len(),
-                        c.joins
-                    ));
-                }
-                if c.removal_ms.is_empty() || c.removal_lost > 0 {
-                    missing.push(format!(
-                        "control plane at {n}: {} of {} removals seen",
-                        c.removal_ms.len(),
-                        c.joins
-                    ));
-                }
-                if c.daemon_synced.rss_kib == 0 || c.subnets_memlock == 0 {
-                    missing.push(format!("control plane at {n}: RSS or map memory"));
-                }
-            }
+            Some(c) => missing.extend(super::control_plane::missing(n, c)),
         }
     }
     missing
