@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Each container has its /32 on `eth0` and a default route via
-//! 169.254.1.1, which the host's `cali0` answers by proxy ARP; the host
+//! 169.254.1.1, which resolves to the host's `cali0` (proxy ARP in Calico); the host
 //! routes the container's /32 to `cali0` and the peer's pod subnet via the
 //! peer. Policy sits in the server host's FORWARD chain:
 //!
@@ -29,6 +29,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use netd_tests::links::link_mac;
 use netd_tests::{NetNs, NsRef, Topology, flannel, host_ip};
 
 use super::policy_rules::{CLIENT_GROUP, FakeEndpoint, RuleSet};
@@ -150,6 +151,25 @@ fn routed_container(topo: &Topology, i: usize) -> Result<NetNs> {
             LINK_LOCAL_GW,
             "dev",
             "eth0",
+        ],
+    )?;
+    // Proxy ARP answers only for a target the host has a route to, and the
+    // testbed's hosts have no default route: the gateway's neighbour entry
+    // is set instead, to the host veth's MAC (what proxy ARP would answer).
+    let mac = link_mac(&host, WORKLOAD_IFACE);
+    sh(
+        &c,
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            LINK_LOCAL_GW,
+            "lladdr",
+            &mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
         ],
     )?;
     Ok(ns)

@@ -53,10 +53,20 @@ fn figure(r: &PolicyResult, name: &str, workload: &str, metric: &str) -> Option<
     stats(&case(r, name)?.values(workload, metric))
 }
 
+/// Three significant figures or so, as the other tables.
+fn num(v: f64) -> String {
+    match v.abs() {
+        a if a >= 100.0 => format!("{v:.0}"),
+        a if a >= 10.0 => format!("{v:.1}"),
+        a if a >= 1.0 => format!("{v:.2}"),
+        _ => format!("{v:.3}"),
+    }
+}
+
 fn cell(st: Option<Stats>) -> String {
     match st {
-        Some(s) if s.n > 1 => format!("{:.3} ({:.3}–{:.3})", s.median, s.min, s.max),
-        Some(s) => format!("{:.3}", s.median),
+        Some(s) if s.n > 1 => format!("{} ({}–{})", num(s.median), num(s.min), num(s.max)),
+        Some(s) => num(s.median),
         None => "-".into(),
     }
 }
