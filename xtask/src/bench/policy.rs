@@ -27,8 +27,8 @@ use super::bpf_map::{PinnedMap, lpm_key};
 use super::etcd_http::{EtcdHttp, MAX_TXN_OPS};
 use super::iptables_policy;
 use super::policy_rules::{
-    CLIENT_GROUP, DENIED_PORT, FakeEndpoint, GROUP_KEY, MEASURED_PORT, POLICY_NAME, Proto, Rule,
-    RuleSet, SERVER_LABEL, fake_endpoints, fake_subnets, subnets_for,
+    CLIENT_GROUP, DENIED_PORT, FakeEndpoint, GROUP_KEY, POLICY_NAME, Proto, Rule, RuleSet,
+    SERVER_LABEL, fake_endpoints, fake_subnets, subnets_for,
 };
 use super::progress::{self, Progress};
 use super::results::Sample;
@@ -376,9 +376,9 @@ impl PolicyMaps {
         Ok(self.local.lookup(&ip.octets())?.map(|b| from_bytes(&b)))
     }
 
-    /// Whether the server admits `proto`/`port` from the client identity.
-    fn allows(&self, server: Ipv4Addr, client: Ipv4Addr, proto: u8, port: u16) -> Result<bool> {
-        let (Some(local), Some(remote)) = (self.local(server)?, self.identity(client)?) else {
+    /// Whether the server admits `proto`/`port` from `source`'s identity.
+    fn allows(&self, server: Ipv4Addr, source: Ipv4Addr, proto: u8, port: u16) -> Result<bool> {
+        let (Some(local), Some(remote)) = (self.local(server)?, self.identity(source)?) else {
             return Ok(false);
         };
         let key = PolicyKey {
@@ -418,8 +418,6 @@ fn wait_until(what: &str, mut f: impl FnMut() -> Result<bool>) -> Result<Duratio
     bail!("{what}: not seen in the kernel after {ENFORCE_TIMEOUT:?}")
 }
 
-const IPPROTO_TCP: u8 = 6;
-
 /// `netd policy ARGS --etcd-endpoints …` on host 0.
 fn netd_policy(cluster: &Cluster, args: &[&str]) -> Result<()> {
     let endpoint = cluster.topo.etcd_endpoint();
@@ -444,7 +442,42 @@ struct NetdBench<'a> {
     cluster: &'a Cluster,
     maps: Option<PolicyMaps>,
     client: Ipv4Addr,
+    /// The fake endpoints published so far.
+    fakes: Vec<FakeEndpoint>,
     files: tempfile::TempDir,
+}
+
+impl NetdBench<'_> {
+    /// An endpoint of label set `group`.
+    fn source_of(&self, group: &str) -> Option<Ipv4Addr> {
+        if group == CLIENT_GROUP {
+            return Some(self.client);
+        }
+        self.fakes.iter().find(|f| f.group == group).map(|f| f.ip)
+    }
+
+    /// Whether the server host's POLICY admits every rule of `rs`: the
+    /// whole policy is in force, not only a rule an earlier case had.
+    fn enforces(&self, maps: &PolicyMaps, rs: &RuleSet) -> Result<bool> {
+        for rule in rs.rules() {
+            let source = self
+                .source_of(&rule.group)
+                .with_context(|| format!("no endpoint of label set {}", rule.group))?;
+            for &(proto, port) in &rule.ports {
+                if !maps.allows(self.tb.server_ip, source, ip_proto(proto), port)? {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn ip_proto(p: Proto) -> u8 {
+    match p {
+        Proto::Tcp => 6,
+        Proto::Udp => 17,
+    }
 }
 
 fn netd_cases(plan: &Plan, progress: &mut Progress, r: &mut PolicyResult) -> Result<()> {
@@ -462,6 +495,7 @@ fn netd_cases(plan: &Plan, progress: &mut Progress, r: &mut PolicyResult) -> Res
         cluster,
         maps: None,
         client,
+        fakes: fakes[..FAKE_GROUPS].to_vec(),
         files: tempfile::tempdir()?,
     };
     if supported {
@@ -528,9 +562,7 @@ fn netd_case(
             wait_until("no policy on the server", || Ok(!maps.isolated(server)?))?;
         } else {
             apply(b.cluster, b.files.path(), &rs.policy_json(&[]))?;
-            wait_until("the measured rule in POLICY", || {
-                maps.allows(server, b.client, IPPROTO_TCP, MEASURED_PORT)
-            })?;
+            wait_until("every rule in POLICY", || b.enforces(maps, &rs))?;
         }
         case.kernel = format!("{} POLICY entries", maps.policy.count()?);
     }
@@ -574,7 +606,7 @@ fn apply_latency(plan: &Plan, b: &NetdBench, endpoints: usize) -> Result<ApplyLa
         apply(b.cluster, b.files.path(), &policy)?;
         r.cli_ms.push(t0.elapsed().as_secs_f64() * 1e3);
         match wait_until("the new rule", || {
-            maps.allows(server, b.client, IPPROTO_TCP, port)
+            maps.allows(server, b.client, ip_proto(Proto::Tcp), port)
         }) {
             Ok(d) => r.enforced_ms.push(d.as_secs_f64() * 1e3),
             Err(e) if interrupted() => return Err(e),
