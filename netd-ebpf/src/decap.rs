@@ -21,6 +21,7 @@ use netd_common::{Counter, DecapMeta, Endpoint, NodeConfig, PeerMode};
 use crate::{
     headers::*,
     maps::{self, SUBNETS, count},
+    policy,
 };
 
 /// Offset of the inner Ethernet header in a VXLAN frame.
@@ -248,6 +249,12 @@ fn xdp_decide(ctx: &XdpContext) -> XdpExit {
         Inner::Drop(reason) => return XdpExit::new(XDP_DROP, reason),
         Inner::Decap { to, ip } => (to, ip),
     };
+    // Judged here whether XDP redirects or TC delivers what it passes up.
+    if to.is_some()
+        && let Err(reason) = policy::ingress(ctx, INNER_IP)
+    {
+        return XdpExit::new(XDP_DROP, reason);
+    }
     let (dst, src) = match &to {
         Some(ep) => (ep.mac, ep.host_mac),
         None => (cfg.underlay_mac, [0; 6]),
@@ -406,6 +413,11 @@ fn tc_decide(ctx: &TcContext) -> TcExit {
         Inner::Drop(reason) => return TcExit::shot(reason),
         Inner::Decap { to, ip } => (to, ip),
     };
+    if to.is_some()
+        && let Err(reason) = policy::ingress(ctx, INNER_IP)
+    {
+        return TcExit::shot(reason);
+    }
     // Written with a helper, not in place: a direct write would make the
     // verifier unclone every skb this program sees.
     if let Some(ip) = new_ip
@@ -443,6 +455,9 @@ fn tc_decide(ctx: &TcContext) -> TcExit {
 /// A plain IPv4 frame for a local container: new MACs, into its namespace.
 #[inline(always)]
 fn deliver_plain(ctx: &TcContext, ep: &Endpoint) -> TcExit {
+    if let Err(reason) = policy::ingress(ctx, ETH_HLEN) {
+        return TcExit::shot(reason);
+    }
     let eth = EthHdr {
         dst: ep.mac,
         src: ep.host_mac,

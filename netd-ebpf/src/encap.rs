@@ -22,6 +22,7 @@ const AF_INET: u32 = 2;
 use crate::{
     headers::*,
     maps::{self, SUBNETS, count},
+    policy,
 };
 
 /// Inner Ethernet header length, in the top byte of the adjust_room flags.
@@ -99,8 +100,15 @@ fn decide(ctx: &TcContext) -> Exit {
     if !is_own_source(ctx, cfg, eth, ip) {
         return Exit::shot(Counter::DropSpoofed);
     }
-    let dst = unsafe { (*ip).daddr };
-    let route = match maps::container(cfg, dst) {
+    let hdr = unsafe { *ip };
+    let local = maps::container(cfg, hdr.daddr);
+    // Egress of the source; for local delivery, ingress of the destination.
+    let ingress = local.and_then(|_| policy::tracked(hdr.daddr));
+    if let Err(reason) = policy::verdict(ctx, ETH_HLEN, &hdr, policy::tracked(hdr.saddr), ingress) {
+        return Exit::shot(reason);
+    }
+    let dst = hdr.daddr;
+    let route = match local {
         Some(ep) => Route::Local(ep),
         None => match SUBNETS.get(&Key::new(32, dst)) {
             Some(peer) => Route::Peer(*peer),

@@ -3,10 +3,12 @@
 #![no_std]
 #![no_main]
 
+mod conntrack;
 mod decap;
 mod encap;
 mod headers;
 mod maps;
+mod policy;
 mod tunnel_device;
 
 use aya_ebpf::{

@@ -3,10 +3,16 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
-use netd_common::{Counter, Endpoint, MAX_ENDPOINTS, MAX_PEERS, MAX_SUBNETS, NodeConfig, Peer};
+use netd_common::{
+    Counter, Endpoint, MAX_ENDPOINTS, MAX_PEERS, MAX_SUBNETS, NodeConfig, Peer,
+    policy::{
+        CtEntry, CtKey, Identity, LocalPolicy, MAX_CONNTRACK, MAX_IDENTITIES, MAX_POLICY,
+        PolicyEntry, PolicyKey, PolicyState,
+    },
+};
 
 /// Remote hosts' subnets (prefix → owner).
 #[btf_map]
@@ -30,6 +36,32 @@ pub static CONFIG: Array<NodeConfig, 1> = Array::new();
 /// Packet counters, indexed by [`Counter`].
 #[btf_map]
 pub static STATS: PerCpuArray<u64, { Counter::COUNT as usize }> = PerCpuArray::new();
+
+/// Who an address is (prefix → identity); a miss is the world.
+#[btf_map]
+pub static IDENTITIES: LpmTrie<[u8; 4], Identity, { MAX_IDENTITIES as usize }> = LpmTrie::new();
+
+/// Local endpoints' isolation flags and identities. No entry: not tracked.
+#[btf_map]
+pub static LOCAL_POLICY: HashMap<[u8; 4], LocalPolicy, { MAX_ENDPOINTS as usize }> = HashMap::new();
+
+/// Allowed (local, remote, protocol, direction) and their port ranges.
+/// Allocated on demand, as most hosts hold far fewer rules than it admits.
+#[btf_map]
+pub static POLICY: HashMap<
+    PolicyKey,
+    PolicyEntry,
+    { MAX_POLICY as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// The policy generation (one entry).
+#[btf_map]
+pub static POLICY_STATE: Array<PolicyState, 1> = Array::new();
+
+/// Flows admitted at a local endpoint, per direction.
+#[btf_map]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { MAX_CONNTRACK as usize }> = LruHashMap::new();
 
 #[inline(always)]
 pub fn count(counter: Counter) {

@@ -19,6 +19,7 @@ use netd_common::Counter;
 use crate::{
     headers::*,
     maps::{self, count},
+    policy,
 };
 
 /// `PACKET_HOST`: the inner frame is for this host, whatever its MAC says.
@@ -70,6 +71,7 @@ fn try_deliver(ctx: &TcContext) -> Result<i32, Counter> {
         return Ok(TC_ACT_OK as i32);
     };
     let ep = *ep;
+    policy::ingress(ctx, ETH_HLEN)?;
     let eth = EthHdr {
         dst: ep.mac,
         src: ep.host_mac,

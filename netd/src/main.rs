@@ -48,5 +48,6 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Detach(args) => cli::attach::detach(&pin, run_dir, args).await,
         Command::Status(args) => cli::status::status(&pin, run_dir, args),
         Command::Teardown => cli::teardown::teardown(&pin, run_dir).await,
+        Command::Policy(command) => cli::policy::run(command).await,
     }
 }

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
 use super::{AttachArgs, DetachArgs};
 use crate::{
@@ -11,7 +11,13 @@ use crate::{
 };
 
 pub async fn attach(pin: &PinDir, run_dir: &Path, args: AttachArgs) -> Result<()> {
-    let req = AttachRequest::for_netns(args.netns, args.ip, args.ifname);
+    let mut req = AttachRequest::for_netns(args.netns, args.ip, args.ifname);
+    req.network = Some(args.network);
+    for (key, value) in args.labels {
+        if let Some(first) = req.labels.insert(key.clone(), value) {
+            bail!("label {key} given twice (first as {key}={first})");
+        }
+    }
     let record = endpoint::attach(pin, run_dir, req).await?;
     println!("{}", record.ip);
     Ok(())

@@ -2,6 +2,7 @@
 
 pub mod attach;
 pub mod network;
+pub mod policy;
 pub mod run;
 pub mod status;
 pub mod teardown;
@@ -50,6 +51,9 @@ pub enum Command {
     /// Remove everything netd made on this host: containers, programs,
     /// pins, the gateway address and the run-directory files.
     Teardown,
+    /// Manage the network policies in etcd.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
 }
 
 #[derive(Debug, Args, Clone)]
@@ -117,6 +121,13 @@ pub struct RunArgs {
     /// outside the cluster network behind the host's address.
     #[arg(long, env = "NETD_IP_MASQ")]
     pub ip_masq: bool,
+    /// Network of the containers of flannel hosts (which publish no
+    /// endpoints), for isolation and policy.
+    #[arg(long, env = "NETD_FOREIGN_NETWORK", default_value = crate::policy::DEFAULT_NETWORK, value_parser = parse_network)]
+    pub foreign_network: String,
+    /// A label of the containers of flannel hosts, KEY=VALUE (repeatable).
+    #[arg(long = "foreign-label", value_name = "KEY=VALUE", value_parser = crate::endpoint::labels::parse_label)]
+    pub foreign_labels: Vec<(String, String)>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -162,6 +173,17 @@ pub struct AttachArgs {
     /// Interface name inside the container.
     #[arg(long, default_value = "eth0")]
     pub ifname: String,
+    /// A label for policy, KEY=VALUE (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = crate::endpoint::labels::parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// The network the endpoint belongs to: endpoints of different
+    /// networks are isolated unless a policy allows them.
+    #[arg(long, default_value = crate::policy::DEFAULT_NETWORK, value_parser = parse_network)]
+    pub network: String,
+}
+
+fn parse_network(name: &str) -> Result<String, crate::endpoint::labels::LabelError> {
+    crate::endpoint::labels::check_network(name).map(|()| name.to_string())
 }
 
 #[derive(Debug, Args)]
@@ -255,12 +277,51 @@ mod tests {
     }
 
     #[test]
+    fn attach_takes_labels_and_a_network() {
+        let cli = Cli::try_parse_from([
+            "netd",
+            "attach",
+            "c1",
+            "--label",
+            "app=web",
+            "--label",
+            "tier=",
+            "--network",
+            "blue",
+        ])
+        .unwrap();
+        let Command::Attach(args) = cli.command else {
+            panic!("not attach")
+        };
+        assert_eq!(
+            args.labels,
+            [
+                ("app".to_string(), "web".to_string()),
+                ("tier".to_string(), String::new())
+            ]
+        );
+        assert_eq!(args.network, "blue");
+        let Command::Attach(args) = Cli::try_parse_from(["netd", "attach", "c1"])
+            .unwrap()
+            .command
+        else {
+            panic!("not attach")
+        };
+        assert_eq!((args.labels.len(), args.network.as_str()), (0, "default"));
+    }
+
+    #[test]
     fn rejects_bad_values() {
         for args in [
             &["netd", "run", "--public-ip", "1.2.3"][..],
             &["netd", "run", "--decap", "ebpf"],
             &["netd", "run", "--lease-ttl", "-1"],
             &["netd", "attach", "ns", "--ip", "10.244.1"],
+            &["netd", "attach", "ns", "--label", "app"],
+            &["netd", "attach", "ns", "--label", "-app=web"],
+            &["netd", "attach", "ns", "--label", "app=w b"],
+            &["netd", "attach", "ns", "--network", ""],
+            &["netd", "attach", "ns", "--network", "a/b"],
             &["netd", "network", "init", "--network", "10.244.0.0/33"],
             &[
                 "netd",

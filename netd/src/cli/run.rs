@@ -22,7 +22,9 @@ use super::RunArgs;
 use crate::{
     control::backoff::Backoff,
     control::config::{FileConfig, NetworkConfig, VXLAN, VXLAN_OVERHEAD},
+    control::endpoints::Publisher,
     control::lease::{Mac, gateway},
+    control::policy_sync::{Host, PolicySync},
     control::registry::{Access, Registry},
     control::subnet::{self, Identity},
     control::sync::{self, Connected, Own},
@@ -30,6 +32,7 @@ use crate::{
     egress::{self, Egress, HostAccess, Masquerade},
     endpoint, metrics,
     netlink::{Link, Netlink},
+    policy::ForeignIdentity,
     runtime::docker,
     selfheal,
     state::{EtcdHealth, NodeState, SubnetEnv},
@@ -53,6 +56,7 @@ struct Options {
     reconcile_interval: Duration,
     docker_plugin: Option<std::path::PathBuf>,
     ip_masq: bool,
+    foreign: ForeignIdentity,
 }
 
 impl Options {
@@ -100,6 +104,10 @@ impl Options {
             reconcile_interval: Duration::from_secs(args.reconcile_interval),
             docker_plugin: args.docker_plugin,
             ip_masq: args.ip_masq || file.ip_masq.unwrap_or(false),
+            foreign: ForeignIdentity {
+                network: args.foreign_network,
+                labels: args.foreign_labels.into_iter().collect(),
+            },
         })
     }
 }
@@ -335,6 +343,36 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
                 sync::run(registry, cfg, own, connected, maps?, state).await;
                 Ok(())
             })
+        }
+    });
+    tasks.restarting("endpoint publisher", {
+        let (registry, run_dir, state) =
+            (registry.clone(), run_dir.to_path_buf(), state_rx.clone());
+        let subnet = held.subnet;
+        move || -> Task {
+            let publisher = Publisher {
+                registry: registry.clone(),
+                run_dir: run_dir.clone(),
+                subnet,
+                state: state.clone(),
+            };
+            Box::pin(publisher.run())
+        }
+    });
+    tasks.restarting("policy sync", {
+        let (registry, pin, run_dir) = (registry.clone(), pin.clone(), run_dir.to_path_buf());
+        let host = Host {
+            subnet: held.subnet,
+            foreign: opts.foreign.clone(),
+        };
+        move || -> Task {
+            let sync = PolicySync {
+                registry: registry.clone(),
+                pin: pin.clone(),
+                run_dir: run_dir.clone(),
+                host: host.clone(),
+            };
+            Box::pin(sync.run())
         }
     });
     // Without the lease keeper nobody renews the lease: its end ends the

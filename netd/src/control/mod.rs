@@ -4,7 +4,9 @@
 
 pub mod backoff;
 pub mod config;
+pub mod endpoints;
 pub mod lease;
+pub mod policy_sync;
 pub mod registry;
 pub mod subnet;
 pub mod sync;

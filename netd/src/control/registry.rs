@@ -4,6 +4,7 @@
 //! Layout under the prefix (flannel's):
 //!   `<prefix>/config`            network config JSON
 //!   `<prefix>/subnets/<a.b.c.d>-<len>`  lease JSON, bound to an etcd lease
+//!   `<prefix>/policies/<name>`   policy JSON
 
 use std::time::Duration;
 
@@ -291,12 +292,71 @@ impl Registry {
         }
     }
 
+    /// The client, for the key spaces other modules own (endpoints,
+    /// policies); cheap to clone.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// `<prefix>/<rest>`.
+    pub fn key(&self, rest: &str) -> String {
+        format!("{}/{rest}", self.prefix)
+    }
+
     pub fn config_key(&self) -> String {
         format!("{}/config", self.prefix)
     }
 
     pub fn subnets_prefix(&self) -> String {
         format!("{}/subnets/", self.prefix)
+    }
+
+    /// `<prefix>/policies/`: one policy document per key, named by it.
+    pub fn policies_prefix(&self) -> String {
+        format!("{}/policies/", self.prefix)
+    }
+
+    pub fn policy_key(&self, name: &str) -> String {
+        format!("{}{name}", self.policies_prefix())
+    }
+
+    /// Every stored policy: name (key suffix) and document.
+    pub async fn list_policies(&mut self) -> Result<Vec<(String, Vec<u8>)>> {
+        let prefix = self.policies_prefix();
+        let resp = self
+            .client
+            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let name = std::str::from_utf8(kv.key()).ok()?.strip_prefix(&prefix)?;
+                Some((name.to_string(), kv.value().to_vec()))
+            })
+            .collect())
+    }
+
+    /// Writes a policy; the document it replaced, if any.
+    pub async fn put_policy(&mut self, name: &str, json: &str) -> Result<Option<Vec<u8>>> {
+        let options = PutOptions::new().with_prev_key();
+        let resp = self
+            .client
+            .put(self.policy_key(name), json, Some(options))
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(resp.prev_key().map(|kv| kv.value().to_vec()))
+    }
+
+    /// Removes a policy; whether it existed.
+    pub async fn delete_policy(&mut self, name: &str) -> Result<bool> {
+        let resp = self
+            .client
+            .delete(self.policy_key(name), None)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(resp.deleted() > 0)
     }
 
     pub async fn get_config(&mut self) -> Result<Option<Vec<u8>>> {

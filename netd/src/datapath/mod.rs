@@ -10,8 +10,10 @@
 //! remembers which build is pinned and which decapsulation hook was chosen.
 
 pub mod attachments;
+pub mod conntrack;
 mod maps;
 mod pins;
+pub mod policy_maps;
 pub mod tunnel_device;
 mod xdp;
 
@@ -33,12 +35,17 @@ use tracing::{info, warn};
 pub use maps::Maps;
 pub use pins::PinDir;
 
-const MAP_NAMES: [&str; 5] = [
+const MAP_NAMES: [&str; 10] = [
     names::SUBNETS,
     names::PEERS,
     names::ENDPOINTS,
     names::CONFIG,
     names::STATS,
+    names::IDENTITIES,
+    names::LOCAL_POLICY,
+    names::POLICY,
+    names::POLICY_STATE,
+    names::CONNTRACK,
 ];
 const PROGRAM_NAMES: [&str; 4] = [
     names::FROM_CONTAINER,

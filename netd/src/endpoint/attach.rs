@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use super::{
     Error, Lock,
     allocator::pick_ip,
+    labels,
     names::host_ifnames,
     record::{self, Phase, Record, all_records},
 };
@@ -55,6 +56,15 @@ impl AttachRequest {
     }
 }
 
+/// The network and labels every runtime hands in, checked the same way.
+fn check_policy_identity(req: &AttachRequest) -> Result<(), Error> {
+    let invalid = |e: labels::LabelError| Error::InvalidRequest(e.to_string());
+    if let Some(network) = &req.network {
+        labels::check_network(network).map_err(invalid)?;
+    }
+    labels::check_labels(&req.labels).map_err(invalid)
+}
+
 pub fn netns_path(netns: &str) -> PathBuf {
     if netns.contains('/') {
         PathBuf::from(netns)
@@ -86,6 +96,7 @@ pub async fn attach(pin: &PinDir, run_dir: &Path, req: AttachRequest) -> Result<
             req.ifname
         )));
     }
+    check_policy_identity(&req)?;
     let id = req.id.clone().unwrap_or_else(|| req.netns.clone());
     let nl = Netlink::connect()?;
 

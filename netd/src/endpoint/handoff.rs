@@ -4,7 +4,7 @@
 //! into its sandbox. All changes happen under the allocator's lock, so these
 //! addresses never collide with `netd attach` or the CNI plugin.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
 use anyhow::Context as _;
 use rtnetlink::LinkUnspec;
@@ -76,7 +76,11 @@ pub fn bind(
     ip: Ipv4Addr,
     endpoint_id: &str,
     network: &str,
+    labels: &BTreeMap<String, String>,
 ) -> Result<Record, Error> {
+    let invalid = |e: super::labels::LabelError| Error::InvalidRequest(e.to_string());
+    super::labels::check_network(network).map_err(invalid)?;
+    super::labels::check_labels(labels).map_err(invalid)?;
     let _lock = Lock::acquire(run_dir)?;
     let id = reservation_id(runtime, ip);
     let mut rec = record::find(run_dir, &id)?
@@ -90,6 +94,7 @@ pub fn bind(
     }
     rec.container_id = Some(endpoint_id.to_string());
     rec.network = Some(network.to_string());
+    rec.labels = labels.clone();
     record::write(run_dir, &rec)?;
     Ok(rec)
 }
@@ -262,6 +267,7 @@ pub async fn unbind(
     rec = record::find(run_dir, &rec.id)?.unwrap_or(rec);
     rec.container_id = None;
     rec.network = None;
+    rec.labels.clear();
     record::write(run_dir, &rec)?;
     Ok(())
 }

@@ -13,6 +13,7 @@ mod allocator;
 mod attach;
 mod error;
 pub mod handoff;
+pub mod labels;
 mod names;
 mod record;
 

@@ -6,6 +6,9 @@
 //! which `datapath::policy_maps` writes to the kernel.
 
 pub mod compile;
+pub mod identity;
+#[cfg(test)]
+mod reference;
 pub mod spec;
 
 use std::{
@@ -58,7 +61,10 @@ pub struct ForeignIdentity {
 
 impl Default for ForeignIdentity {
     fn default() -> Self {
-        Self { network: DEFAULT_NETWORK.into(), labels: BTreeMap::new() }
+        Self {
+            network: DEFAULT_NETWORK.into(),
+            labels: BTreeMap::new(),
+        }
     }
 }
 

@@ -265,23 +265,7 @@ impl NetConf {
         if !run_dir.starts_with('/') || !pin_path.starts_with('/') {
             return Err(invalid("runDir and pinPath must be absolute paths".into()));
         }
-        let labels = match obj.get("args").and_then(|a| a.get("labels")) {
-            None | Some(Value::Null) => BTreeMap::new(),
-            Some(Value::Object(m)) => m
-                .iter()
-                .map(|(k, v)| match v {
-                    Value::String(s) => Ok((k.clone(), s.clone())),
-                    other => Err(invalid(format!(
-                        "args.labels.{k} must be a string, not {other}"
-                    ))),
-                })
-                .collect::<Result<_, _>>()?,
-            Some(other) => {
-                return Err(invalid(format!(
-                    "args.labels must be an object, not {other}"
-                )));
-            }
-        };
+        let labels = labels(obj.get("args")).map_err(invalid)?;
         let prev_result = match obj.get("prevResult") {
             None | Some(Value::Null) => None,
             Some(v @ Value::Object(_)) => Some(v.clone()),
@@ -321,6 +305,51 @@ impl NetConf {
             valid_attachments,
         })
     }
+}
+
+/// Labels from `args.labels` (an object of strings) and from the CNI
+/// conventions' `args.cni.labels` (`[{"key": K, "value": V}]`); a key given
+/// twice with different values is refused.
+fn labels(args: Option<&Value>) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    let mut add = |k: &str, v: &str, at: &str| -> Result<(), String> {
+        crate::endpoint::labels::check_label(k, v).map_err(|e| format!("{at}: {e}"))?;
+        match out.insert(k.to_string(), v.to_string()) {
+            Some(old) if old != v => Err(format!("label {k} is given as {old:?} and as {v:?}")),
+            _ => Ok(()),
+        }
+    };
+    match args.and_then(|a| a.get("labels")) {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) => {
+            for (k, v) in m {
+                let Value::String(v) = v else {
+                    return Err(format!("args.labels.{k} must be a string, not {v}"));
+                };
+                add(k, v, "args.labels")?;
+            }
+        }
+        Some(other) => return Err(format!("args.labels must be an object, not {other}")),
+    }
+    match args
+        .and_then(|a| a.get("cni"))
+        .and_then(|c| c.get("labels"))
+    {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(items)) => {
+            for item in items {
+                let field = |k: &str| item.get(k).and_then(Value::as_str);
+                let (Some(k), Some(v)) = (field("key"), field("value")) else {
+                    return Err(format!(
+                        "args.cni.labels entry {item} needs string key and value"
+                    ));
+                };
+                add(k, v, "args.cni.labels")?;
+            }
+        }
+        Some(other) => return Err(format!("args.cni.labels must be an array, not {other}")),
+    }
+    Ok(out)
 }
 
 /// What ADD made, for the result.
@@ -465,6 +494,34 @@ mod tests {
         assert_eq!(labels["io.kubernetes.pod.name"], "cart-1");
         *vars.last_mut().unwrap() = ("CNI_ARGS", "novalue");
         assert_eq!(env(&vars).unwrap_err().code, code::BAD_ENVIRONMENT);
+    }
+
+    #[test]
+    fn labels_come_from_args_and_the_conventions_args_cni() {
+        let parse = |args: &str| {
+            let text = format!(r#"{{"cniVersion":"1.0.0","name":"n","args":{args}}}"#);
+            NetConf::parse(text.as_bytes(), Command::Add)
+        };
+        let conf = parse(
+            r#"{"labels":{"app":"web"},"cni":{"labels":[{"key":"tier","value":"front"},{"key":"app","value":"web"}]}}"#,
+        )
+        .unwrap();
+        let want = [("app", "web"), ("tier", "front")];
+        let got: Vec<(&str, &str)> = conf
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(got, want);
+        for bad in [
+            r#"{"labels":{"app":"web"},"cni":{"labels":[{"key":"app","value":"db"}]}}"#,
+            r#"{"cni":{"labels":{"app":"web"}}}"#,
+            r#"{"cni":{"labels":[{"key":"app"}]}}"#,
+            r#"{"labels":{"-app":"web"}}"#,
+            r#"{"labels":{"app":"w b"}}"#,
+        ] {
+            assert_eq!(parse(bad).unwrap_err().code, code::INVALID_CONFIG, "{bad}");
+        }
     }
 
     #[test]

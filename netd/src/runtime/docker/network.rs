@@ -25,6 +25,30 @@ use crate::{endpoint::handoff, state::SubnetEnv, state::write_atomic};
 /// network, so without this option the network's id stands in.
 pub const NETWORK_OPTION: &str = "netd.network";
 
+/// `--driver-opt netd.label.KEY=VALUE` on `docker network connect` (or in
+/// `docker run --network name=NET,driver-opt=...`) labels the endpoint for
+/// policy: Docker hands endpoint driver options to CreateEndpoint as
+/// top-level `Options`.
+pub const LABEL_OPTION_PREFIX: &str = "netd.label.";
+
+/// The endpoint's labels from its driver options; a label option that is
+/// not a string is refused.
+fn endpoint_labels(req: &CreateEndpoint) -> Result<BTreeMap<String, String>, Error> {
+    let mut out = BTreeMap::new();
+    for (key, value) in req.options.iter().flatten() {
+        let Some(label) = key.strip_prefix(LABEL_OPTION_PREFIX) else {
+            continue;
+        };
+        let Value::String(value) = value else {
+            return Err(Error::BadRequest(format!(
+                "option {key} must be a string, not {value}"
+            )));
+        };
+        out.insert(label.to_string(), value.clone());
+    }
+    Ok(out)
+}
+
 pub async fn capabilities() -> Response {
     reply(Ok(NetworkCapabilities {
         scope: "local",
@@ -66,6 +90,8 @@ pub async fn create_network(State(d): Shared, body: Bytes) -> Response {
                 )));
             }
             let name = network_name(&req);
+            crate::endpoint::labels::check_network(&name)
+                .map_err(|e| Error::BadRequest(format!("-o {NETWORK_OPTION}: {e}")))?;
             if let Some(dir) = file.parent() {
                 fs::create_dir_all(dir).map_err(anyhow::Error::from)?;
             }
@@ -131,7 +157,8 @@ pub async fn create_endpoint(State(d): Shared, body: Bytes) -> Response {
                 .and_then(|ip| ip.parse().ok())
                 .ok_or_else(|| Error::BadRequest(format!("{address:?} is not an IPv4 address")))?;
             let _serial = d.serial.lock().await;
-            handoff::bind(&d.run_dir, RUNTIME, ip, &req.endpoint_id, &name)?;
+            let labels = endpoint_labels(&req)?;
+            handoff::bind(&d.run_dir, RUNTIME, ip, &req.endpoint_id, &name, &labels)?;
             Ok(CreateEndpointReply {
                 interface: Interface::default(),
             })
@@ -213,4 +240,32 @@ pub async fn leave(State(d): Shared, body: Bytes) -> Response {
         }
         .await,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_labels_come_from_driver_options() {
+        let req: CreateEndpoint = serde_json::from_str(
+            r#"{"NetworkID":"n1","EndpointID":"e1","Options":{
+                "com.docker.network.endpoint.exposedports":[],
+                "netd.label.app":"web","netd.label.tier":"front"}}"#,
+        )
+        .unwrap();
+        let labels = endpoint_labels(&req).unwrap();
+        assert_eq!(
+            labels,
+            BTreeMap::from([
+                ("app".to_string(), "web".to_string()),
+                ("tier".to_string(), "front".to_string())
+            ])
+        );
+        let bad: CreateEndpoint =
+            serde_json::from_str(r#"{"Options":{"netd.label.app":1}}"#).unwrap();
+        assert!(endpoint_labels(&bad).is_err());
+        let none: CreateEndpoint = serde_json::from_str(r#"{"Options":null}"#).unwrap();
+        assert!(endpoint_labels(&none).unwrap().is_empty());
+    }
 }
