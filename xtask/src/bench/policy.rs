@@ -50,8 +50,9 @@ pub const CASES: [RuleSet; 3] = [
 ];
 /// The workloads of each case.
 const WORKLOADS: [Workload; 2] = [Workload::Tcp1, Workload::Udp64];
-/// Fake label sets: with the client's and the server's, 100 identities.
-const FAKE_GROUPS: usize = 98;
+/// Fake label sets: with the client's, the 100 source label sets of the
+/// 1,000-rule case (with the server's, 101 identities per host).
+const FAKE_GROUPS: usize = 99;
 /// Endpoints in etcd while the apply latency is measured (besides the
 /// client and the server).
 pub const LATENCY_ENDPOINTS: usize = 1000;
@@ -651,6 +652,20 @@ mod tests {
             (e.count, e.ranges[0].first, e.ranges[0].last),
             (2, 5201, 5201)
         );
+    }
+
+    #[test]
+    fn every_label_set_of_every_case_has_a_published_endpoint() {
+        let fakes = fake_endpoints(FAKE_GROUPS, FAKE_GROUPS, &[250]);
+        for rs in CASES {
+            for g in rs.groups() {
+                assert!(
+                    g == CLIENT_GROUP || fakes.iter().any(|f| f.group == g),
+                    "{} rules: no endpoint of {g}",
+                    rs.rules
+                );
+            }
+        }
     }
 
     #[test]
