@@ -71,6 +71,17 @@ fn cell(st: Option<Stats>) -> String {
     }
 }
 
+/// The most cores found busy with other work before a run of `workload`:
+/// ratios of cases measured against different load mean little.
+fn other_load(c: &PolicyCase, workload: &str) -> String {
+    c.samples
+        .iter()
+        .filter(|s| s.workload == workload)
+        .map(|s| s.background_cores)
+        .reduce(f64::max)
+        .map_or("-".into(), |x| format!("{x:.2}"))
+}
+
 fn ratio(a: Option<Stats>, b: Option<Stats>) -> Option<f64> {
     match (a, b) {
         (Some(a), Some(b)) if b.median != 0.0 => Some(a.median / b.median),
@@ -90,14 +101,17 @@ pub fn markdown(s: &mut String, r: &PolicyResult) {
     );
     let _ = writeln!(
         s,
-        "| case | testbed | in the kernel | probe to a denied port | TCP 1 stream Gbit/s (min–max) | CPU cores per Gbit/s | UDP 64 B kpps (min–max) | CPU ns per packet |"
+        "| case | testbed | in the kernel | probe to a denied port | TCP 1 stream Gbit/s (min–max) | CPU cores per Gbit/s | UDP 64 B kpps (min–max) | CPU ns per packet | other load (TCP / UDP) |"
     );
-    let _ = writeln!(s, "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(
+        s,
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"
+    );
     for c in &r.cases {
         let f = |w, m| stats(&c.values(w, m));
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} / {} |",
             c.name,
             c.testbed,
             if c.kernel.is_empty() { "-" } else { &c.kernel },
@@ -110,6 +124,8 @@ pub fn markdown(s: &mut String, r: &PolicyResult) {
             cell(f("tcp-1", "cpu_s_per_gbit")),
             cell(f("udp-64", "kpps")),
             cell(f("udp-64", "cpu_ns_per_packet")),
+            other_load(c, "tcp-1"),
+            other_load(c, "udp-64"),
         );
     }
     s.push('\n');
