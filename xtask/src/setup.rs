@@ -84,6 +84,16 @@ const REQUIREMENTS: &[Requirement] = &[
         check: || runs("ethtool", &["--version"]),
     },
     Requirement {
+        package: "iptables",
+        need: "iptables-restore and iptables-save (bench: the iptables policy peer)",
+        check: || runs("iptables-restore", &["--version"]),
+    },
+    Requirement {
+        package: "ipset",
+        need: "ipset (bench: the iptables policy peer's selectors)",
+        check: || runs("ipset", &["--version"]),
+    },
+    Requirement {
         package: "sockperf",
         need: "sockperf (bench latency)",
         check: || runs("sockperf", &["--version"]),

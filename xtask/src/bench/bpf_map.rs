@@ -13,7 +13,7 @@ const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
 
 /// Large enough for any value of netd's maps.
-const VALUE_BUF: usize = 256;
+pub const VALUE_BUF: usize = 256;
 
 /// `union bpf_attr`, as 8-byte words (the kernel wants unused bytes zero).
 type Attr = [u64; 16];
@@ -65,6 +65,23 @@ impl PinnedMap {
         match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
             Ok(_) => Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The value stored under `key` (for an LPM trie: of the longest
+    /// prefix covering it), `VALUE_BUF` bytes of which the map's value
+    /// size are meaningful.
+    pub fn lookup(&self, key: &[u8]) -> io::Result<Option<[u8; VALUE_BUF]>> {
+        assert_eq!(key.len(), self.key_size, "key size");
+        let mut value = [0u8; VALUE_BUF];
+        let mut attr: Attr = [0; 16];
+        attr[0] = self.fd.as_raw_fd() as u64;
+        attr[1] = key.as_ptr() as u64;
+        attr[2] = value.as_mut_ptr() as u64;
+        match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+            Ok(_) => Ok(Some(value)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(e),
         }
     }

@@ -20,6 +20,10 @@ mod cilium_style;
 mod control_plane;
 mod cpu;
 mod etcd_http;
+mod iptables_policy;
+mod policy;
+mod policy_report;
+mod policy_rules;
 mod progress;
 mod progrun;
 mod report;
@@ -93,6 +97,10 @@ pub struct Options {
     /// Skip the data-plane modes (and the BPF program runs).
     #[arg(long)]
     no_data_plane: bool,
+    /// Skip the policy runs (netd and iptables + ipset at 0, 10 and 1,000
+    /// rules; apply latency at 1,000 endpoints).
+    #[arg(long)]
+    no_policy: bool,
     /// Do not run `cargo xtask setup` first.
     #[arg(long)]
     skip_setup: bool,
@@ -162,6 +170,8 @@ pub struct Plan {
     /// `repeat` of the BPF_PROG_TEST_RUN loop, and how many single runs.
     pub prog_repeat: u32,
     pub prog_single_runs: u32,
+    /// Measure policy enforcement (see `policy`).
+    pub policy: bool,
 }
 
 impl Plan {
@@ -201,6 +211,7 @@ impl Plan {
             burst_per_sec: 1100.0,
             prog_repeat: if quick { 10_000 } else { 1_000_000 },
             prog_single_runs: if quick { 5 } else { 100 },
+            policy: !opts.no_policy,
         }
     }
 
@@ -258,6 +269,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("ss", "iproute2"),
     ("etcd", "etcd-server"),
     ("etcdctl", "etcd-client"),
+    ("iptables-restore", "iptables"),
+    ("ipset", "ipset"),
 ];
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -375,6 +388,10 @@ fn measure(plan: &Plan, out: &Path, progress: &mut Progress, results: &mut Resul
                 }
             }
         }
+    }
+    if plan.policy {
+        check_interrupt()?;
+        results.policy = Some(policy::run(plan, progress)?);
     }
     for &count in &plan.lease_counts {
         check_interrupt()?;

@@ -187,6 +187,9 @@ pub fn markdown(r: &Results) -> String {
     for p in r.modes.iter().filter_map(|m| m.progrun.as_ref()) {
         live_section(&mut s, p);
     }
+    if let Some(p) = &r.policy {
+        super::policy_report::markdown(&mut s, p);
+    }
     if !r.control_plane.is_empty() {
         super::control_plane::section(&mut s, &r.control_plane);
     }
@@ -678,6 +681,9 @@ pub fn missing_figures(plan: &Plan, r: &Results) -> Vec<String> {
                 missing.push(format!("{}: live run time of {prog}", m.mode.name()));
             }
         }
+    }
+    if plan.policy {
+        missing.extend(super::policy_report::missing(r.policy.as_ref()));
     }
     for &n in &plan.lease_counts {
         match r.control_plane.iter().find(|c| c.leases == n) {

@@ -9,6 +9,7 @@ use serde_json::Value;
 use super::Plan;
 use super::control_plane::ControlPlaneResult;
 use super::cpu::CpuDelta;
+use super::policy::PolicyResult;
 use super::progrun::ProgRunResult;
 use super::testbed::Mode;
 use super::workloads::{Gro, Placement, Variant};
@@ -18,6 +19,8 @@ pub struct Results {
     pub meta: Meta,
     pub modes: Vec<ModeResult>,
     pub control_plane: Vec<ControlPlaneResult>,
+    #[serde(default)]
+    pub policy: Option<PolicyResult>,
     pub errors: Vec<String>,
 }
 

@@ -161,6 +161,35 @@ impl Testbed {
         }
     }
 
+    /// A testbed wired elsewhere (the policy runs label their containers
+    /// and wire Calico-style ones); checked and recorded as [`Testbed::build`]
+    /// does.
+    pub fn assemble(
+        mode: Mode,
+        client: NsRef,
+        server: NsRef,
+        server_ip: Ipv4Addr,
+        containers: Vec<NetNs>,
+        cluster: Option<Cluster>,
+        topo: Option<Topology>,
+    ) -> Result<Testbed> {
+        let mut tb = Testbed {
+            mode,
+            client,
+            server,
+            server_ip,
+            path: PathRecord::default(),
+            containers,
+            cluster,
+            topo,
+        };
+        if !ping(&tb.client, tb.server_ip, 3) {
+            bail!("{}: {} does not answer ping", mode.name(), tb.server_ip);
+        }
+        tb.path = tb.record_path()?;
+        Ok(tb)
+    }
+
     /// The netd cluster, in the netd modes.
     pub fn cluster(&self) -> Option<&Cluster> {
         self.cluster.as_ref()
