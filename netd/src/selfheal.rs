@@ -52,14 +52,14 @@ impl Healer {
         }
     }
 
-    /// The underlay hook and every recorded container's veth.
+    /// The underlay hook and both programs of every recorded container's veth.
     fn wanted(&self) -> Vec<Attachment> {
         let mut wanted = Attachment::underlay(&self.underlay);
         match endpoint::records(&self.run_dir) {
             Ok(records) => wanted.extend(
                 records
                     .iter()
-                    .map(|r| Attachment::container(&r.host_ifname, r.host_ifindex)),
+                    .flat_map(|r| Attachment::container_veth(&r.host_ifname, r.host_ifindex)),
             ),
             Err(e) => warn!("reading endpoint records: {e:#}; checking the underlay only"),
         }
