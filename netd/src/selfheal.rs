@@ -74,8 +74,10 @@ impl Healer {
             warn!(iface = %a.iface, hook = %a.point, program = a.program, "attachment was missing in the kernel; restored");
         }
         for a in &outcome.no_link {
-            if self.reported_no_link.insert(a.clone()) {
-                info!(iface = %a.iface, hook = %a.point, "interface is gone; nothing to attach until it is back");
+            // One line per interface, however many of its programs are wanted.
+            let known = self.reported_no_link.iter().any(|r| r.iface == a.iface);
+            if self.reported_no_link.insert(a.clone()) && !known {
+                info!(iface = %a.iface, "interface is gone; nothing to attach until it is back");
             }
         }
         for (a, e) in &outcome.failed {
