@@ -77,7 +77,7 @@ impl Healer {
             // One line per interface, however many of its programs are wanted.
             let known = self.reported_no_link.iter().any(|r| r.iface == a.iface);
             if self.reported_no_link.insert(a.clone()) && !known {
-                info!(iface = %a.iface, "interface is gone; nothing to attach until it is back");
+                info!(iface = %a.iface, hook = %a.point, "interface is gone; nothing to attach until it is back");
             }
         }
         for (a, e) in &outcome.failed {
