@@ -32,6 +32,7 @@ pub mod names {
     pub const POLICY_STATE: &str = "POLICY_STATE";
     pub const CONNTRACK: &str = "CONNTRACK";
     pub const FROM_CONTAINER: &str = "from_container";
+    pub const TO_CONTAINER: &str = "to_container";
     pub const XDP_FROM_UNDERLAY: &str = "xdp_from_underlay";
     pub const TC_FROM_UNDERLAY: &str = "tc_from_underlay";
     pub const FROM_TUNNEL_DEVICE: &str = "from_tunnel_device";

@@ -9,6 +9,7 @@ mod encap;
 mod headers;
 mod maps;
 mod policy;
+mod to_container;
 mod tunnel_device;
 
 use aya_ebpf::{
@@ -20,6 +21,13 @@ use aya_ebpf::{
 #[classifier]
 pub fn from_container(ctx: TcContext) -> i32 {
     encap::from_container(&ctx)
+}
+
+/// TC egress of a container's host-side veth: packets the host stack
+/// delivers to the container, judged as its ingress.
+#[classifier]
+pub fn to_container(ctx: TcContext) -> i32 {
+    to_container::to_container(&ctx)
 }
 
 /// XDP on the underlay NIC. Frags-aware: only the first buffer (headers) is

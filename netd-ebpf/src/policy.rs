@@ -87,6 +87,31 @@ pub fn ingress<P: Packet>(pkt: &P, ip_off: usize) -> Result<(), Counter> {
     }
 }
 
+/// A packet the host itself sends to the local endpoint it is addressed
+/// to: always allowed, as the host is, and admitted into conntrack so the
+/// endpoint's replies pass its egress check. A stale entry of a flow the
+/// endpoint started is left for its next packet to judge again.
+#[inline(always)]
+pub fn ingress_from_host<P: Packet>(pkt: &P, ip_off: usize) -> Result<(), Counter> {
+    let ip = pkt.read::<Ipv4Hdr>(ip_off).ok_or(Counter::DropMalformed)?;
+    if tracked(ip.daddr).is_none() {
+        return Ok(());
+    }
+    let flow = parse(pkt, ip_off, &ip)?;
+    let now = conntrack::now();
+    let generation = POLICY_STATE.get(0).map_or(0, |s| s.generation);
+    let mut key = flow.key;
+    key.dir = DIR_INGRESS;
+    match conntrack::lookup(&key, now) {
+        Some(hit) => {
+            let admitted = (!hit.reply).then_some(generation);
+            conntrack::refresh(&hit, flow.tcp_state, now, admitted);
+        }
+        None => conntrack::insert(&key, flow.tcp_state, now, generation),
+    }
+    Ok(())
+}
+
 /// A packet's flow, read once for every check it goes through.
 struct Flow {
     /// The tuple, with `dir` still to be set.

@@ -380,12 +380,22 @@ impl Netlink {
     /// The filters on `index`'s clsact ingress; none when there is no
     /// clsact qdisc.
     pub async fn ingress_filters(&self, index: u32) -> Result<Vec<TcFilter>> {
-        let mut filters = self
-            .handle
-            .traffic_filter(index as i32)
-            .get()
-            .ingress()
-            .execute();
+        let request = self.handle.traffic_filter(index as i32).get().ingress();
+        Self::filters(request, index).await
+    }
+
+    /// The filters on `index`'s clsact egress; none when there is no
+    /// clsact qdisc.
+    pub async fn egress_filters(&self, index: u32) -> Result<Vec<TcFilter>> {
+        let request = self.handle.traffic_filter(index as i32).get().egress();
+        Self::filters(request, index).await
+    }
+
+    async fn filters(
+        request: rtnetlink::TrafficFilterGetRequest,
+        index: u32,
+    ) -> Result<Vec<TcFilter>> {
+        let mut filters = request.execute();
         let mut out = Vec::new();
         loop {
             match filters.try_next().await {

@@ -52,14 +52,14 @@ impl Healer {
         }
     }
 
-    /// The underlay hook and every recorded container's veth.
+    /// The underlay hook and both programs of every recorded container's veth.
     fn wanted(&self) -> Vec<Attachment> {
         let mut wanted = Attachment::underlay(&self.underlay);
         match endpoint::records(&self.run_dir) {
             Ok(records) => wanted.extend(
                 records
                     .iter()
-                    .map(|r| Attachment::container(&r.host_ifname, r.host_ifindex)),
+                    .flat_map(|r| Attachment::container_veth(&r.host_ifname, r.host_ifindex)),
             ),
             Err(e) => warn!("reading endpoint records: {e:#}; checking the underlay only"),
         }
@@ -74,7 +74,9 @@ impl Healer {
             warn!(iface = %a.iface, hook = %a.point, program = a.program, "attachment was missing in the kernel; restored");
         }
         for a in &outcome.no_link {
-            if self.reported_no_link.insert(a.clone()) {
+            // One line per interface, however many of its programs are wanted.
+            let known = self.reported_no_link.iter().any(|r| r.iface == a.iface);
+            if self.reported_no_link.insert(a.clone()) && !known {
                 info!(iface = %a.iface, hook = %a.point, "interface is gone; nothing to attach until it is back");
             }
         }

@@ -499,9 +499,12 @@ fn timer_pass_restores_what_no_notification_announced() {
         "timer pass (--reconcile-interval 1): attached after {:?}",
         started.elapsed()
     );
-    assert_eq!(repairs(&cluster, 0), 1);
-    assert_eq!(
-        repair_lines(&daemon_log(&cluster, 0), veth, "tc ingress"),
-        1
-    );
+    // from_container and to_container: two attachments, two repairs.
+    wait_for("both repairs to be counted", REPAIR_BOUND, || {
+        repairs(&cluster, 0) >= 2
+    });
+    assert_eq!(repairs(&cluster, 0), 2);
+    let log = daemon_log(&cluster, 0);
+    assert_eq!(repair_lines(&log, veth, "tc ingress"), 1);
+    assert_eq!(repair_lines(&log, veth, "tc egress"), 1);
 }

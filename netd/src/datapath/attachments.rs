@@ -8,7 +8,7 @@
 
 use std::{collections::BTreeMap, fmt};
 
-use aya::programs::ProgramInfo;
+use aya::programs::{ProgramInfo, TcAttachType};
 use netd_common::names;
 
 use super::{Hook, PinDir, TC_HANDLE, TC_PRIORITY, Underlay, xdp};
@@ -19,6 +19,8 @@ use crate::netlink::Netlink;
 pub enum AttachPoint {
     /// Our filter slot (priority 1, handle 1) on clsact ingress.
     TcIngress,
+    /// The same slot on clsact egress.
+    TcEgress,
     /// The link's XDP program (IFLA_XDP), native or generic.
     Xdp,
 }
@@ -27,6 +29,7 @@ impl fmt::Display for AttachPoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             AttachPoint::TcIngress => "tc ingress",
+            AttachPoint::TcEgress => "tc egress",
             AttachPoint::Xdp => "xdp",
         })
     }
@@ -53,6 +56,23 @@ impl Attachment {
             point: AttachPoint::TcIngress,
             program: names::FROM_CONTAINER,
         }
+    }
+
+    /// `to_container` on a container's host-side veth.
+    pub fn to_container(host_ifname: &str, ifindex: u32) -> Self {
+        Attachment {
+            point: AttachPoint::TcEgress,
+            program: names::TO_CONTAINER,
+            ..Self::container(host_ifname, ifindex)
+        }
+    }
+
+    /// Both programs of a container's host-side veth.
+    pub fn container_veth(host_ifname: &str, ifindex: u32) -> [Self; 2] {
+        [
+            Self::container(host_ifname, ifindex),
+            Self::to_container(host_ifname, ifindex),
+        ]
     }
 
     /// Decapsulation on the underlay NIC: TC, and XDP in front of it when
@@ -169,15 +189,8 @@ async fn inspect(nl: &Netlink, want: &Attachment, our_id: u32) -> Result<Found, 
     };
     let running = match want.point {
         AttachPoint::Xdp => link.xdp_prog_id,
-        AttachPoint::TcIngress => nl
-            .ingress_filters(link.index)
-            .await
-            .map_err(query)?
-            .into_iter()
-            .find(|f| {
-                f.priority == TC_PRIORITY && f.handle == u32::from(TC_HANDLE) && f.kind == "bpf"
-            })
-            .and_then(|f| f.prog_id),
+        AttachPoint::TcIngress => our_filter(nl.ingress_filters(link.index).await.map_err(query)?),
+        AttachPoint::TcEgress => our_filter(nl.egress_filters(link.index).await.map_err(query)?),
     };
     Ok(if running == Some(our_id) {
         Found::Ours
@@ -186,10 +199,21 @@ async fn inspect(nl: &Netlink, want: &Attachment, our_id: u32) -> Result<Found, 
     })
 }
 
+/// The program in our filter slot, if any.
+fn our_filter(filters: Vec<crate::netlink::TcFilter>) -> Option<u32> {
+    filters
+        .into_iter()
+        .find(|f| f.priority == TC_PRIORITY && f.handle == u32::from(TC_HANDLE) && f.kind == "bpf")
+        .and_then(|f| f.prog_id)
+}
+
 async fn repair(pin: &PinDir, want: &Attachment) -> Result<(), AttachError> {
     let result = match want.point {
         // Creates the clsact qdisc too when it went missing.
         AttachPoint::TcIngress => super::attach_tc(pin, want.program, &want.iface),
+        AttachPoint::TcEgress => {
+            super::attach_tc_at(pin, want.program, &want.iface, TcAttachType::Egress)
+        }
         AttachPoint::Xdp => xdp::attach(pin, &want.iface, xdp::XdpFlags::Any).await,
     };
     result.map_err(|cause| AttachError::Attach {
@@ -231,5 +255,20 @@ mod tests {
         let a = Attachment::container("ndv0000abcd", 7);
         assert_eq!(a.ifindex, Some(7));
         assert_eq!(a.to_string(), "from_container on ndv0000abcd tc ingress");
+    }
+
+    #[test]
+    fn container_veth_has_both_directions() {
+        let [from, to] = Attachment::container_veth("ndv0000abcd", 7);
+        assert_eq!(
+            (from.point, from.program),
+            (AttachPoint::TcIngress, names::FROM_CONTAINER)
+        );
+        assert_eq!(
+            (to.point, to.program),
+            (AttachPoint::TcEgress, names::TO_CONTAINER)
+        );
+        assert_eq!((to.iface.as_str(), to.ifindex), ("ndv0000abcd", Some(7)));
+        assert_eq!(to.to_string(), "to_container on ndv0000abcd tc egress");
     }
 }

@@ -47,8 +47,9 @@ const MAP_NAMES: [&str; 10] = [
     names::POLICY_STATE,
     names::CONNTRACK,
 ];
-const PROGRAM_NAMES: [&str; 4] = [
+const PROGRAM_NAMES: [&str; 5] = [
     names::FROM_CONTAINER,
+    names::TO_CONTAINER,
     names::XDP_FROM_UNDERLAY,
     names::TC_FROM_UNDERLAY,
     names::FROM_TUNNEL_DEVICE,
@@ -182,8 +183,8 @@ fn load_and_pin(pin: &PinDir) -> Result<()> {
 /// Points every existing attachment at the freshly pinned programs.
 async fn reattach(pin: &PinDir, containers: &[String], state: &State) -> Result<()> {
     for host_ifname in containers {
-        if let Err(e) = attach_tc(pin, names::FROM_CONTAINER, host_ifname) {
-            warn!(iface = %host_ifname, "could not update container program: {e:#}");
+        if let Err(e) = attach_container(pin, host_ifname) {
+            warn!(iface = %host_ifname, "could not update container programs: {e:#}");
         }
     }
     if let Some(underlay) = &state.underlay {
@@ -202,6 +203,25 @@ const TC_HANDLE: TcHandle = TcHandle::new(0, 1);
 /// Attaches `program` to `iface`'s TC ingress, replacing our previous
 /// filter there if any. The filter outlives this process.
 pub fn attach_tc(pin: &PinDir, program: &str, iface: &str) -> Result<()> {
+    attach_tc_at(pin, program, iface, TcAttachType::Ingress)
+}
+
+/// A container's host-side veth: `from_container` on its ingress (what
+/// the container sends), `to_container` on its egress (what the host
+/// stack delivers to it).
+pub fn attach_container(pin: &PinDir, host_ifname: &str) -> Result<()> {
+    attach_tc_at(
+        pin,
+        names::FROM_CONTAINER,
+        host_ifname,
+        TcAttachType::Ingress,
+    )?;
+    attach_tc_at(pin, names::TO_CONTAINER, host_ifname, TcAttachType::Egress)
+}
+
+/// Attaches `program` to our filter slot on `iface`'s TC `direction`,
+/// replacing the program there if any.
+fn attach_tc_at(pin: &PinDir, program: &str, iface: &str, direction: TcAttachType) -> Result<()> {
     let mut prog = SchedClassifier::from_pin(pin.program(program))
         .with_context(|| format!("opening pinned program {program}: is `netd run` up?"))?;
     // clsact may already be there.
@@ -211,21 +231,12 @@ pub fn attach_tc(pin: &PinDir, program: &str, iface: &str) -> Result<()> {
         handle: TC_HANDLE,
         classid: None,
     };
-    let id = match prog.attach_with_options(
-        iface,
-        TcAttachType::Ingress,
-        TcAttachOptions::Netlink(options),
-    ) {
+    let id = match prog.attach_with_options(iface, direction, TcAttachOptions::Netlink(options)) {
         Ok(id) => id,
         Err(_) => {
-            let existing = SchedClassifierLink::attached(
-                iface,
-                TcAttachType::Ingress,
-                TC_PRIORITY,
-                TC_HANDLE,
-                None,
-            )
-            .with_context(|| format!("no interface {iface}"))?;
+            let existing =
+                SchedClassifierLink::attached(iface, direction, TC_PRIORITY, TC_HANDLE, None)
+                    .with_context(|| format!("no interface {iface}"))?;
             prog.attach_to_link(existing)
                 .with_context(|| format!("attaching {program} to {iface}"))?
         }
@@ -237,8 +248,17 @@ pub fn attach_tc(pin: &PinDir, program: &str, iface: &str) -> Result<()> {
 
 /// Whether our TC filter is on `iface`'s ingress.
 pub fn tc_attached(iface: &str) -> bool {
-    SchedClassifierLink::attached(iface, TcAttachType::Ingress, TC_PRIORITY, TC_HANDLE, None)
-        .is_ok()
+    tc_attached_at(iface, TcAttachType::Ingress)
+}
+
+/// Whether both container programs are on a host-side veth.
+pub fn container_attached(host_ifname: &str) -> bool {
+    tc_attached(host_ifname) && tc_attached_at(host_ifname, TcAttachType::Egress)
+}
+
+/// Whether our TC filter is on `iface`'s `direction`.
+fn tc_attached_at(iface: &str, direction: TcAttachType) -> bool {
+    SchedClassifierLink::attached(iface, direction, TC_PRIORITY, TC_HANDLE, None).is_ok()
 }
 
 /// Removes our TC filter from `iface`; one already gone is fine.

@@ -221,8 +221,8 @@ async fn wire(
 
 /// The host side of a wired veth, shared by `attach` and the Docker
 /// handoff: the /32 route through which the host stack reaches the
-/// container (and answers its ARP for the gateway), `from_container` on
-/// the host end, the map entry, and the record's interface fields.
+/// container (and answers its ARP for the gateway), `from_container` and
+/// `to_container` on the host end, the map entry, and the record's interface fields.
 pub(super) async fn connect_host_side(
     nl: &Netlink,
     pin: &PinDir,
@@ -234,7 +234,7 @@ pub(super) async fn connect_host_side(
     nl.replace_route(Ipv4Net::new(rec.ip, 32)?, host.index, None)
         .await?;
     let host_mac = host.mac.context("host interface has no MAC")?;
-    datapath::attach_tc(pin, netd_common::names::FROM_CONTAINER, &rec.host_ifname)?;
+    datapath::attach_container(pin, &rec.host_ifname)?;
     maps.insert_endpoint(
         rec.ip,
         &Endpoint {
@@ -470,8 +470,8 @@ pub async fn check(pin: &PinDir, run_dir: &Path, id: &str) -> Result<Record, Err
         .await?
         .filter(|l| l.index == rec.host_ifindex)
         .ok_or_else(|| bad(format!("host interface {} is gone", rec.host_ifname)))?;
-    if !datapath::tc_attached(&host.name) {
-        return Err(bad(format!("no TC program on {}", host.name)));
+    if !datapath::container_attached(&host.name) {
+        return Err(bad(format!("TC programs missing on {}", host.name)));
     }
     let want = Endpoint {
         ifindex: host.index,
