@@ -155,7 +155,7 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
         .ok()
         .filter(|e| e.network == cfg.network)
         .map(|e| e.subnet);
-    let held = acquire(&mut registry, &cfg, &me, recorded).await?;
+    let (held, listing) = acquire(&mut registry, &cfg, &me, recorded).await?;
     let mtu = underlay.mtu.unwrap_or(1500) - VXLAN_OVERHEAD;
     maps.set_config(&NodeConfig {
         vni: cfg.backend.vni,
@@ -256,8 +256,8 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
     });
     let connected = Connected(nl.ipv4_prefixes(underlay.index).await?);
     // Fill the new maps before the attachments run the new programs.
-    sync::once(
-        &mut registry,
+    let synced = sync::once(
+        listing,
         &cfg,
         own_rx.borrow().to_owned(),
         &connected,
@@ -330,7 +330,10 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
     tasks.restarting("subnet sync", {
         let (pin, registry, cfg, state) =
             (pin.clone(), registry.clone(), cfg.clone(), state_tx.clone());
+        // The first run follows on from the start's sync; a restart lists anew.
+        let first = std::sync::Mutex::new(Some(synced));
         move || -> Task {
+            let synced = first.lock().ok().and_then(|mut s| s.take());
             let (registry, cfg, own, connected, state) = (
                 registry.clone(),
                 cfg.clone(),
@@ -340,7 +343,7 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
             );
             let maps = Maps::open(&pin);
             Box::pin(async move {
-                sync::run(registry, cfg, own, connected, maps?, state).await;
+                sync::run(registry, cfg, own, connected, maps?, state, synced).await;
                 Ok(())
             })
         }
@@ -442,7 +445,7 @@ async fn acquire(
     cfg: &NetworkConfig,
     me: &Identity,
     recorded: Option<ipnet::Ipv4Net>,
-) -> Result<subnet::Held> {
+) -> Result<(subnet::Held, subnet::Listing)> {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         match subnet::acquire(registry, cfg, me, recorded).await {

@@ -272,7 +272,7 @@ impl LeaseCache {
             return;
         }
         let subnet = parse_subnet_key(&lease.key).ok();
-        let before = subnet.and_then(|s| self.winner(&s));
+        let before = subnet.and_then(|s| self.winner(&s).map(|(_, p)| p));
         self.unclaim(&lease.key);
         let outcome = match self.check.peer_of(lease) {
             Ok(None) => {
@@ -305,7 +305,7 @@ impl LeaseCache {
             self.leases.remove(key);
             return;
         };
-        let before = self.winner(&subnet);
+        let before = self.winner(&subnet).map(|(_, p)| p);
         self.unclaim(key);
         self.leases.remove(key);
         self.settle(subnet, before, rejections, ops);
@@ -328,10 +328,10 @@ impl LeaseCache {
     }
 
     /// The lease that holds `subnet` and its entry.
-    fn winner(&self, subnet: &Ipv4Net) -> Option<(String, Peer)> {
+    fn winner(&self, subnet: &Ipv4Net) -> Option<(&str, Peer)> {
         let key = self.claims.get(subnet)?.first()?;
         match self.leases.get(key)?.outcome {
-            Outcome::Peer(_, peer) => Some((key.clone(), peer)),
+            Outcome::Peer(_, peer) => Some((key, peer)),
             _ => None,
         }
     }
@@ -368,28 +368,28 @@ impl LeaseCache {
         }
     }
 
-    /// The ops that take the kernel from `before` (the holder of `subnet`
-    /// before a change) to its holder now; logs the leases that lost it.
+    /// The ops that take the kernel from `before` (the entry of `subnet`
+    /// before a change) to its holder's now; logs the leases that lost it.
     fn settle(
         &mut self,
         subnet: Ipv4Net,
-        before: Option<(String, Peer)>,
+        before: Option<Peer>,
         rejections: &mut Rejections,
         ops: &mut Vec<Op>,
     ) {
         let after = self.winner(&subnet);
-        if let Some((holder, _)) = &after {
+        if let Some((holder, _)) = after {
             rejections.forget(holder);
             for loser in &self.claims[&subnet][1..] {
                 let revision = self.leases.get(loser).map_or(0, |c| c.revision);
                 let why = Rejection::Overlaps {
                     subnet,
-                    holder: holder.clone(),
+                    holder: holder.to_owned(),
                 };
                 rejections.reject(loser, revision, &why);
             }
         }
-        let (old, new) = (before.map(|(_, p)| p), after.map(|(_, p)| p));
+        let (old, new) = (before, after.map(|(_, p)| p));
         if old == new {
             return;
         }

@@ -360,7 +360,7 @@ impl PolicySync {
         s: &mut Session,
         revision: i64,
     ) -> anyhow::Result<()> {
-        self.recompute(kernel, s, true);
+        self.recompute_aside(kernel, s, true);
         let prefix = self.registry.key("");
         let options = WatchOptions::new()
             .with_prefix()
@@ -392,9 +392,9 @@ impl PolicySync {
                 }
                 _ = tokio::time::sleep_until(deadline), if due.is_some() => {
                     due = None;
-                    self.recompute(kernel, s, false);
+                    self.recompute_aside(kernel, s, false);
                 }
-                _ = recheck.tick() => self.recompute(kernel, s, false),
+                _ = recheck.tick() => self.recompute_aside(kernel, s, false),
                 _ = gc.tick() => match conntrack_gc(&self.pin) {
                     Ok(0) => {}
                     Ok(n) => info!(removed = n, "expired conntrack entries deleted"),
@@ -469,6 +469,14 @@ impl PolicySync {
             }
         }
         Ok((raw, revision))
+    }
+
+    /// [`Self::recompute`] with the worker thread handed over: it is
+    /// synchronous and, with 100,000 remote subnets, takes tens of ms, which
+    /// must not hold up the tasks queued behind it (the subnet sync's
+    /// watch, the etcd connection). Needs the multi-threaded runtime.
+    fn recompute_aside(&self, kernel: &mut dyn KernelTables, s: &mut Session, force: bool) {
+        tokio::task::block_in_place(|| self.recompute(kernel, s, force));
     }
 
     /// Rebuilds the view; compiles and applies when it or the policies

@@ -64,7 +64,8 @@ type Result<T> = std::result::Result<T, SubnetError>;
 /// The registry operations leases need: a trait so that the policy can be
 /// tested against an etcd that fails on cue.
 pub trait Store {
-    async fn list_subnets(&mut self) -> std::result::Result<Vec<RawLease>, RegistryError>;
+    /// Every lease and the revision the list was read at.
+    async fn list_subnets(&mut self) -> std::result::Result<Listing, RegistryError>;
     async fn grant(&mut self, ttl_secs: i64) -> std::result::Result<i64, RegistryError>;
     async fn revoke(&mut self, lease: i64) -> std::result::Result<(), RegistryError>;
     async fn create_subnet(
@@ -85,8 +86,9 @@ pub trait Store {
 }
 
 impl Store for Registry {
-    async fn list_subnets(&mut self) -> std::result::Result<Vec<RawLease>, RegistryError> {
-        Ok(Registry::list_subnets(self).await?.0)
+    async fn list_subnets(&mut self) -> std::result::Result<Listing, RegistryError> {
+        let (leases, revision) = Registry::list_subnets(self).await?;
+        Ok(Listing { leases, revision })
     }
     async fn grant(&mut self, ttl_secs: i64) -> std::result::Result<i64, RegistryError> {
         Registry::grant(self, ttl_secs).await
@@ -116,6 +118,15 @@ impl Store for Registry {
     }
 }
 
+/// Every lease in etcd as one read saw it, and that read's revision: the
+/// list an acquisition read is what the first sync starts from, so a
+/// start lists the leases once, not once per step.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub leases: Vec<RawLease>,
+    pub revision: i64,
+}
+
 /// The lease this host holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Held {
@@ -130,31 +141,18 @@ pub struct Identity {
 }
 
 /// Takes a subnet at start-up, as [`choose`] orders them; each in a
-/// transaction so no two hosts share one.
+/// transaction so no two hosts share one. Returns the listing of the
+/// winning attempt too.
 pub async fn acquire(
     store: &mut impl Store,
     cfg: &NetworkConfig,
     me: &Identity,
     recorded: Option<Ipv4Net>,
-) -> Result<Held> {
+) -> Result<(Held, Listing)> {
     let value = LeaseValue::for_backend(cfg, me.public_ip, me.vtep_mac).to_json();
     for _ in 0..MAX_RACES {
-        let leases = store.list_subnets().await?;
-        let existing: Vec<(Ipv4Net, Option<Ipv4Addr>, i64)> = leases
-            .iter()
-            .filter_map(|l| {
-                let subnet = parse_subnet_key(&l.key).ok()?;
-                Some((subnet, holder(l), l.mod_revision))
-            })
-            .collect();
-        let pairs: Vec<(Ipv4Net, Option<Ipv4Addr>)> =
-            existing.iter().map(|(s, ip, _)| (*s, *ip)).collect();
-        let claim = Claim {
-            public_ip: me.public_ip,
-            recorded,
-            existing: &pairs,
-        };
-        let choice = choose(cfg, &claim, &mut rand::rng());
+        let listing = store.list_subnets().await?;
+        let (choice, rev) = decide(cfg, me, recorded, &listing.leases);
         let subnet = match choice {
             Choice::Reclaim(subnet) | Choice::Create(subnet) => subnet,
             Choice::Exhausted => {
@@ -167,24 +165,67 @@ pub async fn acquire(
         let lease_id = store.grant(me.ttl_secs).await?;
         let key = subnet_key(subnet);
         let won = match choice {
-            Choice::Reclaim(_) => {
-                let rev = existing
-                    .iter()
-                    .find(|(s, ..)| *s == subnet)
-                    .map_or(0, |e| e.2);
-                store.reclaim_subnet(&key, &value, lease_id, rev).await
-            }
+            Choice::Reclaim(_) => store.reclaim_subnet(&key, &value, lease_id, rev).await,
             _ => store.create_subnet(&key, &value, lease_id).await,
         };
         if won.as_ref().is_ok_and(|won| *won) {
             info!(%subnet, lease = lease_id, ttl = me.ttl_secs, "subnet lease acquired");
-            return Ok(Held { subnet, lease_id });
+            return Ok((Held { subnet, lease_id }, listing));
         }
         let _ = store.revoke(lease_id).await;
         won?;
         info!(?choice, "another host won the subnet; retrying");
     }
     Err(SubnetError::Races)
+}
+
+/// What to try and, for a reclaim, the revision the lease was read at.
+/// The recorded subnet is decided from its own leases alone (what
+/// [`choose`] looks at first): only when it cannot be had is every value
+/// decoded, to find a lease carrying our IP or a free subnet.
+fn decide(
+    cfg: &NetworkConfig,
+    me: &Identity,
+    recorded: Option<Ipv4Net>,
+    leases: &[RawLease],
+) -> (Choice, i64) {
+    let choose_from = |leases: &mut dyn Iterator<Item = (Ipv4Net, &RawLease)>| {
+        let existing: Vec<(Ipv4Net, Option<Ipv4Addr>, i64)> = leases
+            .map(|(subnet, l)| (subnet, holder(l), l.mod_revision))
+            .collect();
+        let pairs: Vec<(Ipv4Net, Option<Ipv4Addr>)> =
+            existing.iter().map(|(s, ip, _)| (*s, *ip)).collect();
+        let claim = Claim {
+            public_ip: me.public_ip,
+            recorded,
+            existing: &pairs,
+        };
+        let choice = choose(cfg, &claim, &mut rand::rng());
+        let rev = match choice {
+            Choice::Reclaim(subnet) => existing
+                .iter()
+                .find(|(s, ..)| *s == subnet)
+                .map_or(0, |e| e.2),
+            _ => 0,
+        };
+        (choice, rev)
+    };
+    if let Some(recorded) = recorded {
+        let mut own = leases
+            .iter()
+            .filter_map(keyed)
+            .filter(|(s, _)| *s == recorded);
+        let (choice, rev) = choose_from(&mut own);
+        if matches!(choice, Choice::Reclaim(s) | Choice::Create(s) if s == recorded) {
+            return (choice, rev);
+        }
+    }
+    choose_from(&mut leases.iter().filter_map(keyed))
+}
+
+/// A lease with the subnet its key names; `None` for a malformed key.
+fn keyed(lease: &RawLease) -> Option<(Ipv4Net, &RawLease)> {
+    Some((parse_subnet_key(&lease.key).ok()?, lease))
 }
 
 /// The public IP a lease names, if its value parses.
@@ -205,7 +246,7 @@ pub async fn retake(
     held: Held,
 ) -> Result<Option<Held>> {
     let key = subnet_key(held.subnet);
-    let leases = store.list_subnets().await?;
+    let leases = store.list_subnets().await?.leases;
     let ours = match leases.into_iter().find(|l| l.key == key) {
         Some(lease) => match holder(&lease) {
             Some(ip) if ip == me.public_ip => Some(lease),
@@ -473,9 +514,12 @@ mod tests {
     }
 
     impl Store for FakeEtcd {
-        async fn list_subnets(&mut self) -> std::result::Result<Vec<RawLease>, RegistryError> {
+        async fn list_subnets(&mut self) -> std::result::Result<Listing, RegistryError> {
             self.op()?;
-            Ok(self.keys.values().cloned().collect())
+            Ok(Listing {
+                leases: self.keys.values().cloned().collect(),
+                revision: self.revision,
+            })
         }
         async fn grant(&mut self, _ttl: i64) -> std::result::Result<i64, RegistryError> {
             self.op()?;
@@ -640,6 +684,36 @@ mod tests {
         assert_eq!(etcd.ops, 1);
     }
 
+    /// The recorded subnet is decided from its own lease: free, or ours,
+    /// it is taken whatever the other values hold; held by another host,
+    /// the full policy runs (here: our lease elsewhere is reclaimed).
+    #[test]
+    fn the_recorded_subnet_is_decided_from_its_own_lease() {
+        let lease = |key: &str, value: &[u8], rev| RawLease {
+            key: key.into(),
+            value: value.to_vec(),
+            mod_revision: rev,
+            lease: 1,
+        };
+        let ours = LeaseValue::vxlan(ME, 1, Mac::vtep_for(ME)).to_json();
+        let other = LeaseValue::vxlan(OTHER, 1, Mac::vtep_for(OTHER)).to_json();
+        let recorded = Some(held().subnet);
+        let mut leases = vec![lease("10.244.9.0-24", b"{not json", 3)];
+        let (choice, _) = decide(&cfg(), &me(), recorded, &leases);
+        assert_eq!(choice, Choice::Create(held().subnet));
+        leases.push(lease(KEY, ours.as_bytes(), 7));
+        assert_eq!(
+            decide(&cfg(), &me(), recorded, &leases),
+            (Choice::Reclaim(held().subnet), 7)
+        );
+        leases[1] = lease(KEY, other.as_bytes(), 8);
+        leases.push(lease("10.244.5.0-24", ours.as_bytes(), 9));
+        assert_eq!(
+            decide(&cfg(), &me(), recorded, &leases),
+            (Choice::Reclaim("10.244.5.0/24".parse().unwrap()), 9)
+        );
+    }
+
     /// At start-up a transient failure is reported as such (the caller
     /// retries), and a failed write leaves no granted lease behind.
     #[tokio::test]
@@ -653,7 +727,7 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, SubnetError::Transient(_)), "{err}");
         assert!(etcd.alive.is_empty(), "granted lease left alive");
-        let got = acquire(&mut etcd, &cfg(), &me(), Some(held().subnet))
+        let (got, _) = acquire(&mut etcd, &cfg(), &me(), Some(held().subnet))
             .await
             .unwrap();
         assert_eq!(got.subnet, held().subnet);

@@ -9,7 +9,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use ipnet::Ipv4Net;
@@ -21,7 +21,8 @@ pub use crate::control::lease_cache::{Connected, Own};
 use crate::{
     control::config::NetworkConfig,
     control::lease_cache::{LeaseCache, Op, Rejections, Validator},
-    control::registry::{Registry, RegistryError, SubnetEvent},
+    control::registry::{RawLease, Registry, RegistryError, SubnetEvent},
+    control::subnet::Listing,
     datapath::Maps,
     state::{EtcdHealth, NodeState},
 };
@@ -174,8 +175,14 @@ pub async fn run(
     connected: Connected,
     mut maps: Maps,
     state: watch::Sender<NodeState>,
+    first: Option<Synced>,
 ) {
     let mut rejections = Rejections::default();
+    let mut start = None;
+    if let Some(first) = first {
+        rejections = first.rejections;
+        start = Some((first.cache, first.revision));
+    }
     loop {
         let check = Validator {
             cfg: cfg.clone(),
@@ -185,6 +192,7 @@ pub async fn run(
         let result = follow(
             &mut registry,
             check,
+            start.take(),
             &mut own,
             &mut maps,
             &mut rejections,
@@ -211,21 +219,36 @@ pub async fn run(
     }
 }
 
-/// One full reconciliation, for start-up before the watch begins.
+/// The first sync's result, handed to the sync task so that it follows
+/// the watch from there instead of listing everything again.
+pub struct Synced {
+    cache: LeaseCache,
+    revision: i64,
+    rejections: Rejections,
+}
+
+/// One full reconciliation, for start-up before the watch begins, from
+/// the listing the subnet acquisition read (this host's own lease, written
+/// after it, comes with the watch).
 pub async fn once(
-    registry: &mut Registry,
+    listing: Listing,
     cfg: &NetworkConfig,
     own: Own,
     connected: &Connected,
     maps: &mut Maps,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Synced> {
     let check = Validator {
         cfg: cfg.clone(),
         own,
         connected: connected.clone(),
     };
-    resync(registry, check, maps, &mut Rejections::default(), "start").await?;
-    Ok(())
+    let mut rejections = Rejections::default();
+    let cache = apply_listing(listing.leases, check, maps, &mut rejections, "start")?;
+    Ok(Synced {
+        cache,
+        revision: listing.revision,
+        rejections,
+    })
 }
 
 /// Lists every lease, rebuilds the cache from them and applies the
@@ -238,13 +261,39 @@ async fn resync(
     rejections: &mut Rejections,
     why: &str,
 ) -> Result<(LeaseCache, i64), SyncError> {
+    let started = Instant::now();
     let (list, revision) = registry.list_subnets().await?;
+    info!(leases = list.len(), elapsed = ?started.elapsed(), "leases listed");
+    let cache = apply_listing(list, check, maps, rejections, why).map_err(SyncError::Kernel)?;
+    Ok((cache, revision))
+}
+
+/// Parses `list` into a cache and makes the kernel maps agree with it,
+/// timing each phase.
+fn apply_listing(
+    list: Vec<RawLease>,
+    check: Validator,
+    maps: &mut Maps,
+    rejections: &mut Rejections,
+    why: &str,
+) -> anyhow::Result<LeaseCache> {
+    let started = Instant::now();
     let cache = LeaseCache::from_list(check, &list, rejections);
     drop(list);
-    let mut programmed = Programmed::read(maps).map_err(SyncError::Kernel)?;
-    let changes = reconcile(maps, &mut programmed, &cache.desired()).map_err(SyncError::Kernel)?;
+    let parsed = started.elapsed();
+    let mut programmed = Programmed::read(maps)?;
+    let read = started.elapsed();
+    let changes = reconcile(maps, &mut programmed, &cache.desired())?;
+    info!(
+        trigger = why,
+        leases = cache.len(),
+        parse = ?parsed,
+        read_kernel = ?(read - parsed),
+        write_kernel = ?(started.elapsed() - read),
+        "full resync applied"
+    );
     report(why, &cache, &changes);
-    Ok((cache, revision))
+    Ok(cache)
 }
 
 fn report(why: &str, cache: &LeaseCache, changes: &Changes) {
@@ -260,17 +309,23 @@ fn report(why: &str, cache: &LeaseCache, changes: &Changes) {
     }
 }
 
-/// A full resync, then the watch from the revision it read, applying
-/// each event by itself, until something calls for another resync.
+/// A full resync (unless `start` holds the one just made and its
+/// revision, for the same lease of this host), then the watch from the
+/// revision it read, applying each event by itself, until something calls
+/// for another resync.
 async fn follow(
     registry: &mut Registry,
     check: Validator,
+    start: Option<(LeaseCache, i64)>,
     own: &mut watch::Receiver<Own>,
     maps: &mut Maps,
     rejections: &mut Rejections,
     state: &watch::Sender<NodeState>,
 ) -> Result<Stop, SyncError> {
-    let (mut cache, revision) = resync(registry, check, maps, rejections, "resync").await?;
+    let (mut cache, revision) = match start {
+        Some((cache, revision)) if cache.validator().own == check.own => (cache, revision),
+        _ => resync(registry, check, maps, rejections, "resync").await?,
+    };
     state.send_if_modified(|s| {
         let was = s.etcd.reachable;
         if !was {
