@@ -46,8 +46,8 @@ pub const POLICIES_DIR: &str = "policies";
 pub const COALESCE: Duration = Duration::from_millis(50);
 /// How often this host's endpoint records are read.
 pub const RECHECK: Duration = Duration::from_secs(1);
-/// How often the last compiled tables are written again (only what the
-/// kernel lacks is).
+/// How often the last compiled tables are written again (only where the
+/// kernel differs).
 pub const REAPPLY: Duration = Duration::from_secs(5);
 /// How often expired conntrack entries are deleted.
 pub const CONNTRACK_GC: Duration = Duration::from_secs(30);
