@@ -107,7 +107,9 @@ mod layout {
         assert_eq!(offset_of!(PolicyKey, proto), 8);
         assert_eq!(offset_of!(PolicyKey, dir), 9);
         assert_eq!(size_of::<PolicyEntry>(), 4 + 4 * MAX_PORT_RANGES);
-        assert_eq!(size_of::<PolicyState>(), 8);
+        assert_eq!(size_of::<PolicyState>(), 16);
+        assert_eq!(offset_of!(PolicyState, foreign_identity), 4);
+        assert_eq!(offset_of!(PolicyState, foreign_network), 8);
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(offset_of!(CtKey, sport), 8);
         assert_eq!(offset_of!(CtKey, proto), 12);

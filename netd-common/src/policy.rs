@@ -28,9 +28,10 @@ pub enum IdentityKind {
 }
 
 /// Value of the `IDENTITIES` LPM trie (IPv4 prefix → identity): every
-/// endpoint as a /32, a flannel host's subnet as a whole, and the prefixes
-/// of `cidr` peers (the longest match wins, so a `cidr` peer never covers an
-/// endpoint).
+/// endpoint as a /32, this host's gateway, and the prefixes of `cidr` peers.
+/// An endpoint or host entry is the answer; else an address in a remote
+/// host's subnet is the foreign identity ([`PolicyState`]); only then a
+/// `cidr` prefix, so a `cidr` peer never covers a container.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
@@ -118,6 +119,14 @@ pub struct PolicyState {
     /// judged again on its next packet: a policy change applies to
     /// established connections too.
     pub generation: u32,
+    /// Who an address inside a remote host's subnet (a `SUBNETS` hit) that
+    /// `IDENTITIES` does not name as an endpoint is: a flannel host's
+    /// container, one identity for them all, so the trie does not grow with
+    /// the number of hosts. 0 until the daemon writes it (then such an
+    /// address is judged like any other).
+    pub foreign_identity: u32,
+    /// The network of [`PolicyState::foreign_identity`].
+    pub foreign_network: u32,
     pub _pad: u32,
 }
 

@@ -32,7 +32,7 @@ use netd_common::{
 use crate::{
     conntrack,
     headers::*,
-    maps::{IDENTITIES, LOCAL_POLICY, POLICY, POLICY_STATE},
+    maps::{IDENTITIES, LOCAL_POLICY, POLICY, POLICY_STATE, SUBNETS},
 };
 
 const IPPROTO_SCTP: u8 = 132;
@@ -294,10 +294,7 @@ fn judge_packet(
 fn judge_flow(lp: &LocalPolicy, key: &CtKey) -> Result<(), Counter> {
     let ingress = key.dir == DIR_INGRESS;
     let remote = if ingress { key.saddr } else { key.daddr };
-    let (id, network, kind) = match IDENTITIES.get(&Key::new(32, remote)) {
-        Some(ident) => (ident.id, ident.network, ident.kind),
-        None => (IDENTITY_WORLD, 0, IdentityKind::Cidr as u8),
-    };
+    let (id, network, kind) = remote_identity(remote);
     if id == IDENTITY_HOST {
         return Ok(());
     }
@@ -317,6 +314,33 @@ fn judge_flow(lp: &LocalPolicy, key: &CtKey) -> Result<(), Counter> {
         return Err(Counter::DropIsolation);
     }
     Ok(())
+}
+
+/// Who `addr` is, as (id, network, kind): a published endpoint or this
+/// host (`IDENTITIES`); else, inside a remote host's subnet, a flannel
+/// host's container (the foreign identity of `POLICY_STATE`: one value for
+/// every such host, so nothing here grows with the cluster); else the
+/// `cidr` prefix that holds it; else WORLD.
+#[inline(always)]
+fn remote_identity(addr: [u8; 4]) -> (u32, u32, u8) {
+    let key = Key::new(32, addr);
+    let found = IDENTITIES.get(&key).map(|i| (i.id, i.network, i.kind));
+    if let Some(named) = found
+        && named.2 != IdentityKind::Cidr as u8
+    {
+        return named;
+    }
+    if SUBNETS.get(&key).is_some()
+        && let Some(state) = POLICY_STATE.get(0)
+        && state.foreign_identity != 0
+    {
+        return (
+            state.foreign_identity,
+            state.foreign_network,
+            IdentityKind::Endpoint as u8,
+        );
+    }
+    found.unwrap_or((IDENTITY_WORLD, 0, IdentityKind::Cidr as u8))
 }
 
 /// Whether a `POLICY` entry for (remote | any) × (protocol | any) admits

@@ -144,8 +144,11 @@ impl Setup {
     }
 
     fn generation(&self, host: usize, generation: u32) {
+        // No foreign identity: every address these tests use is in the trie.
         let state = PolicyState {
             generation,
+            foreign_identity: 0,
+            foreign_network: 0,
             _pad: 0,
         };
         update(

@@ -1,16 +1,18 @@
 //! Keeps the kernel's policy tables equal to etcd: every host's published
 //! endpoints (`<prefix>/endpoints/`) and the policies
-//! (`<prefix>/policies/<name>`), with this host's own records, the remote
-//! subnets the kernel knows (a flannel host's containers) and this host's
-//! gateway, are compiled into [`Tables`] and written to the kernel.
+//! (`<prefix>/policies/<name>`), with this host's own records, the foreign
+//! identity (a flannel host's containers, which the kernel tells by its
+//! `SUBNETS`) and this host's gateway, are compiled into [`Tables`] and
+//! written to the kernel.
 //!
 //! Level-triggered: one list of both prefixes at one revision, then a watch
-//! from the next revision (a compaction, cancellation or error means a full
-//! list again); the view is rebuilt from that state, the run directory and
-//! the kernel's `SUBNETS` on every change (bursts coalesced over
-//! [`COALESCE`]) and every [`RECHECK`], and tables are applied when the
-//! view or the policies differ from what was last applied, and every
-//! [`REAPPLY`] anyway (the apply compares with the kernel). Invalid
+//! of both from the next revision (a compaction, cancellation or error means
+//! a full list again). Nothing here reads the subnets or watches the leases,
+//! so the work does not grow with the number of hosts: tables are compiled
+//! again only when the watched state changed (bursts coalesced over
+//! [`COALESCE`]) or this host's records did (read every [`RECHECK`]), and
+//! the last compiled tables are applied again every [`REAPPLY`] (the apply
+//! compares with the kernel and writes only the difference). Invalid
 //! endpoint or policy values are ignored with one log line per key and
 //! revision; the others are kept.
 
@@ -32,7 +34,7 @@ use crate::{
         lease::{gateway, parse_subnet_key},
         registry::{Registry, RegistryError},
     },
-    datapath::{Maps, PinDir, conntrack, policy_maps::PolicyMaps},
+    datapath::{PinDir, conntrack, policy_maps::PolicyMaps},
     endpoint::{self, labels},
     policy::{self, ClusterView, EndpointInfo, ForeignIdentity, Policy, Tables},
     state::{now, write_atomic},
@@ -42,9 +44,10 @@ use crate::{
 pub const POLICIES_DIR: &str = "policies";
 /// Watch events closer together than this are applied as one change.
 pub const COALESCE: Duration = Duration::from_millis(50);
-/// How often the local records and the kernel's remote subnets are read.
+/// How often this host's endpoint records are read.
 pub const RECHECK: Duration = Duration::from_secs(1);
-/// How often the tables are written even if nothing changed.
+/// How often the last compiled tables are written again (only where the
+/// kernel differs).
 pub const REAPPLY: Duration = Duration::from_secs(5);
 /// How often expired conntrack entries are deleted.
 pub const CONNTRACK_GC: Duration = Duration::from_secs(30);
@@ -188,12 +191,7 @@ pub struct Host {
 
 /// The view as this host sees it: its own endpoints from its records (the
 /// etcd copy of its directory may lag), every other host's from etcd.
-pub fn view(
-    host: &Host,
-    parsed: &Parsed,
-    local: &[EndpointInfo],
-    remote_subnets: Vec<Ipv4Net>,
-) -> ClusterView {
+pub fn view(host: &Host, parsed: &Parsed, local: &[EndpointInfo]) -> ClusterView {
     let mut by_ip: BTreeMap<Ipv4Addr, EndpointInfo> = BTreeMap::new();
     for (subnet, info) in &parsed.endpoints {
         if *subnet != host.subnet && !host.subnet.contains(&info.ip) {
@@ -206,7 +204,6 @@ pub fn view(
     ClusterView {
         endpoints: by_ip.into_values().collect(),
         local: local.iter().map(|e| e.ip).collect::<BTreeSet<_>>(),
-        remote_subnets,
         foreign: host.foreign.clone(),
         gateway: Some(gateway(host.subnet)),
     }
@@ -220,7 +217,11 @@ pub struct Summary {
     pub policies: Vec<String>,
     pub endpoints: Vec<EndpointInfo>,
     pub local: Vec<Ipv4Addr>,
-    pub remote_subnets: Vec<Ipv4Net>,
+    /// Identity and network id of a flannel host's containers.
+    #[serde(default)]
+    pub foreign_identity: u32,
+    #[serde(default)]
+    pub foreign_network: u32,
     pub identities: Vec<IdentityRow>,
     pub local_policy: Vec<LocalRow>,
     pub rules: usize,
@@ -255,7 +256,8 @@ impl Summary {
             policies: parsed.policies.iter().map(|p| p.name.clone()).collect(),
             endpoints: view.endpoints.clone(),
             local: view.local.iter().copied().collect(),
-            remote_subnets: view.remote_subnets.clone(),
+            foreign_identity: tables.foreign_identity,
+            foreign_network: tables.foreign_network,
             identities: tables
                 .identities
                 .iter()
@@ -300,18 +302,24 @@ pub struct PolicySync {
     pub host: Host,
 }
 
-/// What the last apply was computed from.
-#[derive(PartialEq)]
-struct Applied {
+/// The last compiled tables and what they were compiled from.
+struct Compiled {
+    local: Vec<EndpointInfo>,
     view: ClusterView,
     policies: Vec<Policy>,
+    tables: Tables,
+    summary: Summary,
 }
 
 /// One session's loop state.
 struct Session {
     raw: Raw,
+    /// `raw` changed since the last compile.
+    dirty: bool,
     rejections: Rejections,
-    last: Option<Applied>,
+    compiled: Option<Compiled>,
+    /// The last apply of `compiled.tables` succeeded.
+    applied: bool,
     applied_at: Instant,
     problems_logged: Vec<String>,
 }
@@ -344,8 +352,10 @@ impl PolicySync {
         let (raw, revision) = self.list().await?;
         let mut s = Session {
             raw,
+            dirty: true,
             rejections: std::mem::take(rejections),
-            last: None,
+            compiled: None,
+            applied: false,
             applied_at: Instant::now(),
             problems_logged: Vec::new(),
         };
@@ -360,15 +370,24 @@ impl PolicySync {
         s: &mut Session,
         revision: i64,
     ) -> anyhow::Result<()> {
-        self.recompute_aside(kernel, s, true);
+        self.recompute_aside(kernel, s);
         let prefix = self.registry.key("");
-        let options = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(revision + 1);
+        // Both directories on one stream, from the listed revision on; the
+        // leases (`subnets/`) are not watched: their churn is not ours.
+        let options = || {
+            WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(revision + 1)
+        };
+        let dir = |d: &str| self.registry.key(&format!("{d}/"));
         let mut stream = self
             .registry
             .client()
-            .watch(prefix.as_str(), Some(options))
+            .watch(dir(ENDPOINTS_DIR), Some(options()))
+            .await
+            .map_err(|e| self.registry.err(e))?;
+        stream
+            .watch(dir(POLICIES_DIR), Some(options()))
             .await
             .map_err(|e| self.registry.err(e))?;
         let mut recheck = tokio::time::interval(RECHECK);
@@ -386,15 +405,18 @@ impl PolicySync {
                     if resp.canceled() {
                         anyhow::bail!("watch canceled: {}", resp.cancel_reason());
                     }
-                    if self.absorb(&mut s.raw, &prefix, &resp) && due.is_none() {
-                        due = Some(tokio::time::Instant::now() + COALESCE);
+                    if self.absorb(&mut s.raw, &prefix, &resp) {
+                        s.dirty = true;
+                        if due.is_none() {
+                            due = Some(tokio::time::Instant::now() + COALESCE);
+                        }
                     }
                 }
                 _ = tokio::time::sleep_until(deadline), if due.is_some() => {
                     due = None;
-                    self.recompute_aside(kernel, s, false);
+                    self.recompute_aside(kernel, s);
                 }
-                _ = recheck.tick() => self.recompute_aside(kernel, s, false),
+                _ = recheck.tick() => self.recompute_aside(kernel, s),
                 _ = gc.tick() => match conntrack_gc(&self.pin) {
                     Ok(0) => {}
                     Ok(n) => info!(removed = n, "expired conntrack entries deleted"),
@@ -404,9 +426,7 @@ impl PolicySync {
         }
     }
 
-    /// Folds a watch response into `raw`; whether anything the view
-    /// depends on changed (a subnet change too: the kernel's `SUBNETS`
-    /// follows it).
+    /// Folds a watch response into `raw`; whether anything changed.
     fn absorb(&self, raw: &mut Raw, prefix: &str, resp: &etcd_client::WatchResponse) -> bool {
         let mut relevant = false;
         for event in resp.events() {
@@ -422,7 +442,6 @@ impl PolicySync {
             } else if let Some(rest) = key.strip_prefix(&format!("{POLICIES_DIR}/")) {
                 (&mut raw.policies, rest)
             } else {
-                relevant |= key.starts_with("subnets/");
                 continue;
             };
             match event.event_type() {
@@ -471,18 +490,18 @@ impl PolicySync {
         Ok((raw, revision))
     }
 
-    /// [`Self::recompute`] with the worker thread handed over: it is
-    /// synchronous and, with 100,000 remote subnets, takes tens of ms, which
-    /// must not hold up the tasks queued behind it (the subnet sync's
-    /// watch, the etcd connection). Needs the multi-threaded runtime.
-    fn recompute_aside(&self, kernel: &mut dyn KernelTables, s: &mut Session, force: bool) {
-        tokio::task::block_in_place(|| self.recompute(kernel, s, force));
+    /// [`Self::recompute`] with the worker thread handed over: compiling a
+    /// large policy set is synchronous and must not hold up the tasks
+    /// queued behind it (the subnet sync's watch, the etcd connection).
+    /// Needs the multi-threaded runtime.
+    fn recompute_aside(&self, kernel: &mut dyn KernelTables, s: &mut Session) {
+        tokio::task::block_in_place(|| self.recompute(kernel, s));
     }
 
-    /// Rebuilds the view; compiles and applies when it or the policies
-    /// changed, or when `force` or [`REAPPLY`] says so.
-    fn recompute(&self, kernel: &mut dyn KernelTables, s: &mut Session, force: bool) {
-        let parsed = parse(&s.raw, &mut s.rejections);
+    /// Compiles again when the watched state or this host's records
+    /// changed, and applies when that changed the tables or [`REAPPLY`]
+    /// is due (or the last apply failed).
+    fn recompute(&self, kernel: &mut dyn KernelTables, s: &mut Session) {
         let local = match endpoint::records(&self.run_dir) {
             Ok(records) => records.iter().filter_map(info_of).collect::<Vec<_>>(),
             Err(e) => {
@@ -490,56 +509,75 @@ impl PolicySync {
                 return;
             }
         };
-        let remote = match Maps::open(&self.pin).and_then(|m| m.subnets()) {
-            Ok(subnets) => subnets.into_keys().collect(),
-            Err(e) => {
-                warn!("reading the kernel's remote subnets: {e:#}");
-                return;
-            }
-        };
-        let view = view(&self.host, &parsed, &local, remote);
-        let now = Applied {
-            view,
-            policies: parsed.policies.clone(),
-        };
-        if !force && s.last.as_ref() == Some(&now) && s.applied_at.elapsed() < REAPPLY {
+        let unchanged = !s.dirty && s.compiled.as_ref().is_some_and(|c| c.local == local);
+        if !unchanged {
+            self.compile(s, local);
+        }
+        if s.applied && s.applied_at.elapsed() < REAPPLY {
             return;
         }
-        let tables = policy::compile(&now.view, &now.policies);
+        let Some(c) = s.compiled.as_mut() else { return };
+        c.summary.applied_at = now();
+        match kernel.apply(&c.tables) {
+            Ok(()) => {
+                if !s.applied {
+                    info!(
+                        endpoints = c.view.endpoints.len(),
+                        local = c.view.local.len(),
+                        policies = c.policies.len(),
+                        identities = c.tables.identities.len(),
+                        rules = c.tables.rules.len(),
+                        "policy tables applied"
+                    );
+                }
+                c.summary.error = None;
+                s.applied = true;
+            }
+            Err(e) => {
+                warn!("writing the policy tables: {e:#}");
+                c.summary.error = Some(format!("{e:#}"));
+                s.applied = false;
+            }
+        }
+        s.applied_at = Instant::now();
+        if let Ok(json) = serde_json::to_vec_pretty(&c.summary)
+            && let Err(e) = write_atomic(&Summary::path(&self.run_dir), &json)
+        {
+            warn!("{e:#}");
+        }
+    }
+
+    /// Parses the watched state, builds the view and compiles it; marks the
+    /// tables for an apply when the view or the policies changed.
+    fn compile(&self, s: &mut Session, local: Vec<EndpointInfo>) {
+        let parsed = parse(&s.raw, &mut s.rejections);
+        s.dirty = false;
+        let view = view(&self.host, &parsed, &local);
+        if let Some(c) = s.compiled.as_mut()
+            && c.view == view
+            && c.policies == parsed.policies
+        {
+            // Same inputs, same tables; only what is ignored may differ.
+            c.local = local;
+            c.summary.rejected = parsed.rejected;
+            return;
+        }
+        let tables = policy::compile(&view, &parsed.policies);
         for problem in &tables.problems {
             if !s.problems_logged.contains(problem) {
                 warn!("policy: {problem}");
             }
         }
         s.problems_logged = tables.problems.clone();
-        let mut summary = Summary::of(&now.view, &parsed, &tables);
-        let changed = s.last.as_ref() != Some(&now);
-        match kernel.apply(&tables) {
-            Ok(()) => {
-                if changed {
-                    info!(
-                        endpoints = now.view.endpoints.len(),
-                        local = now.view.local.len(),
-                        policies = now.policies.len(),
-                        identities = tables.identities.len(),
-                        rules = tables.rules.len(),
-                        "policy tables applied"
-                    );
-                }
-                s.last = Some(now);
-            }
-            Err(e) => {
-                warn!("writing the policy tables: {e:#}");
-                summary.error = Some(format!("{e:#}"));
-                s.last = None;
-            }
-        }
-        s.applied_at = Instant::now();
-        if let Ok(json) = serde_json::to_vec_pretty(&summary)
-            && let Err(e) = write_atomic(&Summary::path(&self.run_dir), &json)
-        {
-            warn!("{e:#}");
-        }
+        let summary = Summary::of(&view, &parsed, &tables);
+        s.compiled = Some(Compiled {
+            local,
+            view,
+            policies: parsed.policies,
+            tables,
+            summary,
+        });
+        s.applied = false;
     }
 }
 
@@ -645,11 +683,9 @@ mod tests {
             ..Default::default()
         };
         let local = [info("10.244.1.2", "default", &[("app", "web")])];
-        let subnets = vec!["10.244.2.0/24".parse().unwrap()];
-        let v = view(&host, &parsed, &local, subnets.clone());
+        let v = view(&host, &parsed, &local);
         assert_eq!(v.endpoints, [local[0].clone(), remote]);
         assert_eq!(v.local, BTreeSet::from([local[0].ip]));
-        assert_eq!(v.remote_subnets, subnets);
         assert_eq!(v.gateway, Some("10.244.1.1".parse().unwrap()));
     }
 }

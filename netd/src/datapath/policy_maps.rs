@@ -1,9 +1,9 @@
 //! The policy maps (`IDENTITIES`, `LOCAL_POLICY`, `POLICY`, `POLICY_STATE`)
 //! kept equal to compiled [`Tables`]: read what the kernel has, write what
-//! differs (additions and replacements first, so nothing allowed in both
-//! states is denied in between, then removals), and bump the generation
-//! only when something changed, which makes the kernel judge every tracked
-//! flow again. The difference is a pure function ([`diff`]); the map I/O is
+//! differs (additions and replacements first, then the foreign identity, so
+//! nothing allowed in both states is denied in between, then removals), and
+//! bump the generation only when something changed, which makes the kernel
+//! judge every tracked flow again. The difference is a pure function ([`diff`]); the map I/O is
 //! a thin layer over it.
 
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
@@ -61,15 +61,23 @@ pub struct Changes {
     pub identities: MapChanges<Ipv4Net, Identity>,
     pub local: MapChanges<Ipv4Addr, LocalPolicy>,
     pub rules: MapChanges<PolicyKey, PolicyEntry>,
+    /// The foreign identity and network to write, when they differ.
+    pub foreign: Option<(u32, u32)>,
 }
 
 impl Changes {
     pub fn is_empty(&self) -> bool {
-        self.identities.is_empty() && self.local.is_empty() && self.rules.is_empty()
+        self.identities.is_empty()
+            && self.local.is_empty()
+            && self.rules.is_empty()
+            && self.foreign.is_none()
     }
 
     pub fn upserts(&self) -> usize {
-        self.identities.upsert.len() + self.local.upsert.len() + self.rules.upsert.len()
+        self.identities.upsert.len()
+            + self.local.upsert.len()
+            + self.rules.upsert.len()
+            + usize::from(self.foreign.is_some())
     }
 
     pub fn removals(&self) -> usize {
@@ -101,7 +109,12 @@ pub fn diff(current: &Tables, desired: &Tables) -> Changes {
         identities: diff_map(&current.identities, &desired.identities),
         local: diff_map(&current.local, &desired.local),
         rules: diff_map(&current.rules, &desired.rules),
+        foreign: Some(foreign(desired)).filter(|want| foreign(current) != *want),
     }
+}
+
+fn foreign(t: &Tables) -> (u32, u32) {
+    (t.foreign_identity, t.foreign_network)
 }
 
 /// What one [`PolicyMaps::apply`] did.
@@ -162,7 +175,12 @@ impl PolicyMaps {
 
     /// What the kernel has now (`problems` empty).
     pub fn read(&self) -> Result<Tables> {
-        let mut tables = Tables::default();
+        let state = self.state()?;
+        let mut tables = Tables {
+            foreign_identity: state.foreign_identity,
+            foreign_network: state.foreign_network,
+            ..Tables::default()
+        };
         for entry in self.identities.iter() {
             let (key, identity) = entry.map_err(at(names::IDENTITIES))?;
             let len = key.prefix_len();
@@ -187,28 +205,27 @@ impl PolicyMaps {
     }
 
     pub fn generation(&self) -> Result<u32> {
-        Ok(self
-            .state
-            .get(&0, 0)
-            .map_err(at(names::POLICY_STATE))?
-            .generation)
+        Ok(self.state()?.generation)
+    }
+
+    fn state(&self) -> Result<PolicyState> {
+        self.state.get(&0, 0).map_err(at(names::POLICY_STATE))
+    }
+
+    fn set_state(&mut self, state: PolicyState) -> Result<()> {
+        self.state.set(0, state, 0).map_err(at(names::POLICY_STATE))
     }
 
     /// Makes the maps equal `desired`; idempotent.
     pub fn apply(&mut self, desired: &Tables) -> Result<ApplyStats> {
         let changes = diff(&self.read()?, desired);
         self.write(&changes)?;
-        let mut generation = self.generation()?;
+        let mut state = self.state()?;
         if !changes.is_empty() {
-            generation = generation.wrapping_add(1);
-            let state = PolicyState {
-                generation,
-                _pad: 0,
-            };
-            self.state
-                .set(0, state, 0)
-                .map_err(at(names::POLICY_STATE))?;
+            state.generation = state.generation.wrapping_add(1);
+            self.set_state(state)?;
         }
+        let generation = state.generation;
         Ok(ApplyStats {
             upserted: changes.upserts(),
             removed: changes.removals(),
@@ -231,6 +248,14 @@ impl PolicyMaps {
             self.rules
                 .insert(key, entry, 0)
                 .map_err(at(names::POLICY))?;
+        }
+        // The foreign identity once its rules are in, under the old
+        // generation: the bump comes after the removals.
+        if let Some((identity, network)) = c.foreign {
+            let mut state = self.state()?;
+            state.foreign_identity = identity;
+            state.foreign_network = network;
+            self.set_state(state)?;
         }
         // Removals last: a flow allowed before and after never sees a gap.
         for key in &c.rules.remove {
@@ -309,6 +334,8 @@ mod tests {
             )]),
             rules: rules.iter().map(|(r, p)| (key(*r), entry(*p))).collect(),
             problems: vec![],
+            foreign_identity: 400,
+            foreign_network: 7,
         }
     }
 
@@ -351,10 +378,12 @@ mod tests {
         );
         assert_eq!(c.rules.remove, vec![key(302)]);
         assert!(c.local.is_empty());
+        assert!(c.foreign.is_none());
         assert_eq!((c.upserts(), c.removals()), (4, 1));
-        // Everything gone.
+        // Everything gone, the foreign identity cleared.
         let c = diff(&current, &Tables::default());
-        assert_eq!((c.upserts(), c.removals()), (0, 5));
+        assert_eq!((c.upserts(), c.removals()), (1, 5));
+        assert_eq!(c.foreign, Some((0, 0)));
         // Applying the changes to `current` gives `desired`.
         let mut after = current.clone();
         let c = diff(&current, &desired);
@@ -368,6 +397,19 @@ mod tests {
             after.rules.remove(&k);
         }
         assert_eq!(after, desired);
+    }
+
+    #[test]
+    fn a_new_foreign_identity_is_a_change() {
+        let current = tables(&[("10.244.1.2/32", 300)], &[(301, 80)]);
+        let mut desired = current.clone();
+        desired.foreign_identity = 402;
+        let c = diff(&current, &desired);
+        assert_eq!(c.foreign, Some((402, 7)));
+        assert!(!c.is_empty());
+        assert_eq!((c.upserts(), c.removals()), (1, 0));
+        desired.foreign_network = 8;
+        assert_eq!(diff(&current, &desired).foreign, Some((402, 8)));
     }
 
     /// Maps of the kernel's layout, created and pinned here (the programs'
@@ -471,7 +513,6 @@ mod tests {
         let mut view = ClusterView {
             endpoints: vec![ep("10.244.1.2", "web"), ep("10.244.1.3", "client")],
             local: ["10.244.1.2".parse().unwrap(), "10.244.1.3".parse().unwrap()].into(),
-            remote_subnets: vec!["10.244.2.0/24".parse().unwrap()],
             gateway: Some("10.244.1.1".parse().unwrap()),
             ..Default::default()
         };
@@ -482,7 +523,8 @@ mod tests {
         let first = compile(&view, std::slice::from_ref(&web));
         assert!(!first.rules.is_empty());
         let stats = maps.apply(&first).unwrap();
-        let total = first.identities.len() + first.local.len() + first.rules.len();
+        // The foreign identity is one more write.
+        let total = first.identities.len() + first.local.len() + first.rules.len() + 1;
         assert_eq!(
             (stats.upserted, stats.removed, stats.generation),
             (total, 0, 1)
@@ -503,10 +545,24 @@ mod tests {
         assert_eq!(stats.generation, 2);
         assert_eq!(maps.read().unwrap(), second);
 
+        // Another foreign identity: written with the generation bumped.
+        view.foreign.labels.insert("flannel".into(), "yes".into());
+        let third = compile(&view, &[]);
+        assert_ne!(third.foreign_identity, second.foreign_identity);
+        let stats = maps.apply(&third).unwrap();
+        assert_eq!(stats.generation, 3);
+        let state = maps.state().unwrap();
+        assert_eq!(
+            (state.foreign_identity, state.foreign_network),
+            (third.foreign_identity, third.foreign_network)
+        );
+        assert_eq!(maps.read().unwrap(), third);
+        let second = third;
+
         // What another writer left behind is removed too (level-triggered).
         maps.rules.insert(key(999), entry(1), 0).unwrap();
         let stats = maps.apply(&second).unwrap();
-        assert_eq!((stats.upserted, stats.removed, stats.generation), (0, 1, 3));
+        assert_eq!((stats.upserted, stats.removed, stats.generation), (0, 1, 4));
         assert_eq!(maps.read().unwrap(), second);
     }
 }

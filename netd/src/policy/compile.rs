@@ -1,12 +1,14 @@
 //! Endpoints and policies → the kernel's policy tables.
 //!
-//! `IDENTITIES` gets every endpoint as a /32, remote host subnets as the
-//! foreign identity, this host's gateway as HOST and every prefix a `cidr`
-//! peer or `except` names as a CIDR identity; the longest match wins, so a
-//! `cidr` peer never covers an endpoint (a prefix inside a remote subnet is
-//! left out for that reason). `LOCAL_POLICY` gets every local endpoint with
-//! its isolation flags; `POLICY` the allowed (remote, protocol, ports) of
-//! each local identity and direction.
+//! `IDENTITIES` gets every endpoint as a /32, this host's gateway as HOST
+//! and every prefix a `cidr` peer or `except` names as a CIDR identity; the
+//! foreign identity (a flannel host's containers) is one value in
+//! `POLICY_STATE`, which the kernel gives any address of a remote host's
+//! subnet that is not a published endpoint, before it tries `cidr` prefixes,
+//! so a `cidr` peer never covers a container and nothing here grows with
+//! the number of hosts. `LOCAL_POLICY` gets every local endpoint with its
+//! isolation flags; `POLICY` the allowed (remote, protocol, ports) of each
+//! local identity and direction.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -26,8 +28,11 @@ use super::{
 /// The tables for `view` under `policies` (all already valid).
 pub fn compile(view: &ClusterView, policies: &[Policy]) -> Tables {
     let ids = Ids::new(view, policies);
+    let foreign = &view.foreign;
     let mut tables = Tables {
         identities: ids.trie(view),
+        foreign_identity: ids.endpoint(&foreign.network, &foreign.labels),
+        foreign_network: network_id(&foreign.network),
         ..Tables::default()
     };
     let networks = networks(view);
@@ -91,12 +96,11 @@ pub fn contains(labels: &BTreeMap<String, String>, selector: &BTreeMap<String, S
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-/// Networks that exist in the view (the foreign one when remote subnets do).
+/// Networks that exist in the view, the foreign one included (whether a
+/// flannel host exists is the kernel's `SUBNETS` business, not the view's).
 fn networks(view: &ClusterView) -> BTreeSet<&str> {
     let mut out: BTreeSet<&str> = view.endpoints.iter().map(|e| e.network.as_str()).collect();
-    if !view.remote_subnets.is_empty() {
-        out.insert(&view.foreign.network);
-    }
+    out.insert(&view.foreign.network);
     out
 }
 
@@ -196,9 +200,7 @@ impl Ids {
             .iter()
             .map(|e| (e.network.clone(), e.labels.clone()))
             .collect();
-        if !view.remote_subnets.is_empty() {
-            endpoints.insert((view.foreign.network.clone(), view.foreign.labels.clone()));
-        }
+        endpoints.insert((view.foreign.network.clone(), view.foreign.labels.clone()));
         let cidrs: BTreeSet<Ipv4Net> = policy_prefixes(policies)
             .into_iter()
             .filter(|p| !shadowed(view, *p))
@@ -256,18 +258,12 @@ impl Ids {
             .collect()
     }
 
-    /// The `IDENTITIES` trie: CIDR prefixes, then remote subnets, the
-    /// gateway and endpoints over them where a key is the same.
+    /// The `IDENTITIES` trie: CIDR prefixes, then the gateway and
+    /// endpoints over them where a key is the same.
     fn trie(&self, view: &ClusterView) -> BTreeMap<Ipv4Net, Identity> {
         let mut out = BTreeMap::new();
         for (prefix, id) in &self.cidrs {
             out.insert(*prefix, identity(*id, 0, IdentityKind::Cidr));
-        }
-        let foreign = &view.foreign;
-        for subnet in &view.remote_subnets {
-            let id = self.endpoint(&foreign.network, &foreign.labels);
-            let net = network_id(&foreign.network);
-            out.insert(subnet.trunc(), identity(id, net, IdentityKind::Endpoint));
         }
         if let Some(gateway) = view.gateway {
             out.insert(
@@ -302,14 +298,14 @@ fn policy_prefixes(policies: &[Policy]) -> BTreeSet<Ipv4Net> {
     out
 }
 
-/// A prefix whose addresses are all endpoints (inside a remote subnet, or
-/// the /32 of an endpoint or the gateway): a `cidr` peer never covers those,
-/// so it gets no entry.
+/// The /32 of an endpoint or the gateway: its entry names that, so the
+/// prefix gets no CIDR identity. (A prefix inside a remote host's subnet
+/// keeps one: the kernel tries `SUBNETS` first, so it covers only addresses
+/// no host holds.)
 fn shadowed(view: &ClusterView, prefix: Ipv4Net) -> bool {
-    view.remote_subnets.iter().any(|s| s.contains(&prefix))
-        || (prefix.prefix_len() == 32
-            && (view.gateway == Some(prefix.addr())
-                || view.endpoints.iter().any(|e| e.ip == prefix.addr())))
+    prefix.prefix_len() == 32
+        && (view.gateway == Some(prefix.addr())
+            || view.endpoints.iter().any(|e| e.ip == prefix.addr()))
 }
 
 fn host_net(ip: std::net::Ipv4Addr) -> Ipv4Net {
@@ -372,10 +368,14 @@ mod tests {
                 ep("10.244.2.2", "default", &[("app", "db")]),
             ],
             local: [ip("10.244.1.2"), ip("10.244.1.3"), ip("10.244.1.4")].into(),
-            remote_subnets: vec![net("10.244.2.0/24"), net("10.244.3.0/24")],
             foreign: Default::default(),
             gateway: Some(ip("10.244.1.1")),
         }
+    }
+
+    /// The remote subnets the kernel holds (`SUBNETS`) for [`view`].
+    fn subnets() -> Vec<Ipv4Net> {
+        vec![net("10.244.2.0/24"), net("10.244.3.0/24")]
     }
 
     fn tcp(port: u16) -> (u8, u16) {
@@ -389,7 +389,7 @@ mod tests {
         dir: Direction,
         (proto, port): (u8, u16),
     ) -> bool {
-        reference::kernel_allows(t, ip(local), ip(remote), dir, proto, port)
+        reference::kernel_allows(t, &subnets(), ip(local), ip(remote), dir, proto, port)
     }
 
     const WEB: &str = "10.244.1.2";
@@ -399,7 +399,7 @@ mod tests {
     const FLANNEL: &str = "10.244.3.7";
 
     #[test]
-    fn identities_hold_endpoints_subnets_gateway_and_cidrs() {
+    fn identities_hold_endpoints_gateway_and_cidrs_not_subnets() {
         let p = policy(
             r#"{"name":"a","ingress":[{"from":[{"cidr":"203.0.113.0/24","except":["203.0.113.128/25"]},{"cidr":"10.244.3.0/28"}]}]}"#,
         );
@@ -417,17 +417,41 @@ mod tests {
         assert_ne!(id("10.244.1.2/32").id, id("10.244.1.3/32").id);
         // web in blue is not web in default.
         assert_ne!(id("10.244.1.2/32").id, id("10.244.1.4/32").id);
-        // Remote subnets take the foreign identity (default, no labels).
-        let foreign = id("10.244.3.0/24");
-        assert_eq!(foreign, id("10.244.2.0/24"));
-        assert_eq!(foreign.network, network_id("default"));
+        // Remote subnets get no entry: the foreign identity (default, no
+        // labels) is one value for the kernel's `SUBNETS` hits.
+        assert!(!t.identities.contains_key(&net("10.244.2.0/24")));
+        assert!(!t.identities.contains_key(&net("10.244.3.0/24")));
+        let default_no_labels = compile(
+            &ClusterView {
+                endpoints: vec![ep("10.244.1.5", "default", &[])],
+                ..Default::default()
+            },
+            &[],
+        );
+        assert_eq!(
+            t.foreign_identity,
+            default_no_labels.identities[&net("10.244.1.5/32")].id
+        );
+        assert!(t.foreign_identity >= IDENTITY_FIRST_ASSIGNED);
+        assert_eq!(t.foreign_network, network_id("default"));
         let cidr = id("203.0.113.0/24");
         assert_eq!((cidr.kind, cidr.network), (IdentityKind::Cidr as u8, 0));
         assert_ne!(cidr.id, id("203.0.113.128/25").id);
-        // A prefix inside a remote subnet gets no entry: its addresses are
-        // endpoints, which `cidr` never covers.
-        assert!(!t.identities.contains_key(&net("10.244.3.0/28")));
-        assert_eq!(t.identities.len(), 5 + 2 + 2);
+        // A prefix inside a remote subnet keeps its entry: the kernel tries
+        // `SUBNETS` first, so it covers only addresses no host holds.
+        assert_eq!(id("10.244.3.0/28").kind, IdentityKind::Cidr as u8);
+        assert_eq!(t.identities.len(), 5 + 3);
+        let ing = Direction::Ingress;
+        assert!(!allows(&t, WEB, FLANNEL, ing, tcp(80)));
+        assert!(reference::kernel_allows(
+            &t,
+            &[net("10.244.2.0/24")],
+            ip(WEB),
+            ip(FLANNEL),
+            ing,
+            6,
+            80
+        ));
         // Deterministic: the same inputs, the same tables.
         assert_eq!(
             t,
@@ -479,7 +503,6 @@ mod tests {
         assert_eq!(t.local[&ip(BLUE)].network, network_id("blue"));
         // A flannel host's containers count as a network too.
         let with_foreign = ClusterView {
-            remote_subnets: vec![net("10.244.3.0/24")],
             foreign: crate::policy::ForeignIdentity {
                 network: "legacy".into(),
                 labels: BTreeMap::new(),
@@ -775,8 +798,25 @@ mod tests {
                 for dir in [Direction::Ingress, Direction::Egress] {
                     for (proto, port) in [tcp(8080), tcp(80), (17, 8080), (1, 0)] {
                         assert_eq!(
-                            reference::kernel_allows(&t, *local, ip(remote), dir, proto, port),
-                            reference::allowed(&v, &ps, *local, ip(remote), dir, proto, port),
+                            reference::kernel_allows(
+                                &t,
+                                &subnets(),
+                                *local,
+                                ip(remote),
+                                dir,
+                                proto,
+                                port
+                            ),
+                            reference::allowed(
+                                &v,
+                                &subnets(),
+                                &ps,
+                                *local,
+                                ip(remote),
+                                dir,
+                                proto,
+                                port
+                            ),
                             "{local} {remote} {dir:?} {proto} {port}"
                         );
                     }

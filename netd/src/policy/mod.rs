@@ -43,11 +43,9 @@ pub struct ClusterView {
     pub endpoints: Vec<EndpointInfo>,
     /// Addresses of the endpoints on this host (they get `LOCAL_POLICY`).
     pub local: BTreeSet<Ipv4Addr>,
-    /// Subnets of remote hosts: their addresses that are not published
-    /// endpoints (a flannel host's containers) take `foreign`.
-    pub remote_subnets: Vec<Ipv4Net>,
-    /// Who a flannel host's containers are: network `default`, no labels,
-    /// unless configured.
+    /// Who a flannel host's containers are (addresses of a remote host's
+    /// subnet that are not published endpoints, told apart by the kernel
+    /// from its `SUBNETS`): network `default`, no labels, unless configured.
     pub foreign: ForeignIdentity,
     /// This host's gateway address (identity HOST: always allowed).
     pub gateway: Option<Ipv4Addr>,
@@ -68,12 +66,16 @@ impl Default for ForeignIdentity {
     }
 }
 
-/// The desired content of `IDENTITIES`, `LOCAL_POLICY` and `POLICY`.
+/// The desired content of `IDENTITIES`, `LOCAL_POLICY`, `POLICY` and the
+/// foreign identity of `POLICY_STATE`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tables {
     pub identities: BTreeMap<Ipv4Net, Identity>,
     pub local: BTreeMap<Ipv4Addr, LocalPolicy>,
     pub rules: BTreeMap<PolicyKey, PolicyEntry>,
+    /// The identity and network id of a flannel host's containers.
+    pub foreign_identity: u32,
+    pub foreign_network: u32,
     /// Pairs that needed more port ranges than a `PolicyEntry` holds (their
     /// extra ranges are denied), one line each, for the log and status.
     pub problems: Vec<String>,

@@ -1,12 +1,14 @@
 //! A reference evaluator written from the Kubernetes NetworkPolicy
 //! semantics over the policy documents, kept apart from the compiler, and a
-//! model of the kernel's lookup over compiled [`Tables`]; the property
-//! tests check that the two agree.
+//! model of the kernel's lookup over compiled [`Tables`] and the kernel's
+//! remote subnets (`SUBNETS`); the property tests check that the two agree.
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
+use ipnet::Ipv4Net;
+
 use netd_common::policy::{
-    DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, IdentityKind,
+    DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, Identity, IdentityKind,
     LOCAL_ISOLATED_EGRESS, LOCAL_ISOLATED_INGRESS, LOCAL_TRACK, PROTO_ANY, PolicyKey,
 };
 
@@ -25,7 +27,9 @@ enum Remote<'a> {
     Outside(Ipv4Addr),
 }
 
-fn classify(view: &ClusterView, addr: Ipv4Addr) -> Remote<'_> {
+/// `subnets`: the remote hosts' subnets; their addresses that are no
+/// published endpoint are a flannel host's containers.
+fn classify<'a>(view: &'a ClusterView, subnets: &[Ipv4Net], addr: Ipv4Addr) -> Remote<'a> {
     if let Some(e) = view.endpoints.iter().find(|e| e.ip == addr) {
         return Remote::Endpoint {
             network: &e.network,
@@ -35,7 +39,7 @@ fn classify(view: &ClusterView, addr: Ipv4Addr) -> Remote<'_> {
     if view.gateway == Some(addr) {
         return Remote::Host;
     }
-    if view.remote_subnets.iter().any(|s| s.contains(&addr)) {
+    if subnets.iter().any(|s| s.contains(&addr)) {
         return Remote::Endpoint {
             network: &view.foreign.network,
             labels: &view.foreign.labels,
@@ -78,6 +82,7 @@ fn port_matches(ports: &[Port], proto: u8, port: u16) -> bool {
 /// `dir` (`port`: the destination port, 0 for ICMP).
 pub fn allowed(
     view: &ClusterView,
+    subnets: &[Ipv4Net],
     policies: &[Policy],
     local: Ipv4Addr,
     remote: Ipv4Addr,
@@ -90,7 +95,7 @@ pub fn allowed(
         .iter()
         .find(|e| e.ip == local)
         .expect("local endpoint");
-    let remote = classify(view, remote);
+    let remote = classify(view, subnets, remote);
     if matches!(remote, Remote::Host) {
         return true;
     }
@@ -119,9 +124,11 @@ pub fn allowed(
     })
 }
 
-/// What the kernel decides for a new flow, from the tables alone.
+/// What the kernel decides for a new flow, from the tables and the remote
+/// subnets it holds (`SUBNETS`).
 pub fn kernel_allows(
     tables: &Tables,
+    subnets: &[Ipv4Net],
     local: Ipv4Addr,
     remote: Ipv4Addr,
     dir: Direction,
@@ -134,12 +141,7 @@ pub fn kernel_allows(
     if lp.flags & LOCAL_TRACK == 0 {
         return true;
     }
-    let found = tables
-        .identities
-        .iter()
-        .filter(|(net, _)| net.contains(&remote))
-        .max_by_key(|(net, _)| net.prefix_len())
-        .map(|(_, identity)| *identity);
+    let found = remote_identity(tables, subnets, remote);
     let ri = found.map_or(IDENTITY_WORLD, |i| i.id);
     if ri == IDENTITY_HOST {
         return true;
@@ -171,11 +173,36 @@ pub fn kernel_allows(
     })
 }
 
+/// The kernel's remote identity lookup: an endpoint or host entry; else,
+/// in a remote subnet, the foreign identity; else the longest `cidr`
+/// prefix; `None` is WORLD.
+fn remote_identity(tables: &Tables, subnets: &[Ipv4Net], remote: Ipv4Addr) -> Option<Identity> {
+    let found = tables
+        .identities
+        .iter()
+        .filter(|(net, _)| net.contains(&remote))
+        .max_by_key(|(net, _)| net.prefix_len())
+        .map(|(_, identity)| *identity);
+    if let Some(named) = found
+        && named.kind != IdentityKind::Cidr as u8
+    {
+        return Some(named);
+    }
+    if tables.foreign_identity != 0 && subnets.iter().any(|s| s.contains(&remote)) {
+        return Some(Identity {
+            id: tables.foreign_identity,
+            network: tables.foreign_network,
+            kind: IdentityKind::Endpoint as u8,
+            _pad: [0; 3],
+        });
+    }
+    found
+}
+
 #[cfg(test)]
 mod props {
     use std::collections::BTreeSet;
 
-    use ipnet::Ipv4Net;
     use proptest::prelude::*;
 
     use super::*;
@@ -336,7 +363,7 @@ mod props {
     /// Three local endpoints, two on a netd host (10.244.2.0/24), a flannel
     /// host (10.244.3.0/24) whose containers may be configured as either
     /// network.
-    fn view() -> impl Strategy<Value = ClusterView> {
+    fn view() -> impl Strategy<Value = (ClusterView, Vec<Ipv4Net>)> {
         let endpoint = (network(), labels());
         (
             prop::collection::vec(endpoint, 5),
@@ -365,16 +392,16 @@ mod props {
                 if flannel {
                     remote_subnets.push("10.244.3.0/24".parse().unwrap());
                 }
-                ClusterView {
+                let view = ClusterView {
                     local: endpoints[..3].iter().map(|e| e.ip).collect::<BTreeSet<_>>(),
                     endpoints,
-                    remote_subnets,
                     foreign: ForeignIdentity {
                         network: foreign_network,
                         labels: foreign_labels,
                     },
                     gateway: Some("10.244.1.1".parse().unwrap()),
-                }
+                };
+                (view, remote_subnets)
             })
     }
 
@@ -384,7 +411,7 @@ mod props {
         /// A new flow is allowed by the compiled tables iff the reference
         /// evaluator over the policy documents allows it.
         #[test]
-        fn tables_agree_with_the_reference(view in view(), policies in policies()) {
+        fn tables_agree_with_the_reference((view, subnets) in view(), policies in policies()) {
             for p in &policies {
                 prop_assert!(p.validate().is_ok(), "{p:?}");
             }
@@ -395,8 +422,8 @@ mod props {
                     let remote: Ipv4Addr = remote.parse().unwrap();
                     for dir in [Direction::Ingress, Direction::Egress] {
                         for (proto, port) in FLOWS {
-                            let want = allowed(&view, &policies, *local, remote, dir, proto, port);
-                            let got = kernel_allows(&tables, *local, remote, dir, proto, port);
+                            let want = allowed(&view, &subnets, &policies, *local, remote, dir, proto, port);
+                            let got = kernel_allows(&tables, &subnets, *local, remote, dir, proto, port);
                             prop_assert_eq!(got, want, "{} {} {:?} proto {} port {}", local, remote, dir, proto, port);
                         }
                     }
@@ -406,7 +433,7 @@ mod props {
 
         /// The same inputs in another order give the same tables.
         #[test]
-        fn compile_is_deterministic(view in view(), policies in policies()) {
+        fn compile_is_deterministic((view, _) in view(), policies in policies()) {
             let mut reversed = view.clone();
             reversed.endpoints.reverse();
             let mut others = policies.clone();
