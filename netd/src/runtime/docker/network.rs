@@ -22,7 +22,9 @@ use crate::{endpoint::handoff, state::SubnetEnv, state::write_atomic};
 
 /// `docker network create -o netd.network=NAME` names the network for
 /// policy. Docker does not tell a remote driver the name it gave the
-/// network, so without this option the network's id stands in.
+/// network, and each engine gives "the same" network its own id, so
+/// without this option the network is `default`: a network created on
+/// every host alike then reaches across hosts, as before networks existed.
 pub const NETWORK_OPTION: &str = "netd.network";
 
 /// `--driver-opt netd.label.KEY=VALUE` on `docker network connect` (or in
@@ -66,7 +68,7 @@ fn network_name(req: &CreateNetwork) -> String {
             .filter(|s| !s.is_empty())
             .map(str::to_string)
     };
-    option(NETWORK_OPTION).unwrap_or_else(|| req.network_id.clone())
+    option(NETWORK_OPTION).unwrap_or_else(|| crate::policy::DEFAULT_NETWORK.to_string())
 }
 
 pub async fn create_network(State(d): Shared, body: Bytes) -> Response {
