@@ -36,7 +36,7 @@ use crate::{
 /// Directory of the endpoints under the prefix.
 pub const ENDPOINTS_DIR: &str = "endpoints";
 /// How often the run directory is read.
-pub const POLL: Duration = Duration::from_secs(1);
+pub const POLL: Duration = Duration::from_millis(250);
 /// How often etcd is compared with the records even if nothing changed.
 pub const RESYNC: Duration = Duration::from_secs(10);
 

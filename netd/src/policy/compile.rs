@@ -96,12 +96,14 @@ pub fn contains(labels: &BTreeMap<String, String>, selector: &BTreeMap<String, S
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-/// Networks that exist in the view, the foreign one included (whether a
-/// flannel host exists is the kernel's `SUBNETS` business, not the view's).
+/// Networks of the published endpoints. The foreign network does not count:
+/// an address of a netd host whose endpoint is not published yet (a
+/// container in its first moments) also resolves to the foreign identity,
+/// and tracking every endpoint for it would drop those first packets in a
+/// cluster of one named network. A flannel host's containers are isolated
+/// from a network once a second network or a policy is in force.
 fn networks(view: &ClusterView) -> BTreeSet<&str> {
-    let mut out: BTreeSet<&str> = view.endpoints.iter().map(|e| e.network.as_str()).collect();
-    out.insert(&view.foreign.network);
-    out
+    view.endpoints.iter().map(|e| e.network.as_str()).collect()
 }
 
 /// Union of one policy's rules in `dir` for local identity `local`.
@@ -501,7 +503,7 @@ mod tests {
         let t = compile(&view(), &[]);
         assert!(t.local.values().all(|lp| lp.flags == LOCAL_TRACK));
         assert_eq!(t.local[&ip(BLUE)].network, network_id("blue"));
-        // A flannel host's containers count as a network too.
+        // The foreign network alone does not make a second network.
         let with_foreign = ClusterView {
             foreign: crate::policy::ForeignIdentity {
                 network: "legacy".into(),
@@ -513,7 +515,7 @@ mod tests {
             compile(&with_foreign, &[])
                 .local
                 .values()
-                .all(|lp| lp.flags == LOCAL_TRACK)
+                .all(|lp| lp.flags == 0)
         );
     }
 

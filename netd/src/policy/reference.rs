@@ -22,6 +22,8 @@ enum Remote<'a> {
     Endpoint {
         network: &'a str,
         labels: &'a BTreeMap<String, String>,
+        /// Not published: a flannel host's container (the foreign identity).
+        foreign: bool,
     },
     Host,
     Outside(Ipv4Addr),
@@ -34,6 +36,7 @@ fn classify<'a>(view: &'a ClusterView, subnets: &[Ipv4Net], addr: Ipv4Addr) -> R
         return Remote::Endpoint {
             network: &e.network,
             labels: &e.labels,
+            foreign: false,
         };
     }
     if view.gateway == Some(addr) {
@@ -43,6 +46,7 @@ fn classify<'a>(view: &'a ClusterView, subnets: &[Ipv4Net], addr: Ipv4Addr) -> R
         return Remote::Endpoint {
             network: &view.foreign.network,
             labels: &view.foreign.labels,
+            foreign: true,
         };
     }
     Remote::Outside(addr)
@@ -58,7 +62,12 @@ fn peer_matches(policy: &Policy, peer: &Peer, remote: &Remote) -> bool {
             cidr.contains(addr) && !peer.except.iter().any(|x| x.contains(addr))
         }
         (Some(_), _) => false,
-        (None, Remote::Endpoint { network, labels }) => {
+        (
+            None,
+            Remote::Endpoint {
+                network, labels, ..
+            },
+        ) => {
             let want = peer.network.as_deref().unwrap_or(&policy.network);
             let all = BTreeMap::new();
             *network == want && has_labels(labels, peer.selector.as_ref().unwrap_or(&all))
@@ -109,9 +118,27 @@ pub fn allowed(
         .collect();
     if selecting.is_empty() {
         // Not isolated: within a network everything; across networks
-        // nothing arrives (what leaves is judged where it arrives).
+        // nothing arrives (what leaves is judged where it arrives). A
+        // flannel host's container is told apart only where flows are
+        // tracked: the endpoint is selected in some direction, or the
+        // published endpoints span more than one network.
+        let tracked = || {
+            policies.iter().any(|p| {
+                p.network == me.network
+                    && has_labels(&me.labels, &p.selector)
+                    && !p.directions().is_empty()
+            }) || view
+                .endpoints
+                .iter()
+                .any(|e| e.network != view.endpoints[0].network)
+        };
         return match (dir, &remote) {
-            (Direction::Ingress, Remote::Endpoint { network, .. }) => *network == me.network,
+            (
+                Direction::Ingress,
+                Remote::Endpoint {
+                    network, foreign, ..
+                },
+            ) => *network == me.network || (*foreign && !tracked()),
             _ => true,
         };
     }
