@@ -127,7 +127,10 @@ pub struct PolicyState {
     pub foreign_identity: u32,
     /// The network of [`PolicyState::foreign_identity`].
     pub foreign_network: u32,
-    pub _pad: u32,
+    /// 1 when no local endpoint is tracked: the programs then skip their
+    /// `LOCAL_POLICY` lookups, so a host without policy pays nothing for
+    /// it. 0, as before the daemon's first write, means look them up.
+    pub untracked: u32,
 }
 
 /// Key of the `CONNTRACK` LRU hash: a flow as first seen at a local

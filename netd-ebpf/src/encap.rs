@@ -101,19 +101,23 @@ fn decide(ctx: &TcContext) -> Exit {
         return Exit::shot(Counter::DropSpoofed);
     }
     let hdr = unsafe { *ip };
-    let local = maps::container(cfg, hdr.daddr);
+    // The remote subnets first: one of them never holds a local endpoint
+    // (a lease overlapping this host's is refused), so a hit there saves
+    // the endpoint lookup on the most common path.
+    let remote = SUBNETS.get(&Key::new(32, hdr.daddr)).copied();
+    let local = match remote {
+        Some(_) => None,
+        None => maps::container(cfg, hdr.daddr),
+    };
     // Egress of the source; for local delivery, ingress of the destination.
     let ingress = local.and_then(|_| policy::tracked(hdr.daddr));
     if let Err(reason) = policy::verdict(ctx, ETH_HLEN, &hdr, policy::tracked(hdr.saddr), ingress) {
         return Exit::shot(reason);
     }
-    let dst = hdr.daddr;
-    let route = match local {
-        Some(ep) => Route::Local(ep),
-        None => match SUBNETS.get(&Key::new(32, dst)) {
-            Some(peer) => Route::Peer(*peer),
-            None => return Exit::ok(Counter::ContainerToStack),
-        },
+    let route = match (local, remote) {
+        (Some(ep), _) => Route::Local(ep),
+        (None, Some(peer)) => Route::Peer(peer),
+        (None, None) => return Exit::ok(Counter::ContainerToStack),
     };
     // From here netd routes the packet: one router hop, whoever is next.
     // As a router: the TTL first, then the MTU, then the hop.

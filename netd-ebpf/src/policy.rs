@@ -5,7 +5,8 @@
 //! Egress is judged where a packet leaves its container (`from_container`),
 //! ingress where it is delivered to one (decapsulation, the tunnel device,
 //! local delivery). An endpoint without a `LOCAL_TRACK` entry costs one hash
-//! lookup and nothing else. The verdict of one packet:
+//! lookup and nothing else; on a host without any, `POLICY_STATE.untracked`
+//! says so and not even that. The verdict of one packet:
 //! 1. conntrack hit, live, current generation: allow, refresh;
 //! 2. hit under an older generation: judge the flow's first packet again,
 //!    keep (new generation) or delete and drop;
@@ -66,9 +67,13 @@ impl Packet for XdpContext {
     }
 }
 
-/// A local endpoint's policy state, if its flows are tracked.
+/// A local endpoint's policy state, if its flows are tracked. On a host
+/// where none is, an array read instead of a hash lookup.
 #[inline(always)]
 pub fn tracked(ip: [u8; 4]) -> Option<LocalPolicy> {
+    if POLICY_STATE.get(0).is_some_and(|s| s.untracked != 0) {
+        return None;
+    }
     let lp = unsafe { LOCAL_POLICY.get(ip) }?;
     if lp.flags & LOCAL_TRACK == 0 {
         return None;

@@ -149,7 +149,7 @@ impl Setup {
             generation,
             foreign_identity: 0,
             foreign_network: 0,
-            _pad: 0,
+            untracked: 0,
         };
         update(
             &self.map(host, "POLICY_STATE"),

@@ -221,8 +221,14 @@ impl PolicyMaps {
         let changes = diff(&self.read()?, desired);
         self.write(&changes)?;
         let mut state = self.state()?;
-        if !changes.is_empty() {
-            state.generation = state.generation.wrapping_add(1);
+        // With the bump, after the writes: tracking starts once the entries
+        // it reads are in, and stops once they are gone.
+        let untracked = u32::from(!desired.tracks_any());
+        if !changes.is_empty() || state.untracked != untracked {
+            if !changes.is_empty() {
+                state.generation = state.generation.wrapping_add(1);
+            }
+            state.untracked = untracked;
             self.set_state(state)?;
         }
         let generation = state.generation;
@@ -530,6 +536,8 @@ mod tests {
             (total, 0, 1)
         );
         assert_eq!(maps.read().unwrap(), first);
+        assert!(first.tracks_any());
+        assert_eq!(maps.state().unwrap().untracked, 0, "web is tracked");
 
         // The same tables again: nothing written, the generation stays.
         let stats = maps.apply(&first).unwrap();
@@ -544,6 +552,8 @@ mod tests {
         assert!(stats.removed >= first.rules.len() + 2, "{stats:?}");
         assert_eq!(stats.generation, 2);
         assert_eq!(maps.read().unwrap(), second);
+        assert!(!second.tracks_any());
+        assert_eq!(maps.state().unwrap().untracked, 1, "nothing tracked");
 
         // Another foreign identity: written with the generation bumped.
         view.foreign.labels.insert("flannel".into(), "yes".into());
@@ -564,5 +574,13 @@ mod tests {
         let stats = maps.apply(&second).unwrap();
         assert_eq!((stats.upserted, stats.removed, stats.generation), (0, 1, 4));
         assert_eq!(maps.read().unwrap(), second);
+
+        // A cleared `untracked` is set again, with nothing else to bump for.
+        let mut state = maps.state().unwrap();
+        state.untracked = 0;
+        maps.set_state(state).unwrap();
+        let stats = maps.apply(&second).unwrap();
+        assert_eq!((stats.upserted, stats.removed, stats.generation), (0, 0, 4));
+        assert_eq!(maps.state().unwrap().untracked, 1);
     }
 }

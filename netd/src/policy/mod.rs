@@ -80,3 +80,13 @@ pub struct Tables {
     /// extra ranges are denied), one line each, for the log and status.
     pub problems: Vec<String>,
 }
+
+impl Tables {
+    /// Whether any local endpoint's flows are tracked (else the programs
+    /// are told to skip `LOCAL_POLICY`).
+    pub fn tracks_any(&self) -> bool {
+        self.local
+            .values()
+            .any(|lp| lp.flags & netd_common::policy::LOCAL_TRACK != 0)
+    }
+}
