@@ -642,8 +642,9 @@ fn goals_section(s: &mut String, r: &Results) {
     let mut tally = Tally::default();
     let _ = writeln!(
         s,
-        "Ratios of medians, {} over the peer, GRO {gro}, per placement measured; \
-         ✓ met, ✗ not met.\n",
+        "A ratio divides {}'s median by the peer's, in the same placement, GRO {gro} \
+         (the chart's), for each placement measured; ✓ met, ✗ not met; a figure the \
+         run lacks is not measured, never met.\n",
         NETD.name()
     );
     peer_goals(s, r, &variants, &mut tally);
