@@ -32,7 +32,7 @@ use netd_tests::links::{link_mac, parse_mac};
 use netd_tests::{NetNs, Topology, host_ip, ping};
 
 use super::sh;
-use super::testbed::{Mode, Testbed};
+use super::testbed::{LoadedProgram, Mode, Testbed};
 use crate::util;
 
 /// Cilium's name for its tunnel device.
@@ -43,6 +43,10 @@ const HOST_VETH: &str = "lxc0";
 const CONTAINER_MTU: u32 = 1450;
 /// The object's file name: the bench-ebpf binary.
 const OBJECT: &str = "cilium-style";
+/// Its programs and the device each is attached to: the container's veth
+/// (sets the tunnel key) and the tunnel device (delivers with
+/// bpf_redirect_peer).
+const PROGRAMS: [(&str, &str); 2] = [("from_container", HOST_VETH), ("from_overlay", TUNNEL_DEV)];
 
 /// Counter slots of `bench-ebpf`'s `STATS` (its `maps::Counter`).
 const ENCAPSULATED: u32 = 0;
@@ -88,6 +92,7 @@ pub fn testbed() -> Result<Testbed> {
         containers.push(wire_container(&topo, i)?);
     }
     let mut hosts = Vec::new();
+    let mut programs = Vec::new();
     for (i, container) in containers.iter().enumerate() {
         sh(
             topo.host(i).ns(),
@@ -96,15 +101,15 @@ pub fn testbed() -> Result<Testbed> {
             ],
         )?;
         sh(topo.host(i).ns(), &["ip", "link", "set", TUNNEL_DEV, "up"])?;
-        hosts.push(load(&topo, i, container, &object)?);
+        let (ebpf, ids) = load(&topo, i, container, &object)?;
+        hosts.push(ebpf);
+        programs.extend(ids);
     }
     check_path(&containers[0], &hosts)?;
-    Ok(Testbed::with_containers(
-        Mode::CiliumStyle,
-        topo,
-        containers,
-        container_ip(1),
-    ))
+    Ok(
+        Testbed::with_containers(Mode::CiliumStyle, topo, containers, container_ip(1))
+            .with_programs(programs),
+    )
 }
 
 /// A veth from host `i` into a new container: `.2/32` inside, a link
@@ -175,8 +180,14 @@ struct HostMaps {
 }
 
 /// Loads the object in host `i`, attaches both programs and fills the
-/// maps. The returned object keeps the maps open for [`counters`].
-fn load(topo: &Topology, i: usize, container: &NetNs, object: &Path) -> Result<Ebpf> {
+/// maps. The returned object keeps the maps open for [`counters`]; the
+/// ids are those of the attached programs, which outlive it.
+fn load(
+    topo: &Topology,
+    i: usize,
+    container: &NetNs,
+    object: &Path,
+) -> Result<(Ebpf, Vec<LoadedProgram>)> {
     let host = topo.host(i).ns().handle();
     let maps = HostMaps {
         tunnel_ifindex: 0,
@@ -195,19 +206,28 @@ fn load(topo: &Topology, i: usize, container: &NetNs, object: &Path) -> Result<E
     };
     let object = object.to_path_buf();
     // Interface names and netlink resolve in the calling thread's namespace.
-    host.run_in_thread(move || load_here(&object, maps))
-        .with_context(|| format!("cilium-style programs on host {i}"))
+    let (ebpf, ids) = host
+        .run_in_thread(move || load_here(&object, maps))
+        .with_context(|| format!("cilium-style programs on host {i}"))?;
+    let programs = PROGRAMS
+        .iter()
+        .zip(ids)
+        .map(|(&(name, _), id)| LoadedProgram { host: i, name, id })
+        .collect();
+    Ok((ebpf, programs))
 }
 
-fn load_here(object: &Path, mut maps: HostMaps) -> Result<Ebpf> {
+fn load_here(object: &Path, mut maps: HostMaps) -> Result<(Ebpf, Vec<u32>)> {
     maps.tunnel_ifindex = ifindex(TUNNEL_DEV)?;
     maps.endpoint.1.ifindex = ifindex(HOST_VETH)?;
     let mut ebpf =
         Ebpf::load_file(object).with_context(|| format!("loading {}", object.display()))?;
     fill_maps(&mut ebpf, &maps)?;
-    attach(&mut ebpf, "from_container", HOST_VETH)?;
-    attach(&mut ebpf, "from_overlay", TUNNEL_DEV)?;
-    Ok(ebpf)
+    let ids = PROGRAMS
+        .iter()
+        .map(|&(program, iface)| attach(&mut ebpf, program, iface))
+        .collect::<Result<_>>()?;
+    Ok((ebpf, ids))
 }
 
 fn ifindex(name: &str) -> Result<u32> {
@@ -232,26 +252,30 @@ fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {
 }
 
 /// `program` on `iface`'s TC ingress as a netlink filter, which stays when
-/// this process lets go of it.
-fn attach(ebpf: &mut Ebpf, program: &str, iface: &str) -> Result<()> {
+/// this process lets go of it; returns the program's kernel id.
+fn attach(ebpf: &mut Ebpf, program: &str, iface: &str) -> Result<u32> {
     let prog: &mut SchedClassifier = ebpf
         .program_mut(program)
         .ok_or_else(|| anyhow!("program {program} missing from the object"))?
         .try_into()?;
     prog.load()
         .with_context(|| format!("loading program {program}"))?;
+    let id = prog
+        .info()
+        .with_context(|| format!("id of program {program}"))?
+        .id();
     tc::qdisc_add_clsact(iface).with_context(|| format!("clsact on {iface}"))?;
     let options = TcAttachOptions::Netlink(NlOptions {
         priority: 1,
         handle: TcHandle::new(0, 1),
         classid: None,
     });
-    let id = prog
+    let link = prog
         .attach_with_options(iface, TcAttachType::Ingress, options)
         .with_context(|| format!("attaching {program} to {iface}"))?;
     // Dropping the link would detach it: the device keeps it instead.
-    std::mem::forget(prog.take_link(id)?);
-    Ok(())
+    std::mem::forget(prog.take_link(link)?);
+    Ok(id)
 }
 
 /// The counters of one host, summed over CPUs, by slot.

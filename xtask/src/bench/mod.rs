@@ -516,7 +516,7 @@ fn measure_mode(
             }
         }
     }
-    if mode.is_netd() && first {
+    if progrun::measures_live(mode) && first {
         // Program costs with the first variant's GRO, as the figures.
         workloads::set_container_gro(&tb, plan.primary().gro)?;
         let what = if progrun::runs_in(plan, mode) {

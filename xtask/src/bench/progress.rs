@@ -15,7 +15,8 @@ pub fn run_secs(plan: &Plan) -> f64 {
     f64::from(plan.seconds + plan.omit) + RUN_OVERHEAD_SECS
 }
 
-/// Live costs (three workloads) in every netd mode; test runs in one.
+/// Live costs (three workloads) in every netd mode and cilium-style; test
+/// runs in one netd mode.
 pub fn progrun_secs(plan: &Plan, mode: Mode) -> f64 {
     let live = 3.0 * run_secs(plan);
     if super::progrun::runs_in(plan, mode) {
@@ -48,7 +49,11 @@ pub struct Progress {
 impl Progress {
     pub fn new(plan: &Plan) -> Self {
         let mut total = f64::from(plan.rounds) * plan.modes.len() as f64 * mode_secs(plan);
-        for &m in plan.modes.iter().filter(|m| m.is_netd()) {
+        for &m in plan
+            .modes
+            .iter()
+            .filter(|m| super::progrun::measures_live(**m))
+        {
             total += progrun_secs(plan, m);
         }
         total += plan

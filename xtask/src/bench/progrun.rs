@@ -17,7 +17,9 @@
 //!
 //! And, as the figure that holds for real traffic: the kernel's own
 //! run-time accounting of each program (BPF_ENABLE_STATS) over a TCP and a
-//! UDP workload: ns per invocation with warm caches and real skbs.
+//! UDP workload: ns per invocation with warm caches and real skbs. The
+//! cilium-style mode's programs are accounted the same way, found by the
+//! ids its testbed kept when it loaded them.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -40,6 +42,12 @@ use super::{Plan, check_interrupt, run_bounded, sh};
 /// are the same in both); live costs are read in every netd mode.
 pub fn runs_in(plan: &Plan, mode: Mode) -> bool {
     plan.modes.iter().find(|m| m.is_netd()) == Some(&mode)
+}
+
+/// Modes whose programs' live run time is measured: netd's, and the
+/// cilium-style programs for comparison.
+pub fn measures_live(mode: Mode) -> bool {
+    mode.is_netd() || mode == Mode::CiliumStyle
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -175,23 +183,67 @@ fn test_runs(tb: &Testbed, plan: &Plan) -> Result<Vec<ProgCase>> {
 
 const PROGRAMS: [&str; 3] = ["from_container", "tc_from_underlay", "xdp_from_underlay"];
 
-/// `run_cnt`/`run_time_ns` of each program on each host, by (host, program).
-fn prog_stats(cluster: &Cluster) -> Result<BTreeMap<(usize, String), (u64, u64)>> {
-    let mut out = BTreeMap::new();
-    for host in 0..2 {
-        let progs = Runner::prog_dir(cluster, host)?;
-        for prog in PROGRAMS {
-            let mut cmd = std::process::Command::new("bpftool");
-            cmd.args(["-j", "prog", "show", "pinned"])
-                .arg(progs.join(format!("prog_{prog}")));
-            let out_json = run_bounded(cmd, Duration::from_secs(30))?;
-            let v: Value = serde_json::from_slice(&out_json.stdout)?;
-            let field = |k: &str| v[k].as_u64().unwrap_or(0);
-            out.insert(
-                (host, prog.to_string()),
-                (field("run_cnt"), field("run_time_ns")),
-            );
+/// A program whose run-time accounting the live runs read.
+struct Watched {
+    host: usize,
+    program: String,
+    at: ProgRef,
+}
+
+/// How bpftool finds a program: netd pins its programs, the testbeds that
+/// load their own keep the kernel ids.
+enum ProgRef {
+    Pinned(PathBuf),
+    Id(u32),
+}
+
+/// netd's pinned programs on both hosts, or the ones the testbed loaded.
+fn watched(tb: &Testbed) -> Result<Vec<Watched>> {
+    if let Some(cluster) = tb.cluster() {
+        let mut out = Vec::new();
+        for host in 0..2 {
+            let dir = Runner::prog_dir(cluster, host)?;
+            for prog in PROGRAMS {
+                out.push(Watched {
+                    host,
+                    program: prog.to_string(),
+                    at: ProgRef::Pinned(dir.join(format!("prog_{prog}"))),
+                });
+            }
         }
+        return Ok(out);
+    }
+    if tb.programs().is_empty() {
+        bail!("{}: no BPF programs to watch", tb.mode.name());
+    }
+    Ok(tb
+        .programs()
+        .iter()
+        .map(|p| Watched {
+            host: p.host,
+            program: p.name.to_string(),
+            at: ProgRef::Id(p.id),
+        })
+        .collect())
+}
+
+/// `run_cnt`/`run_time_ns` of each watched program, by (host, program).
+fn prog_stats(watched: &[Watched]) -> Result<BTreeMap<(usize, String), (u64, u64)>> {
+    let mut out = BTreeMap::new();
+    for w in watched {
+        let mut cmd = std::process::Command::new("bpftool");
+        cmd.args(["-j", "prog", "show"]);
+        match &w.at {
+            ProgRef::Pinned(path) => cmd.arg("pinned").arg(path),
+            ProgRef::Id(id) => cmd.arg("id").arg(id.to_string()),
+        };
+        let out_json = run_bounded(cmd, Duration::from_secs(30))?;
+        let v: Value = serde_json::from_slice(&out_json.stdout)?;
+        let field = |k: &str| v[k].as_u64().unwrap_or(0);
+        out.insert(
+            (w.host, w.program.clone()),
+            (field("run_cnt"), field("run_time_ns")),
+        );
     }
     Ok(out)
 }
@@ -199,14 +251,14 @@ fn prog_stats(cluster: &Cluster) -> Result<BTreeMap<(usize, String), (u64, u64)>
 /// Runs TCP (1 and 4 streams) and UDP workloads with run-time accounting on and reports
 /// every program that ran.
 fn live_costs(tb: &Testbed, plan: &Plan) -> Result<Vec<LiveCost>> {
-    let cluster = tb.cluster().context("a netd testbed")?;
+    let watched = watched(tb)?;
     let _stats = enable_run_time_stats().context("BPF_ENABLE_STATS")?;
     let mut costs = Vec::new();
     for w in [Workload::Tcp1, Workload::Tcp4, Workload::Udp64] {
         check_interrupt()?;
-        let before = prog_stats(cluster)?;
+        let before = prog_stats(&watched)?;
         let sample = workloads::run(tb, w, 1, plan)?;
-        let after = prog_stats(cluster)?;
+        let after = prog_stats(&watched)?;
         let figure = match (sample.metrics.get("kpps"), sample.metrics.get("gbps")) {
             (Some(kpps), _) => format!("{kpps:.0} kpps"),
             (None, Some(gbps)) => format!("{gbps:.2} Gbit/s"),

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 
 use super::Plan;
 use super::chart;
-use super::progrun::ProgRunResult;
+use super::progrun::{ProgRunResult, measures_live};
 use super::results::{ModeResult, Results};
 use super::testbed::Mode;
 use super::workloads::Variant;
@@ -452,53 +452,211 @@ fn skbs_per_ack(raw: &serde_json::Value) -> Option<f64> {
     (acks > 0.0).then(|| data / acks)
 }
 
+/// The mode the data-plane goals are about.
+const NETD: Mode = Mode::NetdTc;
+
+/// Goal 1: figures (workload, metric) on which netd must be at least as
+/// good as each of [`PEERS`]: a ratio of ≥ 1× where higher is better,
+/// ≤ 1× where lower is.
+const PEER_FIGURES: &[(&str, &str)] = &[
+    ("tcp-1", "gbps"),
+    ("tcp-4", "gbps"),
+    ("udp-64", "kpps"),
+    ("udp-1400", "kpps"),
+    ("rr", "rr_per_s"),
+    ("rr", "p50_us"),
+    ("rr", "p99_us"),
+    ("tcp-1", "cpu_s_per_gbit"),
+    ("tcp-4", "cpu_s_per_gbit"),
+    ("udp-64", "cpu_ns_per_packet"),
+];
+const PEERS: [Mode; 2] = [Mode::KernelVxlan, Mode::CiliumStyle];
+
+/// Goal 2: netd over the bare underlay, (workload, metric, bound); the
+/// figure's direction says whether the bound is a floor or a ceiling.
+const BARE_GOALS: &[(&str, &str, f64)] = &[
+    ("tcp-1", "gbps", 0.97),
+    ("udp-64", "kpps", 0.8),
+    ("rr", "p50_us", 1.03),
+];
+
+/// Goal 3: ns per run of a netd program in live udp-64 traffic, on the
+/// host whose copy of it handled (nearly) every packet, with the
+/// cilium-style program that does that side's work.
+struct LiveGoal {
+    what: &'static str,
+    program: &'static str,
+    host: usize,
+    max_ns: f64,
+    cilium_program: &'static str,
+}
+
+const LIVE_GOALS: [LiveGoal; 2] = [
+    LiveGoal {
+        what: "encapsulation",
+        program: "from_container",
+        host: 0,
+        max_ns: 150.0,
+        cilium_program: "from_container",
+    },
+    LiveGoal {
+        what: "decapsulation",
+        program: "tc_from_underlay",
+        host: 1,
+        max_ns: 100.0,
+        cilium_program: "from_overlay",
+    },
+];
+
+/// A goal's bound on a figure.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Bound {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+impl Bound {
+    /// `x`'s bound in the figure's better direction.
+    fn for_figure(f: &Figure, x: f64) -> Bound {
+        if f.higher_is_better {
+            Bound::AtLeast(x)
+        } else {
+            Bound::AtMost(x)
+        }
+    }
+
+    fn holds(self, v: f64) -> bool {
+        match self {
+            Bound::AtLeast(b) => v >= b,
+            Bound::AtMost(b) => v <= b,
+        }
+    }
+
+    fn label(self, unit: &str) -> String {
+        match self {
+            Bound::AtLeast(b) => format!("≥ {b}{unit}"),
+            Bound::AtMost(b) => format!("≤ {b}{unit}"),
+        }
+    }
+}
+
+/// A goal checked against this run: the value, if measured.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Verdict {
+    Met(f64),
+    Unmet(f64),
+    NotMeasured,
+}
+
+impl Verdict {
+    fn of(value: Option<f64>, bound: Bound) -> Verdict {
+        match value {
+            Some(v) if v.is_finite() && bound.holds(v) => Verdict::Met(v),
+            Some(v) if v.is_finite() => Verdict::Unmet(v),
+            _ => Verdict::NotMeasured,
+        }
+    }
+
+    /// `1.04× ✓`: a ratio with as many digits as it takes for the shown
+    /// value to agree with the verdict (0.996 is not `1.00× ✗`).
+    fn ratio_cell(self, bound: Bound) -> String {
+        match self {
+            Verdict::NotMeasured => "not measured".into(),
+            Verdict::Met(v) | Verdict::Unmet(v) => {
+                let met = matches!(self, Verdict::Met(_));
+                let mut shown = format!("{v:.2}");
+                if shown.parse().is_ok_and(|x: f64| bound.holds(x) != met) {
+                    shown = format!("{v:.3}");
+                }
+                format!("{shown}× {}", if met { "✓" } else { "✗" })
+            }
+        }
+    }
+}
+
+/// How many goals were met, missed and not measured.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Tally {
+    met: usize,
+    unmet: usize,
+    not_measured: usize,
+}
+
+impl Tally {
+    fn add(&mut self, v: Verdict) -> Verdict {
+        match v {
+            Verdict::Met(_) => self.met += 1,
+            Verdict::Unmet(_) => self.unmet += 1,
+            Verdict::NotMeasured => self.not_measured += 1,
+        }
+        v
+    }
+}
+
+fn find_figure(workload: &str, metric: &str) -> Option<&'static Figure> {
+    FIGURES
+        .iter()
+        .find(|f| f.workload == workload && f.metric == metric)
+}
+
+/// The placements measured, each with the GRO setting of the chart.
+fn goal_variants(r: &Results) -> Vec<Variant> {
+    let gro = r.primary().gro;
+    r.variants().into_iter().filter(|v| v.gro == gro).collect()
+}
+
+/// netd's median over `peer`'s in variant `v`.
+fn netd_ratio(r: &Results, f: &Figure, peer: Mode, v: Variant) -> Option<f64> {
+    let netd = figure_stats(r, NETD, f, v)?.median;
+    let peer = figure_stats(r, peer, f, v)?.median;
+    (peer != 0.0).then(|| netd / peer)
+}
+
+/// `(ns per run, runs)` of `program` on `host` in `mode`'s live runs of
+/// `workload`.
+fn live_cost(
+    r: &Results,
+    mode: Mode,
+    workload: &str,
+    host: usize,
+    program: &str,
+) -> Option<(f64, u64)> {
+    let p = r.modes.iter().find(|m| m.mode == mode)?.progrun.as_ref()?;
+    p.live
+        .iter()
+        .find(|l| l.workload == workload && l.host == host && l.program == program && l.runs > 0)
+        .map(|l| (l.ns_per_run, l.runs))
+}
+
+fn live_cell(c: Option<(f64, u64)>) -> String {
+    c.map_or("not measured".into(), |(ns, runs)| {
+        format!("{ns:.0} ns ({runs} runs)")
+    })
+}
+
 /// The goals, each with the figure from this run and whether it is met.
 fn goals_section(s: &mut String, r: &Results) {
     let _ = writeln!(s, "## Goals\n");
-    let primary = r.primary();
-    let _ = writeln!(s, "Figures of the {} runs.\n", primary.label());
+    let variants = goal_variants(r);
+    let gro = r.primary().gro.name();
+    let mut tally = Tally::default();
+    let _ = writeln!(
+        s,
+        "A ratio divides {}'s median by the peer's, in the same placement, GRO {gro} \
+         (the chart's), for each placement measured; ✓ met, ✗ not met; a figure the \
+         run lacks is not measured, never met.\n",
+        NETD.name()
+    );
+    peer_goals(s, r, &variants, &mut tally);
+    bare_goals(s, r, &variants, &mut tally);
+    live_goals(s, r, &mut tally);
+    let _ = writeln!(
+        s,
+        "Data-plane goals: {} met, {} not met, {} not measured.\n",
+        tally.met, tally.unmet, tally.not_measured
+    );
     let _ = writeln!(s, "| goal | this run | met |");
     let _ = writeln!(s, "| --- | --- | --- |");
-    let get = |mode, workload, metric| {
-        let f = FIGURES
-            .iter()
-            .find(|f| f.workload == workload && f.metric == metric)?;
-        figure_stats(r, mode, f, primary).map(|x| x.median)
-    };
-    for netd in [Mode::NetdTc, Mode::NetdXdp] {
-        let n = netd.name();
-        let q = |w, m, base: Mode| Some(get(netd, w, m)? / get(base, w, m)?);
-        goal(
-            s,
-            &format!("{n}: TCP 1 stream ≥ 0.95× routed"),
-            q("tcp-1", "gbps", Mode::Routed),
-            |x| x >= 0.95,
-        );
-        goal(
-            s,
-            &format!("{n}: TCP 1 stream ≥ 1.3× kernel-vxlan"),
-            q("tcp-1", "gbps", Mode::KernelVxlan),
-            |x| x >= 1.3,
-        );
-        goal(
-            s,
-            &format!("{n}: RR rate ≥ 1.5× kernel-vxlan"),
-            q("rr", "rr_per_s", Mode::KernelVxlan),
-            |x| x >= 1.5,
-        );
-        goal(
-            s,
-            &format!("{n}: RR p99 ≤ 1.10× routed"),
-            q("rr", "p99_us", Mode::Routed),
-            |x| x <= 1.10,
-        );
-        goal(
-            s,
-            &format!("{n}: CPU per Gbit/s (TCP 1) ≤ 1.1× routed"),
-            q("tcp-1", "cpu_s_per_gbit", Mode::Routed),
-            |x| x <= 1.1,
-        );
-    }
     for g in super::control_plane::goals(&r.control_plane) {
         let met = match g.met {
             Some(true) => "yes",
@@ -511,12 +669,107 @@ fn goals_section(s: &mut String, r: &Results) {
     s.push('\n');
 }
 
-fn goal(s: &mut String, what: &str, ratio: Option<f64>, ok: fn(f64) -> bool) {
-    let (value, met) = match ratio {
-        Some(x) if x.is_finite() => (format!("{x:.2}×"), if ok(x) { "yes" } else { "no" }),
-        _ => ("-".into(), "not measured"),
-    };
-    let _ = writeln!(s, "| {what} | {value} | {met} |");
+/// Goal 1: a row per figure, a column per (peer, placement).
+fn peer_goals(s: &mut String, r: &Results, variants: &[Variant], tally: &mut Tally) {
+    let _ = writeln!(
+        s,
+        "**{} at least as good as {} on every figure**\n",
+        NETD.name(),
+        PEERS.map(Mode::name).join(" and ")
+    );
+    let mut head = "| figure | goal |".to_string();
+    let mut rule = "| --- | --- |".to_string();
+    for peer in PEERS {
+        for v in variants {
+            let _ = write!(head, " ÷ {}, {} |", peer.name(), v.placement.name());
+            rule.push_str(" ---: |");
+        }
+    }
+    let _ = writeln!(s, "{head}\n{rule}");
+    for f in PEER_FIGURES.iter().filter_map(|&(w, m)| find_figure(w, m)) {
+        let bound = Bound::for_figure(f, 1.0);
+        let _ = write!(s, "| {} ({}) | {} |", f.title, f.unit, bound.label("×"));
+        for peer in PEERS {
+            for &v in variants {
+                let verdict = tally.add(Verdict::of(netd_ratio(r, f, peer, v), bound));
+                let _ = write!(s, " {} |", verdict.ratio_cell(bound));
+            }
+        }
+        s.push('\n');
+    }
+    s.push('\n');
+}
+
+/// Goal 2: a row per figure, a column per placement.
+fn bare_goals(s: &mut String, r: &Results, variants: &[Variant], tally: &mut Tally) {
+    let _ = writeln!(
+        s,
+        "**{} close to the bare underlay (no containers)**\n",
+        NETD.name()
+    );
+    let mut head = "| figure | goal |".to_string();
+    let mut rule = "| --- | --- |".to_string();
+    for v in variants {
+        let _ = write!(head, " ÷ bare, {} |", v.placement.name());
+        rule.push_str(" ---: |");
+    }
+    let _ = writeln!(s, "{head}\n{rule}");
+    for &(w, m, x) in BARE_GOALS {
+        let Some(f) = find_figure(w, m) else { continue };
+        let bound = Bound::for_figure(f, x);
+        let _ = write!(s, "| {} ({}) | {} |", f.title, f.unit, bound.label("×"));
+        for &v in variants {
+            let verdict = tally.add(Verdict::of(netd_ratio(r, f, Mode::Bare, v), bound));
+            let _ = write!(s, " {} |", verdict.ratio_cell(bound));
+        }
+        s.push('\n');
+    }
+    s.push('\n');
+}
+
+/// Goal 3: per-run cost in live udp-64 traffic, with tcp-1 and the
+/// cilium-style programs as information.
+fn live_goals(s: &mut String, r: &Results, tally: &mut Tally) {
+    let _ = writeln!(
+        s,
+        "**Per-packet program cost in live traffic** (BPF_ENABLE_STATS run time, {}; \
+         udp-64 on the host that ran its packets: the sender encapsulates, the receiver \
+         decapsulates; tcp-1 runs once per GSO/GRO skb, as information)\n",
+        NETD.name()
+    );
+    let _ = writeln!(
+        s,
+        "| program | goal | udp-64 | met | tcp-1 | cilium-style program | its udp-64 | its tcp-1 |"
+    );
+    let _ = writeln!(s, "| --- | --- | ---: | --- | ---: | --- | ---: | ---: |");
+    for g in &LIVE_GOALS {
+        let udp = live_cost(r, NETD, "udp-64", g.host, g.program);
+        let verdict = tally.add(Verdict::of(udp.map(|c| c.0), Bound::AtMost(g.max_ns)));
+        let met = match verdict {
+            Verdict::Met(_) => "✓",
+            Verdict::Unmet(_) => "✗",
+            Verdict::NotMeasured => "not measured",
+        };
+        let cilium = |w| live_cell(live_cost(r, Mode::CiliumStyle, w, g.host, g.cilium_program));
+        let _ = writeln!(
+            s,
+            "| {}: `{}` on host {} | {} | {} | {met} | {} | `{}` | {} | {} |",
+            g.what,
+            g.program,
+            g.host,
+            Bound::AtMost(g.max_ns).label(" ns"),
+            live_cell(udp),
+            live_cell(live_cost(r, NETD, "tcp-1", g.host, g.program)),
+            g.cilium_program,
+            cilium("udp-64"),
+            cilium("tcp-1"),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nThe cilium-style programs do less in BPF: their kernel VXLAN device builds and \
+         strips the outer headers, and that work is not in their run time.\n"
+    );
 }
 
 fn progrun_section(s: &mut String, p: &ProgRunResult) {
@@ -671,8 +924,13 @@ pub fn missing_figures(plan: &Plan, r: &Results) -> Vec<String> {
             }
         }
     }
-    for m in r.modes.iter().filter(|m| m.mode.is_netd()) {
-        for prog in ["from_container", "_from_underlay"] {
+    for m in r.modes.iter().filter(|m| measures_live(m.mode)) {
+        let programs = if m.mode.is_netd() {
+            ["from_container", "_from_underlay"]
+        } else {
+            ["from_container", "from_overlay"]
+        };
+        for prog in programs {
             let live = m.progrun.as_ref().map_or(&[][..], |p| &p.live[..]);
             if !live
                 .iter()
@@ -697,6 +955,195 @@ pub fn missing_figures(plan: &Plan, r: &Results) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use super::super::progrun::LiveCost;
+    use super::super::results::{Meta, ModeResult, PathRecord, Sample};
+    use super::super::workloads::{Gro, Placement};
+
+    const PINNED: Variant = Variant {
+        placement: Placement::Pinned,
+        gro: Gro::On,
+    };
+    const UNPINNED: Variant = Variant {
+        placement: Placement::Unpinned,
+        gro: Gro::On,
+    };
+
+    fn sample(workload: &str, v: Variant, metric: &str, value: f64) -> Sample {
+        Sample {
+            workload: workload.into(),
+            rep: 1,
+            round: 1,
+            placement: v.placement.name().into(),
+            gro: v.gro.name().into(),
+            gro_seen: String::new(),
+            metrics: [(metric.to_string(), value)].into(),
+            cpu: Default::default(),
+            loadavg: String::new(),
+            background_cores: 0.0,
+            raw: serde_json::Value::Null,
+        }
+    }
+
+    fn mode(mode: Mode, samples: Vec<Sample>) -> ModeResult {
+        let mut m = ModeResult::new(mode, std::time::Duration::ZERO, PathRecord::default());
+        m.samples = samples;
+        m
+    }
+
+    fn live(workload: &str, host: usize, program: &str, ns_per_run: f64) -> LiveCost {
+        LiveCost {
+            workload: workload.into(),
+            host,
+            program: program.into(),
+            runs: 1000,
+            run_time_ns: (ns_per_run * 1000.0) as u64,
+            ns_per_run,
+            workload_figure: String::new(),
+        }
+    }
+
+    fn results(modes: Vec<ModeResult>) -> Results {
+        Results {
+            meta: Meta {
+                placements: vec![Placement::Pinned, Placement::Unpinned],
+                gro: vec![Gro::On, Gro::Off],
+                ..Default::default()
+            },
+            modes,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn peer_ratios_follow_each_figures_direction_per_placement() {
+        let tcp = find_figure("tcp-1", "gbps").unwrap();
+        let p99 = find_figure("rr", "p99_us").unwrap();
+        let r = results(vec![
+            mode(
+                Mode::NetdTc,
+                vec![
+                    sample("tcp-1", PINNED, "gbps", 12.0),
+                    sample("tcp-1", UNPINNED, "gbps", 9.0),
+                    sample("rr", PINNED, "p99_us", 60.0),
+                ],
+            ),
+            mode(
+                Mode::KernelVxlan,
+                vec![
+                    sample("tcp-1", PINNED, "gbps", 10.0),
+                    sample("tcp-1", UNPINNED, "gbps", 10.0),
+                    sample("rr", PINNED, "p99_us", 50.0),
+                ],
+            ),
+        ]);
+        // Only the chart's GRO setting: each placement once.
+        assert_eq!(goal_variants(&r), [PINNED, UNPINNED]);
+        let verdict = |f, v| {
+            let bound = Bound::for_figure(f, 1.0);
+            Verdict::of(netd_ratio(&r, f, Mode::KernelVxlan, v), bound)
+        };
+        assert_eq!(verdict(tcp, PINNED), Verdict::Met(1.2));
+        assert_eq!(verdict(tcp, UNPINNED), Verdict::Unmet(0.9));
+        assert_eq!(verdict(p99, PINNED), Verdict::Unmet(1.2));
+        assert_eq!(verdict(p99, UNPINNED), Verdict::NotMeasured);
+        let absent = Verdict::of(
+            netd_ratio(&r, tcp, Mode::CiliumStyle, PINNED),
+            Bound::AtLeast(1.0),
+        );
+        assert_eq!(absent, Verdict::NotMeasured);
+    }
+
+    #[test]
+    fn bare_is_compared_whatever_the_gro_setting() {
+        let udp = find_figure("udp-64", "kpps").unwrap();
+        let mut bare = sample("udp-64", PINNED, "kpps", 100.0);
+        bare.gro.clear();
+        let r = results(vec![
+            mode(Mode::NetdTc, vec![sample("udp-64", PINNED, "kpps", 85.0)]),
+            mode(Mode::Bare, vec![bare]),
+        ]);
+        let bound = Bound::for_figure(udp, 0.8);
+        assert_eq!(bound, Bound::AtLeast(0.8));
+        assert_eq!(
+            Verdict::of(netd_ratio(&r, udp, Mode::Bare, PINNED), bound),
+            Verdict::Met(0.85)
+        );
+    }
+
+    #[test]
+    fn ratio_cells_never_round_into_the_other_verdict() {
+        let at_least = Bound::AtLeast(1.0);
+        assert_eq!(
+            Verdict::of(Some(0.996), at_least).ratio_cell(at_least),
+            "0.996× ✗"
+        );
+        assert_eq!(
+            Verdict::of(Some(1.234), at_least).ratio_cell(at_least),
+            "1.23× ✓"
+        );
+        let at_most = Bound::AtMost(1.03);
+        assert_eq!(
+            Verdict::of(Some(1.0304), at_most).ratio_cell(at_most),
+            "1.030× ✗"
+        );
+        assert_eq!(
+            Verdict::of(None, at_most).ratio_cell(at_most),
+            "not measured"
+        );
+        assert_eq!(Verdict::of(Some(f64::NAN), at_most), Verdict::NotMeasured);
+    }
+
+    #[test]
+    fn goals_section_shows_every_ratio_and_counts_verdicts() {
+        let mut netd = mode(
+            Mode::NetdTc,
+            vec![
+                sample("tcp-1", PINNED, "gbps", 12.0),
+                sample("tcp-1", UNPINNED, "gbps", 9.0),
+            ],
+        );
+        netd.progrun = Some(ProgRunResult {
+            live: vec![
+                live("udp-64", 0, "from_container", 120.0),
+                live("udp-64", 1, "tc_from_underlay", 130.0),
+                live("udp-64", 0, "tc_from_underlay", 900.0),
+                live("tcp-1", 0, "from_container", 400.0),
+            ],
+            ..Default::default()
+        });
+        let mut cilium = mode(
+            Mode::CiliumStyle,
+            vec![
+                sample("tcp-1", PINNED, "gbps", 15.0),
+                sample("tcp-1", UNPINNED, "gbps", 9.0),
+            ],
+        );
+        cilium.progrun = Some(ProgRunResult {
+            live: vec![live("udp-64", 1, "from_overlay", 60.0)],
+            ..Default::default()
+        });
+        let r = results(vec![netd, cilium]);
+        let mut s = String::new();
+        goals_section(&mut s, &r);
+        assert!(s.contains(
+            "| figure | goal | ÷ kernel-vxlan, pinned | ÷ kernel-vxlan, unpinned \
+             | ÷ cilium-style, pinned | ÷ cilium-style, unpinned |"
+        ));
+        assert!(s.contains(
+            "| TCP, 1 stream (Gbit/s) | ≥ 1× | not measured | not measured | 0.80× ✗ | 1.00× ✓ |"
+        ));
+        assert!(s.contains(
+            "| encapsulation: `from_container` on host 0 | ≤ 150 ns | 120 ns (1000 runs) | ✓ \
+             | 400 ns (1000 runs) | `from_container` | not measured | not measured |"
+        ));
+        assert!(s.contains(
+            "| decapsulation: `tc_from_underlay` on host 1 | ≤ 100 ns | 130 ns (1000 runs) | ✗ \
+             | not measured | `from_overlay` | 60 ns (1000 runs) | not measured |"
+        ));
+        // 10 figures × 2 peers × 2 placements, 3 × 2 against bare, 2 live.
+        assert!(s.contains("Data-plane goals: 2 met, 2 not met, 44 not measured."));
+    }
 
     #[test]
     fn percentiles_and_median() {

@@ -110,6 +110,15 @@ fn with_last(ip: Ipv4Addr, last: u8) -> Ipv4Addr {
     Ipv4Addr::new(a, b, c, last)
 }
 
+/// A BPF program a testbed loaded itself (netd's are found by their pins),
+/// by its kernel id: what the live run-time figures are read from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadedProgram {
+    pub host: usize,
+    pub name: &'static str,
+    pub id: u32,
+}
+
 pub struct Testbed {
     pub mode: Mode,
     /// Where the clients run and where the servers listen.
@@ -117,6 +126,7 @@ pub struct Testbed {
     pub server: NsRef,
     pub server_ip: Ipv4Addr,
     pub path: PathRecord,
+    programs: Vec<LoadedProgram>,
     // Dropped in this order: containers, daemons, then the underlay.
     containers: Vec<NetNs>,
     cluster: Option<Cluster>,
@@ -155,6 +165,7 @@ impl Testbed {
             server: containers[1].handle(),
             server_ip,
             path: PathRecord::default(),
+            programs: Vec::new(),
             containers,
             cluster: None,
             topo: Some(topo),
@@ -179,6 +190,7 @@ impl Testbed {
             server,
             server_ip,
             path: PathRecord::default(),
+            programs: Vec::new(),
             containers,
             cluster,
             topo,
@@ -188,6 +200,17 @@ impl Testbed {
         }
         tb.path = tb.record_path()?;
         Ok(tb)
+    }
+
+    /// With the programs the mode's own module loaded.
+    pub(super) fn with_programs(mut self, programs: Vec<LoadedProgram>) -> Testbed {
+        self.programs = programs;
+        self
+    }
+
+    /// Programs the testbed loaded itself (none in the netd modes).
+    pub fn programs(&self) -> &[LoadedProgram] {
+        &self.programs
     }
 
     /// The netd cluster, in the netd modes.
@@ -309,6 +332,7 @@ fn bare() -> Testbed {
         server: topo.host(1).ns().handle(),
         server_ip: host_ip(1),
         path: PathRecord::default(),
+        programs: Vec::new(),
         containers: Vec::new(),
         cluster: None,
         topo: Some(topo),
@@ -339,6 +363,7 @@ fn flannel_style(mode: Mode) -> Result<Testbed> {
         server: containers[1].handle(),
         server_ip: with_last(pod_subnet(1), 2),
         path: PathRecord::default(),
+        programs: Vec::new(),
         containers,
         cluster: None,
         topo: Some(topo),
@@ -427,6 +452,7 @@ fn egress(masquerade: bool) -> Result<Testbed> {
         server: cluster.topo.outside().handle(),
         server_ip: netd_tests::topology::OUTSIDE_IP,
         path: PathRecord::default(),
+        programs: Vec::new(),
         containers: Vec::new(),
         cluster: Some(cluster),
         topo: None,
@@ -452,6 +478,7 @@ fn netd(decap: &str) -> Result<Testbed> {
         server: cluster.container(c1).ns.handle(),
         server_ip: cluster.container(c1).ip,
         path: PathRecord::default(),
+        programs: Vec::new(),
         containers: Vec::new(),
         cluster: Some(cluster),
         topo: None,
