@@ -12,7 +12,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use netd::datapath::{PinDir, conntrack};
+use netd::datapath::{PinDir, conntrack, policy_maps::PolicyMaps};
 use netd_common::policy::{
     CT_FIN_SEEN, CT_REPLY_SEEN, CT_SYN_SEEN, CT_TIMEOUT_TCP_CLOSE, CtEntry, CtKey, DIR_INGRESS,
     Identity, IdentityKind, LOCAL_ISOLATED_INGRESS, LOCAL_TRACK, LocalPolicy, MAX_PORT_RANGES,
@@ -61,7 +61,17 @@ impl Setup {
         for i in 0..2 {
             assert!(cluster.stop(i).success(), "daemon {i} did not exit cleanly");
         }
-        Setup { cluster, a, b, c }
+        let setup = Setup { cluster, a, b, c };
+        // With nothing to track the daemons told the programs to skip
+        // LOCAL_POLICY; cleared here, they read the entries tests write.
+        for host in 0..2 {
+            let state = PolicyMaps::open(&setup.pin(host))
+                .and_then(|maps| maps.state())
+                .expect("POLICY_STATE");
+            assert_eq!(state.untracked, 1, "host {host}: {state:?}");
+            setup.generation(host, 0);
+        }
+        setup
     }
 
     fn ip(&self, c: usize) -> Ipv4Addr {

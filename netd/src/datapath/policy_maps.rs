@@ -208,7 +208,7 @@ impl PolicyMaps {
         Ok(self.state()?.generation)
     }
 
-    fn state(&self) -> Result<PolicyState> {
+    pub fn state(&self) -> Result<PolicyState> {
         self.state.get(&0, 0).map_err(at(names::POLICY_STATE))
     }
 
