@@ -10,6 +10,7 @@
 //! remembers which build is pinned and which decapsulation hook was chosen.
 
 pub mod attachments;
+mod batch;
 pub mod conntrack;
 mod maps;
 mod pins;
@@ -30,7 +31,7 @@ use aya::{
 use aya_obj::programs::XdpAttachType;
 use netd_common::names;
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use maps::Maps;
 pub use pins::PinDir;
@@ -155,12 +156,15 @@ impl Pending {
 }
 
 fn load_and_pin(pin: &PinDir) -> Result<()> {
+    let started = std::time::Instant::now();
     let mut loader = EbpfLoader::new();
     for name in MAP_NAMES {
         loader.map_pin_path(name, pin.map(name));
     }
     let mut ebpf = loader.load(object()).context("loading eBPF object")?;
+    let maps_created = started.elapsed();
     for name in PROGRAM_NAMES {
+        let verifying = std::time::Instant::now();
         let program = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing"))?;
@@ -170,13 +174,19 @@ fn load_and_pin(pin: &PinDir) -> Result<()> {
             _ => bail!("unexpected program type for {name}"),
         }
         .with_context(|| format!("loading program {name}"))?;
+        debug!(program = name, elapsed = ?verifying.elapsed(), "program loaded");
         let path = pin.program(name);
         let _ = fs::remove_file(&path);
         program
             .pin(&path)
             .with_context(|| format!("pinning {}", path.display()))?;
     }
-    info!(dir = %pin.dir().display(), "loaded and pinned data path");
+    info!(
+        dir = %pin.dir().display(),
+        maps = ?maps_created,
+        elapsed = ?started.elapsed(),
+        "loaded and pinned data path"
+    );
     Ok(())
 }
 
