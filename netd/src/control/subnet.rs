@@ -149,9 +149,26 @@ pub async fn acquire(
     me: &Identity,
     recorded: Option<Ipv4Net>,
 ) -> Result<(Held, Listing)> {
+    acquire_from(store, cfg, me, recorded, None).await
+}
+
+/// [`acquire`], its first attempt deciding from `first` (a listing read
+/// while the data path loaded) instead of listing again. A listing grown
+/// stale is safe: the create and the reclaim are transactions that fail
+/// on a changed key, and the next attempt lists afresh.
+pub async fn acquire_from(
+    store: &mut impl Store,
+    cfg: &NetworkConfig,
+    me: &Identity,
+    recorded: Option<Ipv4Net>,
+    mut first: Option<Listing>,
+) -> Result<(Held, Listing)> {
     let value = LeaseValue::for_backend(cfg, me.public_ip, me.vtep_mac).to_json();
     for _ in 0..MAX_RACES {
-        let listing = store.list_subnets().await?;
+        let listing = match first.take() {
+            Some(listing) => listing,
+            None => store.list_subnets().await?,
+        };
         let (choice, rev) = decide(cfg, me, recorded, &listing.leases);
         let subnet = match choice {
             Choice::Reclaim(subnet) | Choice::Create(subnet) => subnet,
