@@ -134,19 +134,11 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
     // etcd is read while the eBPF object loads: at 100,000 leases the two
     // take about as long as each other.
     let etcd = tokio::spawn(open_registry(opts.etcd.clone()));
-    let pending = datapath::prepare(&pin, run_dir).await?;
+    let mut pending = datapath::prepare(&pin, run_dir).await?;
     let mut maps = Maps::open(&pin)?;
     endpoint::restore(&mut maps, run_dir).await?;
 
     let (mut registry, cfg, prefetched) = etcd.await.context("reading etcd")??;
-    let hook = datapath::attach_underlay(
-        &pin,
-        run_dir,
-        &underlay.name,
-        opts.decap,
-        underlay.kind.as_deref(),
-    )
-    .await?;
 
     let me = Identity {
         public_ip,
@@ -158,6 +150,32 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
         .filter(|e| e.network == cfg.network)
         .map(|e| e.subnet);
     let (held, listing) = acquire(&mut registry, &cfg, &me, recorded, prefetched).await?;
+    let (own_tx, own_rx) = watch::channel(Own {
+        subnet: held.subnet,
+        public_ip,
+    });
+    let connected = Connected(nl.ipv4_prefixes(underlay.index).await?);
+    // Fill the maps before any attachment runs new programs, and while a
+    // fresh build's programs are still being verified.
+    let synced = sync::once(
+        listing,
+        &cfg,
+        own_rx.borrow().to_owned(),
+        &connected,
+        &mut maps,
+    )
+    .await?;
+    if let Some(pending) = &mut pending {
+        pending.programs_pinned().await?;
+    }
+    let hook = datapath::attach_underlay(
+        &pin,
+        run_dir,
+        &underlay.name,
+        opts.decap,
+        underlay.kind.as_deref(),
+    )
+    .await?;
     let mtu = underlay.mtu.unwrap_or(1500) - VXLAN_OVERHEAD;
     maps.set_config(&NodeConfig {
         vni: cfg.backend.vni,
@@ -252,20 +270,6 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
         });
     }
 
-    let (own_tx, own_rx) = watch::channel(Own {
-        subnet: held.subnet,
-        public_ip,
-    });
-    let connected = Connected(nl.ipv4_prefixes(underlay.index).await?);
-    // Fill the new maps before the attachments run the new programs.
-    let synced = sync::once(
-        listing,
-        &cfg,
-        own_rx.borrow().to_owned(),
-        &connected,
-        &mut maps,
-    )
-    .await?;
     let egress = Egress {
         host_access: HostAccess {
             network: cfg.network,
