@@ -131,20 +131,14 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
             .with_context(|| format!("{} has no IPv4 address: pass --public-ip", underlay.name))?,
     };
     let vtep_mac = Mac::vtep_for(public_ip);
-    let pending = datapath::prepare(&pin, run_dir).await?;
+    // etcd is read while the eBPF object loads: at 100,000 leases the two
+    // take about as long as each other.
+    let etcd = tokio::spawn(open_registry(opts.etcd.clone()));
+    let mut pending = datapath::prepare(&pin, run_dir).await?;
     let mut maps = Maps::open(&pin)?;
     endpoint::restore(&mut maps, run_dir).await?;
 
-    let mut registry = connect(&opts).await?;
-    let cfg = network_config(&mut registry).await?;
-    let hook = datapath::attach_underlay(
-        &pin,
-        run_dir,
-        &underlay.name,
-        opts.decap,
-        underlay.kind.as_deref(),
-    )
-    .await?;
+    let (mut registry, cfg, prefetched) = etcd.await.context("reading etcd")??;
 
     let me = Identity {
         public_ip,
@@ -155,7 +149,33 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
         .ok()
         .filter(|e| e.network == cfg.network)
         .map(|e| e.subnet);
-    let (held, listing) = acquire(&mut registry, &cfg, &me, recorded).await?;
+    let (held, listing) = acquire(&mut registry, &cfg, &me, recorded, prefetched).await?;
+    let (own_tx, own_rx) = watch::channel(Own {
+        subnet: held.subnet,
+        public_ip,
+    });
+    let connected = Connected(nl.ipv4_prefixes(underlay.index).await?);
+    // Fill the maps before any attachment runs new programs, and while a
+    // fresh build's programs are still being verified.
+    let synced = sync::once(
+        listing,
+        &cfg,
+        own_rx.borrow().to_owned(),
+        &connected,
+        &mut maps,
+    )
+    .await?;
+    if let Some(pending) = &mut pending {
+        pending.programs_pinned().await?;
+    }
+    let hook = datapath::attach_underlay(
+        &pin,
+        run_dir,
+        &underlay.name,
+        opts.decap,
+        underlay.kind.as_deref(),
+    )
+    .await?;
     let mtu = underlay.mtu.unwrap_or(1500) - VXLAN_OVERHEAD;
     maps.set_config(&NodeConfig {
         vni: cfg.backend.vni,
@@ -250,20 +270,6 @@ pub async fn run(pin_path: &Path, run_dir: &Path, args: RunArgs) -> Result<()> {
         });
     }
 
-    let (own_tx, own_rx) = watch::channel(Own {
-        subnet: held.subnet,
-        public_ip,
-    });
-    let connected = Connected(nl.ipv4_prefixes(underlay.index).await?);
-    // Fill the new maps before the attachments run the new programs.
-    let synced = sync::once(
-        listing,
-        &cfg,
-        own_rx.borrow().to_owned(),
-        &connected,
-        &mut maps,
-    )
-    .await?;
     let egress = Egress {
         host_access: HostAccess {
             network: cfg.network,
@@ -426,10 +432,25 @@ async fn underlay_link(nl: &Netlink, iface: Option<&str>) -> Result<Link> {
 
 /// Connects to etcd, retrying until it answers (hosts may start first);
 /// bad credentials or certificates are fatal.
-async fn connect(opts: &Options) -> Result<Registry> {
+/// Connects, waits for the network config and lists the leases once; a
+/// failed listing is left to [`acquire`], which retries.
+async fn open_registry(
+    access: Access,
+) -> Result<(Registry, NetworkConfig, Option<subnet::Listing>)> {
+    let mut registry = connect(&access).await?;
+    let cfg = network_config(&mut registry).await?;
+    let listing = registry
+        .list_subnets()
+        .await
+        .ok()
+        .map(|(leases, revision)| subnet::Listing { leases, revision });
+    Ok((registry, cfg, listing))
+}
+
+async fn connect(access: &Access) -> Result<Registry> {
     let mut delay = Duration::from_millis(200);
     loop {
-        match Registry::connect(&opts.etcd).await {
+        match Registry::connect(access).await {
             Ok(registry) => return Ok(registry),
             Err(e) if e.is_permanent() => return Err(e.into()),
             Err(e) => warn!("{:#}; retrying in {delay:?}", anyhow::Error::from(e)),
@@ -445,10 +466,11 @@ async fn acquire(
     cfg: &NetworkConfig,
     me: &Identity,
     recorded: Option<ipnet::Ipv4Net>,
+    mut first: Option<subnet::Listing>,
 ) -> Result<(subnet::Held, subnet::Listing)> {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
-        match subnet::acquire(registry, cfg, me, recorded).await {
+        match subnet::acquire_from(registry, cfg, me, recorded, first.take()).await {
             Err(subnet::SubnetError::Transient(e)) => {
                 let delay = backoff.next_delay();
                 warn!(

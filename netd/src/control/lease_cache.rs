@@ -234,7 +234,11 @@ impl LeaseCache {
         list: impl IntoIterator<Item = &'a RawLease>,
         rejections: &mut Rejections,
     ) -> Self {
+        let list = list.into_iter();
         let mut cache = LeaseCache::new(check);
+        // Sized once: growing a map of 100,000 leases rehashes it ~17 times.
+        cache.leases.reserve(list.size_hint().0);
+        cache.peer_refs.reserve(list.size_hint().0);
         let mut scratch = Vec::new();
         for lease in list {
             cache.put(lease, rejections, &mut scratch);

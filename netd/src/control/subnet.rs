@@ -149,9 +149,26 @@ pub async fn acquire(
     me: &Identity,
     recorded: Option<Ipv4Net>,
 ) -> Result<(Held, Listing)> {
+    acquire_from(store, cfg, me, recorded, None).await
+}
+
+/// [`acquire`], its first attempt deciding from `first` (a listing read
+/// while the data path loaded) instead of listing again. A listing grown
+/// stale is safe: the create and the reclaim are transactions that fail
+/// on a changed key, and the next attempt lists afresh.
+pub async fn acquire_from(
+    store: &mut impl Store,
+    cfg: &NetworkConfig,
+    me: &Identity,
+    recorded: Option<Ipv4Net>,
+    mut first: Option<Listing>,
+) -> Result<(Held, Listing)> {
     let value = LeaseValue::for_backend(cfg, me.public_ip, me.vtep_mac).to_json();
     for _ in 0..MAX_RACES {
-        let listing = store.list_subnets().await?;
+        let listing = match first.take() {
+            Some(listing) => listing,
+            None => store.list_subnets().await?,
+        };
         let (choice, rev) = decide(cfg, me, recorded, &listing.leases);
         let subnet = match choice {
             Choice::Reclaim(subnet) | Choice::Create(subnet) => subnet,
@@ -189,9 +206,10 @@ fn decide(
     recorded: Option<Ipv4Net>,
     leases: &[RawLease],
 ) -> (Choice, i64) {
+    let ip_text = me.public_ip.to_string();
     let choose_from = |leases: &mut dyn Iterator<Item = (Ipv4Net, &RawLease)>| {
         let existing: Vec<(Ipv4Net, Option<Ipv4Addr>, i64)> = leases
-            .map(|(subnet, l)| (subnet, holder(l), l.mod_revision))
+            .map(|(subnet, l)| (subnet, holder_if_ours(l, &ip_text), l.mod_revision))
             .collect();
         let pairs: Vec<(Ipv4Net, Option<Ipv4Addr>)> =
             existing.iter().map(|(s, ip, _)| (*s, *ip)).collect();
@@ -226,6 +244,16 @@ fn decide(
 /// A lease with the subnet its key names; `None` for a malformed key.
 fn keyed(lease: &RawLease) -> Option<(Ipv4Net, &RawLease)> {
     Some((parse_subnet_key(&lease.key).ok()?, lease))
+}
+
+/// [`holder`] where the value may name `ip` (its dotted text), `None`
+/// where it cannot: [`choose`] only asks whether a lease is ours, and a
+/// fresh start would otherwise decode every value once here and once more
+/// for the kernel. A JSON string spells the address out unless escaped.
+fn holder_if_ours(lease: &RawLease, ip: &str) -> Option<Ipv4Addr> {
+    let v = &lease.value;
+    let may_name = v.contains(&b'\\') || v.windows(ip.len()).any(|w| w == ip.as_bytes());
+    if may_name { holder(lease) } else { None }
 }
 
 /// The public IP a lease names, if its value parses.
@@ -443,6 +471,29 @@ async fn renew_until_lost(
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
+
+    #[test]
+    fn only_values_that_may_name_our_ip_are_decoded() {
+        let lease = |value: &str| RawLease {
+            key: "10.244.2.0-24".into(),
+            value: value.as_bytes().to_vec(),
+            mod_revision: 1,
+            lease: 0,
+        };
+        let ours: Ipv4Addr = "198.18.0.1".parse().unwrap();
+        let plain = lease(r#"{"PublicIP":"198.18.0.1","BackendType":"host-gw"}"#);
+        let escaped = lease(r#"{"PublicIP":"198.18.0.\u0031","BackendType":"host-gw"}"#);
+        let longer = lease(r#"{"PublicIP":"198.18.0.10","BackendType":"host-gw"}"#);
+        let other = lease(r#"{"PublicIP":"198.18.0.2","BackendType":"host-gw"}"#);
+        let ip = ours.to_string();
+        assert_eq!(holder_if_ours(&plain, &ip), Some(ours));
+        assert_eq!(holder_if_ours(&escaped, &ip), Some(ours));
+        assert_eq!(
+            holder_if_ours(&longer, &ip),
+            Some("198.18.0.10".parse().unwrap())
+        );
+        assert_eq!(holder_if_ours(&other, &ip), None);
+    }
 
     use super::*;
 

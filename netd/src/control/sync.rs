@@ -55,6 +55,16 @@ pub trait KernelMaps {
     fn remove_subnet(&mut self, subnet: Ipv4Net) -> anyhow::Result<()>;
     fn insert_peer_ip(&mut self, ip: Ipv4Addr) -> anyhow::Result<()>;
     fn remove_peer_ip(&mut self, ip: Ipv4Addr) -> anyhow::Result<()>;
+
+    /// Many subnets at once (a full resync): the kernel maps batch them.
+    fn insert_subnets(&mut self, entries: &[(Ipv4Net, Peer)]) -> anyhow::Result<()> {
+        entries
+            .iter()
+            .try_for_each(|(subnet, peer)| self.insert_subnet(*subnet, peer))
+    }
+    fn insert_peer_ips(&mut self, ips: &[Ipv4Addr]) -> anyhow::Result<()> {
+        ips.iter().try_for_each(|ip| self.insert_peer_ip(*ip))
+    }
 }
 
 impl KernelMaps for Maps {
@@ -69,6 +79,12 @@ impl KernelMaps for Maps {
     }
     fn remove_peer_ip(&mut self, ip: Ipv4Addr) -> anyhow::Result<()> {
         Maps::remove_peer_ip(self, ip)
+    }
+    fn insert_subnets(&mut self, entries: &[(Ipv4Net, Peer)]) -> anyhow::Result<()> {
+        Maps::insert_subnets(self, entries)
+    }
+    fn insert_peer_ips(&mut self, ips: &[Ipv4Addr]) -> anyhow::Result<()> {
+        Maps::insert_peer_ips(self, ips)
     }
 }
 
@@ -108,17 +124,17 @@ pub fn reconcile(
     let mut changes = Changes::default();
 
     // Accept a peer's VXLAN before sending it traffic; forget it last.
-    for ip in want_ips.difference(&programmed.ips) {
-        maps.insert_peer_ip(*ip)?;
-    }
-    programmed.ips.extend(want_ips.iter().copied());
-    for (subnet, peer) in desired {
-        if programmed.subnets.get(subnet) != Some(peer) {
-            maps.insert_subnet(*subnet, peer)?;
-            programmed.subnets.insert(*subnet, *peer);
-            changes.upserted += 1;
-        }
-    }
+    let new_ips: Vec<Ipv4Addr> = want_ips.difference(&programmed.ips).copied().collect();
+    maps.insert_peer_ips(&new_ips)?;
+    programmed.ips.extend(new_ips);
+    let upserts: Vec<(Ipv4Net, Peer)> = desired
+        .iter()
+        .filter(|(subnet, peer)| programmed.subnets.get(subnet) != Some(peer))
+        .map(|(subnet, peer)| (*subnet, *peer))
+        .collect();
+    maps.insert_subnets(&upserts)?;
+    changes.upserted = upserts.len();
+    programmed.subnets.extend(upserts);
     let stale: Vec<Ipv4Net> = programmed
         .subnets
         .keys()

@@ -1,16 +1,19 @@
 //! Typed access to the pinned maps.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::Ipv4Addr, os::fd::AsFd as _};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{
-    Array, HashMap, Map, MapData, PerCpuArray,
+    Array, HashMap, IterableMap as _, Map, MapData, PerCpuArray,
     lpm_trie::{Key, LpmTrie},
 };
 use ipnet::Ipv4Net;
 use netd_common::{Counter, Endpoint, NodeConfig, Peer, names};
 
-use super::PinDir;
+use super::{
+    PinDir,
+    batch::{self, BatchError},
+};
 
 pub struct Maps {
     subnets: LpmTrie<MapData, [u8; 4], Peer>,
@@ -72,6 +75,25 @@ impl Maps {
         Ok(self.subnets.insert(&key, peer, 0)?)
     }
 
+    /// Many subnets in as few bpf(2) calls as the kernel allows: one per
+    /// [`batch::CHUNK`], or one per entry where batches are unsupported.
+    pub fn insert_subnets(&mut self, entries: &[(Ipv4Net, Peer)]) -> Result<()> {
+        let keys: Vec<Key<[u8; 4]>> = entries
+            .iter()
+            .map(|(s, _)| Key::new(s.prefix_len() as u32, s.network().octets()))
+            .collect();
+        let values: Vec<Peer> = entries.iter().map(|(_, p)| *p).collect();
+        match batch::update(self.subnets.map().fd().as_fd(), &keys, &values) {
+            Err(BatchError::Unsupported) => {
+                for (subnet, peer) in entries {
+                    self.insert_subnet(*subnet, peer)?;
+                }
+                Ok(())
+            }
+            other => Ok(other.context("writing SUBNETS")?),
+        }
+    }
+
     pub fn remove_subnet(&mut self, subnet: Ipv4Net) -> Result<()> {
         let key = Key::new(subnet.prefix_len() as u32, subnet.network().octets());
         Ok(self.subnets.remove(&key)?)
@@ -79,6 +101,21 @@ impl Maps {
 
     pub fn insert_peer_ip(&mut self, ip: Ipv4Addr) -> Result<()> {
         Ok(self.peers.insert(ip.octets(), 1, 0)?)
+    }
+
+    /// Many peers at once, as [`Maps::insert_subnets`] writes subnets.
+    pub fn insert_peer_ips(&mut self, ips: &[Ipv4Addr]) -> Result<()> {
+        let keys: Vec<[u8; 4]> = ips.iter().map(|ip| ip.octets()).collect();
+        let values = vec![1u32; keys.len()];
+        match batch::update(self.peers.map().fd().as_fd(), &keys, &values) {
+            Err(BatchError::Unsupported) => {
+                for ip in ips {
+                    self.insert_peer_ip(*ip)?;
+                }
+                Ok(())
+            }
+            other => Ok(other.context("writing PEERS")?),
+        }
     }
 
     pub fn remove_peer_ip(&mut self, ip: Ipv4Addr) -> Result<()> {

@@ -10,6 +10,7 @@
 //! remembers which build is pinned and which decapsulation hook was chosen.
 
 pub mod attachments;
+mod batch;
 pub mod conntrack;
 mod maps;
 mod pins;
@@ -30,7 +31,7 @@ use aya::{
 use aya_obj::programs::XdpAttachType;
 use netd_common::names;
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use maps::Maps;
 pub use pins::PinDir;
@@ -112,6 +113,8 @@ impl State {
 #[must_use]
 pub struct Pending {
     hash: String,
+    /// The programs being verified and pinned, the maps already are.
+    verifying: Option<tokio::task::JoinHandle<Result<()>>>,
 }
 
 /// Makes sure this build's programs and the maps are pinned, reusing what a
@@ -130,20 +133,33 @@ pub async fn prepare(pin: &PinDir, run_dir: &Path) -> Result<Option<Pending>> {
         info!(dir = %pin.dir().display(), "reusing pinned data path");
         return Ok(None);
     }
-    load_and_pin(pin)?;
-    Ok(Some(Pending { hash }))
+    let verifying = load_and_pin(pin)?;
+    Ok(Some(Pending {
+        hash,
+        verifying: Some(verifying),
+    }))
 }
 
 impl Pending {
+    /// Waits until the new programs are verified and pinned: the maps can
+    /// be filled before, the programs attached only after.
+    pub async fn programs_pinned(&mut self) -> Result<()> {
+        if let Some(verifying) = self.verifying.take() {
+            verifying.await.context("loading the programs")??;
+        }
+        Ok(())
+    }
+
     /// Points every attachment at the new programs, then forgets older
     /// layouts.
     /// `containers`: the host-side veth of every attached container.
     pub async fn switch_over(
-        self,
+        mut self,
         pin: &PinDir,
         run_dir: &Path,
         containers: &[String],
     ) -> Result<()> {
+        self.programs_pinned().await?;
         let mut state = State::read(run_dir);
         reattach(pin, containers, &state).await?;
         state.object = self.hash;
@@ -154,13 +170,26 @@ impl Pending {
     }
 }
 
-fn load_and_pin(pin: &PinDir) -> Result<()> {
+/// Creates and pins the maps, then verifies and pins the programs on a
+/// blocking thread: the verifier takes most of a start (most of a second
+/// for `from_container`), time in which the maps can already be filled.
+fn load_and_pin(pin: &PinDir) -> Result<tokio::task::JoinHandle<Result<()>>> {
+    let started = std::time::Instant::now();
     let mut loader = EbpfLoader::new();
     for name in MAP_NAMES {
         loader.map_pin_path(name, pin.map(name));
     }
-    let mut ebpf = loader.load(object()).context("loading eBPF object")?;
+    let ebpf = loader.load(object()).context("loading eBPF object")?;
+    debug!(elapsed = ?started.elapsed(), "maps created and pinned");
+    let pin = pin.clone();
+    Ok(tokio::task::spawn_blocking(move || {
+        load_programs(ebpf, &pin, started)
+    }))
+}
+
+fn load_programs(mut ebpf: aya::Ebpf, pin: &PinDir, started: std::time::Instant) -> Result<()> {
     for name in PROGRAM_NAMES {
+        let verifying = std::time::Instant::now();
         let program = ebpf
             .program_mut(name)
             .with_context(|| format!("program {name} missing"))?;
@@ -170,13 +199,18 @@ fn load_and_pin(pin: &PinDir) -> Result<()> {
             _ => bail!("unexpected program type for {name}"),
         }
         .with_context(|| format!("loading program {name}"))?;
+        debug!(program = name, elapsed = ?verifying.elapsed(), "program loaded");
         let path = pin.program(name);
         let _ = fs::remove_file(&path);
         program
             .pin(&path)
             .with_context(|| format!("pinning {}", path.display()))?;
     }
-    info!(dir = %pin.dir().display(), "loaded and pinned data path");
+    info!(
+        dir = %pin.dir().display(),
+        elapsed = ?started.elapsed(),
+        "loaded and pinned data path"
+    );
     Ok(())
 }
 
