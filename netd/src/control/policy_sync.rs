@@ -69,7 +69,9 @@ impl KernelTables for PolicyMaps {
 }
 
 pub fn open_kernel_tables(pin: &PinDir) -> anyhow::Result<Box<dyn KernelTables>> {
-    Ok(Box::new(PolicyMaps::open(pin)?))
+    let mut maps = PolicyMaps::open(pin)?;
+    maps.clear_untracked()?;
+    Ok(Box::new(maps))
 }
 
 /// Deletes expired conntrack entries; how many.

@@ -50,7 +50,8 @@ pub enum BatchError {
 /// Writes `keys[i] -> values[i]` into the map behind `fd` (with flags
 /// `BPF_ANY`) in calls of at most [`CHUNK`] entries. `K` and `V` must be
 /// the map's exact key and value layouts (the `Pod` types aya uses).
-/// [`BatchError::Unsupported`] comes only before anything was written.
+/// [`BatchError::Unsupported`] comes only from the first call, and the
+/// caller then writes every entry one by one.
 pub fn update<K: Copy, V: Copy>(
     fd: BorrowedFd<'_>,
     keys: &[K],
@@ -113,7 +114,11 @@ fn update_chunk<K: Copy, V: Copy>(
     let error = std::io::Error::last_os_error();
     let written = attr.count as usize;
     match error.raw_os_error() {
-        Some(libc::EINVAL | ENOTSUPP) if written == 0 => Err(BatchError::Unsupported),
+        // A kernel without the command (EINVAL) or without the map type's
+        // batch operation (ENOTSUPP) returns before writing `count` back,
+        // so it still says what was given. Whatever it did write, the
+        // one-by-one updates that follow write again, to the same values.
+        Some(libc::EINVAL | ENOTSUPP) => Err(BatchError::Unsupported),
         _ => Err(BatchError::Failed {
             written,
             count: keys.len(),

@@ -216,14 +216,28 @@ impl PolicyMaps {
         self.state.set(0, state, 0).map_err(at(names::POLICY_STATE))
     }
 
+    /// Makes the programs look `LOCAL_POLICY` up until the next `apply`
+    /// says otherwise: an `untracked` an earlier run left is not trusted.
+    pub fn clear_untracked(&mut self) -> Result<()> {
+        let mut state = self.state()?;
+        if state.untracked != 0 {
+            state.untracked = 0;
+            self.set_state(state)?;
+        }
+        Ok(())
+    }
+
     /// Makes the maps equal `desired`; idempotent.
     pub fn apply(&mut self, desired: &Tables) -> Result<ApplyStats> {
         let changes = diff(&self.read()?, desired);
+        // Tracking on before the writes, so whatever of them lands is
+        // enforced even when a later one fails; off only after all landed.
+        let untracked = u32::from(!desired.tracks_any());
+        if untracked == 0 {
+            self.clear_untracked()?;
+        }
         self.write(&changes)?;
         let mut state = self.state()?;
-        // With the bump, after the writes: tracking starts once the entries
-        // it reads are in, and stops once they are gone.
-        let untracked = u32::from(!desired.tracks_any());
         if !changes.is_empty() || state.untracked != untracked {
             if !changes.is_empty() {
                 state.generation = state.generation.wrapping_add(1);
@@ -582,5 +596,10 @@ mod tests {
         let stats = maps.apply(&second).unwrap();
         assert_eq!((stats.upserted, stats.removed, stats.generation), (0, 0, 4));
         assert_eq!(maps.state().unwrap().untracked, 1);
+
+        // Tracked endpoints again: looked up from this apply on.
+        maps.apply(&first).unwrap();
+        assert_eq!(maps.state().unwrap().untracked, 0);
+        assert_eq!(maps.read().unwrap(), first);
     }
 }
