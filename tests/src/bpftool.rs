@@ -145,3 +145,38 @@ pub fn test_run(
         data_out: std::fs::read(&data_out).unwrap_or_default(),
     }
 }
+
+/// (`run_cnt`, `run_time_ns`) of the program pinned at `path`, as the
+/// kernel accounts them while [`enable_run_time_stats`] holds stats on.
+pub fn prog_run_stats(path: &Path) -> (u64, u64) {
+    let out = bpftool(&["-j", "prog", "show", "pinned"], Some(path));
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("bpftool prog show {}: {e}", path.display()));
+    let field = |k: &str| v[k].as_u64().unwrap_or(0);
+    (field("run_cnt"), field("run_time_ns"))
+}
+
+/// The kernel's run-time accounting (BPF_ENABLE_STATS), on while the
+/// descriptor is open: closing it turns it off, no sysctl is left changed.
+pub fn enable_run_time_stats() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    let mut attr = [0u64; 16]; // type BPF_STATS_RUN_TIME (0)
+    // SAFETY: `attr` is a zeroed bpf_attr of the size passed; the kernel
+    // only reads it and returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_ENABLE_STATS,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr) as u32,
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_ENABLE_STATS: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a descriptor the kernel just returned, owned by no one else.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}

@@ -13,6 +13,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use netd::datapath::{PinDir, conntrack};
+use netd_tests::bpftool::{enable_run_time_stats, prog_run_stats};
 use netd_tests::counters::{Counters, delta};
 use netd_tests::topology::OUTSIDE_IP;
 use netd_tests::traffic::ping_args;
@@ -385,28 +386,6 @@ fn has_egress_filter(ns: &NetNs, dev: &str) -> bool {
 
 // ---------------------------------------------------------------- cost
 
-/// The kernel's run-time accounting (BPF_ENABLE_STATS), on while the
-/// descriptor is open: closing it turns it off, no sysctl is left changed.
-fn enable_run_time_stats() -> std::os::fd::OwnedFd {
-    use std::os::fd::FromRawFd;
-    const BPF_ENABLE_STATS: libc::c_long = 32;
-    let mut attr = [0u64; 16]; // type BPF_STATS_RUN_TIME (0)
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_ENABLE_STATS,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr) as u32,
-        )
-    };
-    assert!(
-        fd >= 0,
-        "BPF_ENABLE_STATS: {}",
-        std::io::Error::last_os_error()
-    );
-    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
-}
-
 /// (`run_cnt`, `run_time_ns`) of host 0's pinned `to_container`.
 fn to_container_stats(cluster: &Cluster) -> (u64, u64) {
     let path = cluster
@@ -414,15 +393,7 @@ fn to_container_stats(cluster: &Cluster) -> (u64, u64) {
         .pin_path()
         .join(netd_tests::layout_dir())
         .join("prog_to_container");
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "prog", "show", "pinned"])
-        .arg(&path)
-        .output()
-        .expect("bpftool");
-    let v: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("bpftool prog show {}: {e}", path.display()));
-    let field = |k: &str| v[k].as_u64().unwrap_or(0);
-    (field("run_cnt"), field("run_time_ns"))
+    prog_run_stats(&path)
 }
 
 /// Outside (.66) -> web over the routed link: a TCP stream, then a burst

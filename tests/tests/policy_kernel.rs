@@ -18,6 +18,7 @@ use netd_common::policy::{
     Identity, IdentityKind, LOCAL_ISOLATED_INGRESS, LOCAL_TRACK, LocalPolicy, MAX_PORT_RANGES,
     PolicyEntry, PolicyKey, PolicyState, PortRange,
 };
+use netd_tests::bpftool::{enable_run_time_stats, prog_run_stats};
 use netd_tests::counters::{Counters, delta};
 use netd_tests::{Cluster, NsRef, ping, require_root};
 
@@ -623,40 +624,9 @@ fn gc_removes_expired_entries_tc() {
 
 // ---------------------------------------------------------------- cost
 
-/// The kernel's run-time accounting (BPF_ENABLE_STATS), on while the
-/// descriptor is open: closing it turns it off, no sysctl is left changed.
-fn enable_run_time_stats() -> std::os::fd::OwnedFd {
-    use std::os::fd::FromRawFd;
-    const BPF_ENABLE_STATS: libc::c_long = 32;
-    let mut attr = [0u64; 16]; // type BPF_STATS_RUN_TIME (0)
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_ENABLE_STATS,
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr) as u32,
-        )
-    };
-    assert!(
-        fd >= 0,
-        "BPF_ENABLE_STATS: {}",
-        std::io::Error::last_os_error()
-    );
-    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
-}
-
 /// (`run_cnt`, `run_time_ns`) of a pinned program.
 fn prog_stats(s: &Setup, host: usize, prog: &str) -> (u64, u64) {
-    let path = s.pin(host).program(prog);
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "prog", "show", "pinned"])
-        .arg(&path)
-        .output()
-        .expect("bpftool");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("bpftool prog show {}: {e}", path.display()));
-    let field = |k: &str| v[k].as_u64().unwrap_or(0);
-    (field("run_cnt"), field("run_time_ns"))
+    prog_run_stats(&s.pin(host).program(prog))
 }
 
 /// A → B: a TCP stream, then a paced burst of datagrams; prints ns per
