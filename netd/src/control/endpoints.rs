@@ -269,16 +269,7 @@ async fn list(registry: &Registry, dir: &str) -> Result<BTreeMap<String, Stored>
 mod tests {
     use super::*;
 
-    fn info(ip: &str, network: &str, labels: &[(&str, &str)]) -> EndpointInfo {
-        EndpointInfo {
-            ip: ip.parse().unwrap(),
-            network: network.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        }
-    }
+    use crate::policy::endpoint_info as info;
 
     fn stored(info: &EndpointInfo, lease: i64) -> Stored {
         Stored {

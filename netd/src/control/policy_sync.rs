@@ -587,16 +587,7 @@ impl PolicySync {
 mod tests {
     use super::*;
 
-    fn info(ip: &str, network: &str, labels: &[(&str, &str)]) -> EndpointInfo {
-        EndpointInfo {
-            ip: ip.parse().unwrap(),
-            network: network.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        }
-    }
+    use crate::policy::endpoint_info as info;
 
     fn json(i: &EndpointInfo) -> Vec<u8> {
         serde_json::to_vec(i).unwrap()

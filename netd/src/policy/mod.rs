@@ -36,6 +36,19 @@ pub struct EndpointInfo {
     pub labels: BTreeMap<String, String>,
 }
 
+/// An endpoint for tests: `("10.244.1.2", "default", &[("app", "web")])`.
+#[cfg(test)]
+pub fn endpoint_info(ip: &str, network: &str, labels: &[(&str, &str)]) -> EndpointInfo {
+    EndpointInfo {
+        ip: ip.parse().unwrap(),
+        network: network.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
 /// Everything the tables are compiled from, as one host sees it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClusterView {
