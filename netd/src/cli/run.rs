@@ -430,8 +430,6 @@ async fn underlay_link(nl: &Netlink, iface: Option<&str>) -> Result<Link> {
     }
 }
 
-/// Connects to etcd, retrying until it answers (hosts may start first);
-/// bad credentials or certificates are fatal.
 /// Connects, waits for the network config and lists the leases once; a
 /// failed listing is left to [`acquire`], which retries.
 async fn open_registry(
@@ -447,6 +445,8 @@ async fn open_registry(
     Ok((registry, cfg, listing))
 }
 
+/// Connects to etcd, retrying until it answers (hosts may start first);
+/// bad credentials or certificates are fatal.
 async fn connect(access: &Access) -> Result<Registry> {
     let mut delay = Duration::from_millis(200);
     loop {
@@ -470,7 +470,7 @@ async fn acquire(
 ) -> Result<(subnet::Held, subnet::Listing)> {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
-        match subnet::acquire_from(registry, cfg, me, recorded, first.take()).await {
+        match subnet::acquire(registry, cfg, me, recorded, first.take()).await {
             Err(subnet::SubnetError::Transient(e)) => {
                 let delay = backoff.next_delay();
                 warn!(

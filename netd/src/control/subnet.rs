@@ -143,20 +143,12 @@ pub struct Identity {
 /// Takes a subnet at start-up, as [`choose`] orders them; each in a
 /// transaction so no two hosts share one. Returns the listing of the
 /// winning attempt too.
+///
+/// The first attempt decides from `first` (a listing read while the data
+/// path loaded) when given, instead of listing again. A listing grown stale
+/// is safe: the create and the reclaim are transactions that fail on a
+/// changed key, and the next attempt lists afresh.
 pub async fn acquire(
-    store: &mut impl Store,
-    cfg: &NetworkConfig,
-    me: &Identity,
-    recorded: Option<Ipv4Net>,
-) -> Result<(Held, Listing)> {
-    acquire_from(store, cfg, me, recorded, None).await
-}
-
-/// [`acquire`], its first attempt deciding from `first` (a listing read
-/// while the data path loaded) instead of listing again. A listing grown
-/// stale is safe: the create and the reclaim are transactions that fail
-/// on a changed key, and the next attempt lists afresh.
-pub async fn acquire_from(
     store: &mut impl Store,
     cfg: &NetworkConfig,
     me: &Identity,
@@ -472,6 +464,8 @@ async fn renew_until_lost(
 mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
+    use super::*;
+
     #[test]
     fn only_values_that_may_name_our_ip_are_decoded() {
         let lease = |value: &str| RawLease {
@@ -494,8 +488,6 @@ mod tests {
         );
         assert_eq!(holder_if_ours(&other, &ip), None);
     }
-
-    use super::*;
 
     const ME: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
     const OTHER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
@@ -773,12 +765,12 @@ mod tests {
             fail: [3].into(),
             ..Default::default()
         };
-        let err = acquire(&mut etcd, &cfg(), &me(), Some(held().subnet))
+        let err = acquire(&mut etcd, &cfg(), &me(), Some(held().subnet), None)
             .await
             .unwrap_err();
         assert!(matches!(err, SubnetError::Transient(_)), "{err}");
         assert!(etcd.alive.is_empty(), "granted lease left alive");
-        let (got, _) = acquire(&mut etcd, &cfg(), &me(), Some(held().subnet))
+        let (got, _) = acquire(&mut etcd, &cfg(), &me(), Some(held().subnet), None)
             .await
             .unwrap();
         assert_eq!(got.subnet, held().subnet);

@@ -15,6 +15,11 @@ use super::{
     batch::{self, BatchError},
 };
 
+/// `SUBNETS`' key of a subnet: its prefix length and network address.
+fn subnet_key(subnet: Ipv4Net) -> Key<[u8; 4]> {
+    Key::new(u32::from(subnet.prefix_len()), subnet.network().octets())
+}
+
 pub struct Maps {
     subnets: LpmTrie<MapData, [u8; 4], Peer>,
     peers: HashMap<MapData, [u8; 4], u32>,
@@ -71,17 +76,14 @@ impl Maps {
     }
 
     pub fn insert_subnet(&mut self, subnet: Ipv4Net, peer: &Peer) -> Result<()> {
-        let key = Key::new(subnet.prefix_len() as u32, subnet.network().octets());
+        let key = subnet_key(subnet);
         Ok(self.subnets.insert(&key, peer, 0)?)
     }
 
     /// Many subnets in as few bpf(2) calls as the kernel allows: one per
     /// [`batch::CHUNK`], or one per entry where batches are unsupported.
     pub fn insert_subnets(&mut self, entries: &[(Ipv4Net, Peer)]) -> Result<()> {
-        let keys: Vec<Key<[u8; 4]>> = entries
-            .iter()
-            .map(|(s, _)| Key::new(s.prefix_len() as u32, s.network().octets()))
-            .collect();
+        let keys: Vec<Key<[u8; 4]>> = entries.iter().map(|(s, _)| subnet_key(*s)).collect();
         let values: Vec<Peer> = entries.iter().map(|(_, p)| *p).collect();
         match batch::update(self.subnets.map().fd().as_fd(), &keys, &values) {
             Err(BatchError::Unsupported) => {
@@ -95,7 +97,7 @@ impl Maps {
     }
 
     pub fn remove_subnet(&mut self, subnet: Ipv4Net) -> Result<()> {
-        let key = Key::new(subnet.prefix_len() as u32, subnet.network().octets());
+        let key = subnet_key(subnet);
         Ok(self.subnets.remove(&key)?)
     }
 
